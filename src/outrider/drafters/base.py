@@ -1,0 +1,91 @@
+"""The drafter protocol, its step inputs, and the registry that the decoder and CLI read.
+
+A drafter proposes up to k next tokens for the committed sequence. Two methods carry a sequence:
+`propose` (given the committed tokens, return a Draft) and `update` (after verification, how many
+of the proposed tokens were committed, so state such as a KV cache rolls back). `begin` starts a
+new sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+from outrider.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from outrider.models import LoadedModel
+
+
+@dataclass
+class DraftStep:
+    """What a drafter sees at one step."""
+
+    tokens: torch.Tensor  # (n,) long, CPU: the committed sequence, prompt + generated so far
+    k: int  # propose at most k tokens (>= 1)
+    sampling: SamplingParams
+    generator: torch.Generator | None
+
+
+@dataclass
+class Draft:
+    tokens: torch.Tensor  # (d,) long, d <= k, on the target's device
+    # (d, V) float32: q, the distribution each token was drawn from, over the target's vocabulary
+    # width V. None for deterministic drafters (q is one-hot) and under greedy decoding.
+    probs: torch.Tensor | None = None
+
+
+@dataclass
+class BuildContext:
+    """What the registry hands a drafter class to build itself from loaded models."""
+
+    target: LoadedModel
+    draft: LoadedModel | None
+    k: int | None
+
+
+@runtime_checkable
+class Drafter(Protocol):
+    def begin(self, prompt: torch.Tensor) -> None:
+        """Start a new sequence; prompt (n,) long, CPU."""
+        ...
+
+    def propose(self, step: DraftStep) -> Draft: ...
+
+    def update(self, committed: int) -> None:
+        """`committed` of the last draft's tokens were committed (a prefix of the draft)."""
+        ...
+
+
+class DrafterClass(Protocol):
+    name: ClassVar[str]
+    uses_draft_model: ClassVar[bool]
+    default_k: ClassVar[int]
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> Drafter: ...
+
+
+REGISTRY: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        assert name not in REGISTRY, f"drafter {name!r} registered twice"
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def drafter_class(method: str) -> type:
+    if method not in REGISTRY:
+        raise ValueError(f"unknown method {method!r}: use one of {sorted(REGISTRY)}")
+    return REGISTRY[method]
+
+
+def empty_draft(device: torch.device) -> Draft:
+    return Draft(torch.empty(0, dtype=torch.long, device=device))

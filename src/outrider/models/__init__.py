@@ -1,0 +1,144 @@
+"""Target/draft backends behind one protocol, and loading from a folder or a model object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from outrider.models.base import CausalModel
+from outrider.models.hf import HFModel
+
+BACKENDS = ("auto", "hf")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+__all__ = ["BACKENDS", "CausalModel", "HFModel", "LoadedModel", "load_model", "parse_dtype"]
+
+
+@dataclass
+class LoadedModel:
+    model: CausalModel
+    tokenizer: Any | None  # a transformers tokenizer, or None when only token ids can be used
+    eos_token_ids: tuple[int, ...]
+    name: str
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is unknown: use one of {sorted(set(_DTYPES))} or 'auto'")
+    return _DTYPES[dtype]
+
+
+def default_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_model_folder(path: Path) -> None:
+    """Fail early, naming the path, on folders that transformers would reject obscurely."""
+    if not path.exists():
+        raise ValueError(f"model path {str(path)!r} does not exist: pass a local Hugging Face model folder")
+    if not path.is_dir():
+        raise ValueError(f"model path {str(path)!r} is not a folder: pass the folder holding config.json")
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"{str(path)!r} is not a Hugging Face model folder (no config.json): pass the folder "
+            "written by save_pretrained()"
+        )
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards and not list(path.glob("*.bin")):
+        raise ValueError(f"{str(path)!r} holds no weights (*.safetensors or *.bin): the model folder is incomplete")
+    from safetensors import safe_open
+
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                keys = list(f.keys())
+                if keys:  # reading one tensor checks the data region, not just the header
+                    f.get_slice(keys[-1])
+        except Exception as e:  # safetensors raises its own error types; name the file either way
+            raise ValueError(
+                f"weights file {str(shard)!r} is corrupt or truncated ({e}): re-save or re-download the model"
+            ) from e
+
+
+def _load_tokenizer(path: Path) -> Any | None:
+    if not any((path / name).exists() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise ValueError(f"the tokenizer files in {str(path)!r} could not be loaded ({e})") from e
+
+
+def eos_ids_of(model: Any, tokenizer: Any | None) -> tuple[int, ...]:
+    """End-of-sequence ids, first from generation_config (what transformers' generate uses)."""
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if value is not None:
+            return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+    return ()
+
+
+def load_model(
+    source: str | Path | torch.nn.Module,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    backend: str = "auto",
+    tokenizer: Any | None = None,
+) -> LoadedModel:
+    """Load a causal LM from a local folder or wrap a transformers model object.
+
+    dtype None keeps the stored dtype (folder) or the object's dtype; a given dtype converts.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown: use one of {list(BACKENDS)}")
+    torch_dtype = parse_dtype(dtype)
+    dev = default_device(device)
+    if isinstance(source, torch.nn.Module):
+        hf_model = source
+        if not hasattr(hf_model, "get_output_embeddings") or hf_model.get_output_embeddings() is None:
+            raise ValueError(
+                f"{type(source).__name__} is not a causal LM with an output layer: pass an "
+                "AutoModelForCausalLM model or its folder"
+            )
+        name = getattr(hf_model.config, "_name_or_path", "") or type(source).__name__
+    elif isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        _check_model_folder(path)
+        from transformers import AutoModelForCausalLM
+
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
+        except Exception as e:
+            raise ValueError(f"could not load a causal LM from {str(path)!r}: {e}") from e
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(path)
+        name = str(path)
+    else:
+        raise ValueError(
+            f"model source {source!r} is neither a folder path nor a transformers model object"
+        )
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = _load_tokenizer(Path(tokenizer))
+    if torch_dtype is not None or hf_model.device != dev:
+        hf_model = hf_model.to(device=dev, dtype=torch_dtype)
+    return LoadedModel(HFModel(hf_model), tokenizer, eos_ids_of(hf_model, tokenizer), name)
