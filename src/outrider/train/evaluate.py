@@ -41,8 +41,9 @@ def heldout_metrics(
         inputs, labels = chunk[:, :-1], chunk[:, 1:].to(device)  # (b, T) each
         t_logits = _logits(target, inputs, device)  # (b, T, V)
         d_logits = _logits(draft, inputs, device)
-        sums["target_nll"] += F.cross_entropy(t_logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
-        sums["draft_nll"] += F.cross_entropy(d_logits.flatten(0, 1), labels.flatten(), reduction="sum").item()
+        flat = labels.flatten()
+        sums["target_nll"] += F.cross_entropy(t_logits.flatten(0, 1), flat, reduction="sum").item()
+        sums["draft_nll"] += F.cross_entropy(d_logits.flatten(0, 1), flat, reduction="sum").item()
         sums["agree"] += (t_logits.argmax(-1) == d_logits.argmax(-1)).sum().item()
         count += labels.numel()
     target_loss = sums["target_nll"] / count
@@ -68,8 +69,9 @@ def measure_pair_acceptance(
 ) -> dict[str, float | int]:
     """Acceptance of the exported pair under outrider's own speculative decoder.
 
-    ``prompts`` are lists of token ids. Returns alpha (accepted / drafted), tau (committed
-    tokens per target forward, bonus included), drafted and accepted counts.
+    ``prompts`` are lists of token ids; prompt i is decoded with seed ``seed + i``.
+    Returns alpha (accepted / drafted), tau (committed tokens per target forward, bonus
+    included), the drafted and accepted counts, and the acceptance rate per draft position.
     Raises ImportError with a hint when outrider.SpeculativeDecoder is not available yet.
     """
     try:
@@ -82,10 +84,15 @@ def measure_pair_acceptance(
     decoder = SpeculativeDecoder.from_pretrained(
         str(target_dir), draft=str(draft_dir), method="draft_model", k=k, dtype=torch.float32
     )
-    result = decoder.generate(
-        [list(p) for p in prompts], max_new_tokens=max_new_tokens, temperature=temperature, seed=seed
-    )
-    stats = result.stats
+    # One prompt per call (the decoder's API); stats of all prompts are merged into one count.
+    stats = None
+    for i, prompt in enumerate(prompts):
+        result = decoder.generate(
+            list(prompt), max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i
+        )
+        stats = result.stats if stats is None else stats.merge(result.stats)
+    if stats is None:
+        raise ValueError("no prompts given: pass at least one list of token ids")
     return {
         "k": k,
         "temperature": temperature,
@@ -95,4 +102,5 @@ def measure_pair_acceptance(
         "tau": float(stats.tau),
         "drafted": int(stats.drafted),
         "accepted": int(stats.accepted),
+        "acceptance_at": [round(float(a), 4) for a in getattr(stats, "acceptance_at", [])],
     }

@@ -94,7 +94,8 @@ def train(
     try:
         while budget.progress(progress.tokens_seen, progress.elapsed_s) < 1.0:
             t0 = time.monotonic()
-            lr = lr_at(settings, progress.step, budget.progress(progress.tokens_seen, progress.elapsed_s))
+            used = budget.progress(progress.tokens_seen, progress.elapsed_s)
+            lr = lr_at(settings, progress.step, used)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = sampler.next_batch().to(device, non_blocking=True)  # (B, T + 1)
@@ -120,7 +121,9 @@ def train(
             if progress.step % 50 == 0 or progress.step == 1:
                 progress.loss_history.append((progress.step, progress.tokens_seen, round(loss_ema, 4)))
             bar.update(tokens_per_step)
-            bar.set_postfix(loss=f"{loss_ema:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+            bar.set_postfix(
+                loss=f"{loss_ema:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}", refresh=False
+            )
             if time.monotonic() - last_save >= 60.0 * settings.checkpoint_minutes:
                 save_checkpoint(ckpt_path, model, optimizer, progress, sampler.generator.get_state())
                 last_save = time.monotonic()
@@ -130,7 +133,8 @@ def train(
                 )
     finally:
         bar.close()
-    if loss_ema is not None:
+    last_logged = progress.loss_history[-1][0] if progress.loss_history else None
+    if loss_ema is not None and last_logged != progress.step:
         progress.loss_history.append((progress.step, progress.tokens_seen, round(loss_ema, 4)))
     save_checkpoint(ckpt_path, model, optimizer, progress, sampler.generator.get_state())
     return LoopResult(progress, resumed_from, steps)

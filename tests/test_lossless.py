@@ -1,0 +1,124 @@
+"""Tier 3: speculative sampling is lossless, checked statistically against the target's exact
+distribution over the first H sampled tokens (computed by enumeration on a 6-token vocabulary).
+
+Test: Pearson chi-square over the V^H outcomes (bins with expected count < 5 merged), rejecting at
+p < 1e-6, so a correct implementation fails with probability about 1e-6 per test. Power: the same
+test, with the same sample size, must reject samples drawn from the draft's own distribution.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chi2
+
+from conftest import FakeModel, loaded
+from outrider import SpeculativeDecoder
+from outrider.drafters import DraftModel, PromptLookup
+from outrider.sampling import SamplingParams, probs_from_logits
+
+V, H, N = 6, 3, 12000
+P_REJECT = 1e-6
+PROMPT = [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+SETTINGS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=3),
+    SamplingParams(temperature=1.0, top_p=0.8),
+]
+
+
+def exact_distribution(model: FakeModel, params: SamplingParams) -> dict[tuple[int, ...], float]:
+    out = {}
+    for seq in itertools.product(range(V), repeat=H):
+        prob, ctx = 1.0, list(PROMPT)
+        for t in seq:
+            prob *= float(probs_from_logits(model.logits_for(ctx), params)[t])
+            ctx.append(t)
+        out[seq] = prob
+    return out
+
+
+def chi_square_p_value(counts: dict[tuple[int, ...], int], expected: dict[tuple[int, ...], float], n: int) -> float:
+    assert sum(counts.values()) == n
+    if any(expected.get(seq, 0.0) == 0 for seq in counts):
+        return 0.0  # an outcome the target can never produce: certainly not the target's law
+    obs, exp, rest_obs, rest_exp = [], [], 0, 0.0
+    for seq, prob in expected.items():
+        if prob * n >= 5:
+            obs.append(counts.get(seq, 0))
+            exp.append(prob * n)
+        else:
+            rest_obs += counts.get(seq, 0)
+            rest_exp += prob * n
+    if rest_exp > 0:
+        obs.append(rest_obs)
+        exp.append(rest_exp)
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    return float(chi2.sf(stat, len(obs) - 1))
+
+
+def sample_decoder(dec: SpeculativeDecoder, params: SamplingParams) -> dict[tuple[int, ...], int]:
+    counts: dict[tuple[int, ...], int] = {}
+    for seed in range(N):
+        ids = tuple(dec.generate(PROMPT, max_new_tokens=H, temperature=params.temperature, top_k=params.top_k,
+                                 top_p=params.top_p, seed=seed).token_ids)
+        counts[ids] = counts.get(ids, 0) + 1
+    return counts
+
+
+def sample_exact(dist: dict[tuple[int, ...], float], seed: int) -> dict[tuple[int, ...], int]:
+    seqs = list(dist)
+    probs = torch.tensor([dist[s] for s in seqs], dtype=torch.float64)
+    draws = torch.multinomial(probs, N, replacement=True, generator=torch.Generator().manual_seed(seed))
+    counts: dict[tuple[int, ...], int] = {}
+    for i in draws.tolist():
+        counts[seqs[i]] = counts.get(seqs[i], 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=["t1", "t0.7-topk3", "topp0.8"])
+def test_draft_model_sampling_is_lossless(params):
+    target = FakeModel(vocab_size=V, seed=0, scale=1.0)
+    draft = FakeModel(vocab_size=V, seed=1, scale=1.0)
+    dec = SpeculativeDecoder(loaded(target), DraftModel(draft, V, k=2), k=2)
+    target_dist = exact_distribution(target, params)
+    counts = sample_decoder(dec, params)
+    assert chi_square_p_value(counts, target_dist, N) > P_REJECT
+    # Power: the draft's own distribution (a different one) is rejected by the same test.
+    draft_counts = sample_exact(exact_distribution(draft, params), seed=0)
+    assert chi_square_p_value(draft_counts, target_dist, N) < P_REJECT
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=["t1", "t0.7-topk3", "topp0.8"])
+def test_prompt_lookup_sampling_is_lossless(params):
+    target = FakeModel(vocab_size=V, seed=2, scale=1.0)
+    drafter = PromptLookup(max_ngram=2, k=2)
+    dec = SpeculativeDecoder(loaded(target), drafter, k=2)
+    target_dist = exact_distribution(target, params)
+    counts = sample_decoder(dec, params)
+    assert chi_square_p_value(counts, target_dist, N) > P_REJECT
+    # The test has power against a verifier that keeps every lookup proposal.
+    stats = dec.generate(PROMPT, max_new_tokens=H, temperature=params.temperature, top_k=params.top_k,
+                         top_p=params.top_p, seed=0).stats
+    assert stats.drafted > 0
+    wrong = {tuple(PROMPT[2:2 + H]): N}
+    assert chi_square_p_value(wrong, target_dist, N) < P_REJECT
+
+
+def test_chi_square_detects_a_biased_verifier():
+    """The statistic is sensitive to the kind of bug that matters: always accepting drafts."""
+    target = FakeModel(vocab_size=V, seed=0, scale=1.0)
+    draft = FakeModel(vocab_size=V, seed=1, scale=1.0)
+    params = SETTINGS[0]
+    target_dist = exact_distribution(target, params)
+    # Mix of 80% target and 20% draft: a subtle bias that must still be caught at this N.
+    t_counts = sample_exact(target_dist, seed=1)
+    d_counts = sample_exact(exact_distribution(draft, params), seed=2)
+    mixed: dict[tuple[int, ...], int] = {}
+    seqs_t = [s for s, c in t_counts.items() for _ in range(c)][: int(0.8 * N)]
+    seqs_d = [s for s, c in d_counts.items() for _ in range(c)][: N - len(seqs_t)]
+    for s in seqs_t + seqs_d:
+        mixed[s] = mixed.get(s, 0) + 1
+    assert chi_square_p_value(mixed, target_dist, N) < P_REJECT

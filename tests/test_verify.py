@@ -1,0 +1,92 @@
+"""Tier 1: verification on hand-written logits and probabilities."""
+
+import torch
+
+from outrider.verify import residual_distribution, verify_greedy, verify_speculative
+
+
+def logits_preferring(tokens: list[int], vocab: int = 5) -> torch.Tensor:
+    out = torch.zeros(len(tokens), vocab)
+    out[torch.arange(len(tokens)), torch.tensor(tokens)] = 5.0
+    return out
+
+
+def test_greedy_all_accepted_gives_bonus():
+    v = verify_greedy(torch.tensor([1, 2, 3]), logits_preferring([1, 2, 3, 4]))
+    assert (v.accepted, v.next_token) == (3, 4)
+
+
+def test_greedy_none_accepted_gives_recovered():
+    v = verify_greedy(torch.tensor([0, 2, 3]), logits_preferring([1, 2, 3, 4]))
+    assert (v.accepted, v.next_token) == (0, 1)
+
+
+def test_greedy_partial():
+    v = verify_greedy(torch.tensor([1, 2, 0]), logits_preferring([1, 2, 3, 4]))
+    assert (v.accepted, v.next_token) == (2, 3)
+
+
+def test_greedy_stops_at_first_mismatch_even_if_later_ones_match():
+    v = verify_greedy(torch.tensor([1, 0, 3]), logits_preferring([1, 2, 3, 4]))
+    assert (v.accepted, v.next_token) == (1, 2)
+
+
+def test_greedy_without_draft_is_argmax():
+    v = verify_greedy(torch.empty(0, dtype=torch.long), logits_preferring([3]))
+    assert (v.accepted, v.next_token) == (0, 3)
+
+
+def test_residual_distribution():
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    q = torch.tensor([0.2, 0.6, 0.2, 0.0])
+    assert torch.allclose(residual_distribution(p, q), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    p = torch.tensor([0.4, 0.4, 0.2])
+    q = torch.tensor([0.1, 0.2, 0.7])
+    assert torch.allclose(residual_distribution(p, q), torch.tensor([0.6, 0.4, 0.0]))
+
+
+def test_residual_falls_back_to_p_when_p_equals_q():
+    p = torch.tensor([0.25, 0.75])
+    assert torch.allclose(residual_distribution(p, p), p)
+
+
+def test_speculative_accepts_everything_when_q_equals_p():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.1, 0.9, 0.0], [0.5, 0.25, 0.25], [0.0, 0.0, 1.0]])
+    for _ in range(50):
+        v = verify_speculative(torch.tensor([1, 0]), p[:2], p, g)
+        assert (v.accepted, v.next_token) == (2, 2)  # bonus from p[2], a point mass on 2
+
+
+def test_speculative_rejects_token_the_target_cannot_produce():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]])
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    for _ in range(50):
+        v = verify_speculative(torch.tensor([0]), q, p, g)
+        assert v.accepted == 0 and v.next_token in (1, 2)
+
+
+def test_speculative_one_hot_draft_accepts_with_probability_p():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([[0.3, 0.7], [0.5, 0.5]])
+    n = 4000
+    accepted = sum(verify_speculative(torch.tensor([0]), None, p, g).accepted for _ in range(n))
+    # Binomial(4000, 0.3): sd ~ 29, so +-6 sd is 174.
+    assert abs(accepted - 0.3 * n) < 174
+
+
+def test_speculative_first_token_follows_p_single_step():
+    """One step, many draws: the first committed token is distributed as p (chi-square, 2 dof)."""
+    g = torch.Generator().manual_seed(1)
+    p = torch.tensor([[0.2, 0.5, 0.3], [0.3, 0.3, 0.4]])
+    q = torch.tensor([[0.6, 0.1, 0.3]])
+    n = 6000
+    counts = torch.zeros(3)
+    for _ in range(n):
+        x = torch.multinomial(q[0], 1, generator=g)
+        v = verify_speculative(x, q, p, g)
+        counts[int(x) if v.accepted else v.next_token] += 1
+    expected = p[0] * n
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 30.0  # P(chi2_2 > 30) ~ 3e-7
