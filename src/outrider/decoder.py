@@ -364,6 +364,7 @@ class _TextTracker:
 
     def flush(self) -> list[str]:
         """Text held back at the end of generation (it cannot start a stop string any more)."""
+        self.text += self.detok.flush()
         rest = self.text[self.shown :]
         self.shown = len(self.text)
         return [rest] if rest else []

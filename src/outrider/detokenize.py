@@ -31,3 +31,11 @@ class Detokenizer:
             self._prefix, self._read = self._read, len(self.ids)
             return piece
         return ""
+
+    def flush(self) -> str:
+        """At the end of generation: the text still held back (an unfinished character decodes to
+        U+FFFD, exactly as a full decode of the ids shows it)."""
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
+        self._prefix = self._read = len(self.ids)
+        return new_text[len(prefix_text) :]

@@ -1,0 +1,113 @@
+"""`outrider generate | train` — options mirror the Python API (SpeculativeDecoder)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from outrider.drafters import REGISTRY
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--prompt-ids {text!r} is not a comma-separated list of integers")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=None, help="target model folder (default: the embedded demo target)")
+    p.add_argument("--draft", default=None, help="draft model folder (default with no --target: embedded draft)")
+    p.add_argument("--method", default="draft_model", help=f"drafting method: {', '.join(sorted(REGISTRY))}")
+    p.add_argument("--k", type=int, default=None, help="draft length: tokens proposed per step")
+    p.add_argument("--backend", default="auto", help="auto or hf")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (exact)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="outrider", description="Lossless speculative decoding")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion")
+    _add_model_args(gen)
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-ids", type=_int_list, help="prompt token ids, e.g. 1,2,3")
+    _add_sampling_args(gen)
+    gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    gen.add_argument("--show-drafts", action="store_true", help="mark drafted-and-accepted tokens")
+
+    train = sub.add_parser("train", help="training recipes")
+    train_sub = train.add_subparsers(dest="recipe", required=True)
+    from outrider.train.recipe import build_parser as demo_pair_parser
+
+    demo_pair_parser(train_sub.add_parser("demo-pair", help="train the embedded target + draft pair"))
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from outrider import SpeculativeDecoder, SpecStats
+    from outrider.render import legend, render_chunk, wants_colour
+
+    dec = SpeculativeDecoder.from_pretrained(
+        args.target, draft=args.draft, method=args.method, k=args.k, backend=args.backend,
+        dtype=args.dtype, device=args.device,
+    )
+    prompt = args.prompt if args.prompt is not None else args.prompt_ids
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop=args.stop)
+    if args.json:
+        res = dec.generate(prompt, **options)
+        print(json.dumps({"text": res.text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
+                          "method": dec.method, "stats": res.stats.to_dict()}))
+        return 0
+    if dec.tokenizer is None:
+        res = dec.generate(prompt, **options)
+        print(",".join(map(str, res.token_ids)))
+        stats = res.stats
+    else:
+        colour = wants_colour(sys.stdout)
+        stats = SpecStats()
+        for chunk in dec.stream(prompt, stats=stats, **options):
+            sys.stdout.write(render_chunk(chunk, colour) if args.show_drafts else chunk.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if args.show_drafts:
+            print(legend(colour))
+    print(
+        f"[{dec.method}] {stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s, "
+        f"tau {stats.tau:.2f}, alpha {stats.alpha:.2f}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "train":
+            from outrider.train.recipe import run_from_args
+
+            return run_from_args(args, argv[2:])
+    except ValueError as exc:
+        print(f"outrider: error: {exc}", file=sys.stderr)
+        return 2
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
