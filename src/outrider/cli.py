@@ -1,4 +1,4 @@
-"""`outrider generate | train` — options mirror the Python API (SpeculativeDecoder)."""
+"""`outrider demo | generate | train` — options mirror the Python API (SpeculativeDecoder)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
     gen.add_argument("--show-drafts", action="store_true", help="mark drafted-and-accepted tokens")
+
+    demo = sub.add_parser("demo", help="the embedded pair: streamed completions and a measured table")
+    demo.add_argument("--target", default=None, help="target folder (default: the embedded demo target)")
+    demo.add_argument("--draft", default=None, help="draft folder (default: the embedded demo draft)")
+    demo.add_argument("--k", type=int, default=None, help="draft length for draft_model")
+    demo.add_argument("--dtype", default=None, help="float32, bfloat16 (default: as stored)")
+    demo.add_argument("--max-new-tokens", type=int, default=96)
+    demo.add_argument("--no-stream", action="store_true", help="only print the measured table")
 
     train = sub.add_parser("train", help="training recipes")
     train_sub = train.add_subparsers(dest="recipe", required=True)
@@ -99,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "demo":
+            from outrider.demo import run_demo
+
+            run_demo(args.target, args.draft, k=args.k, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                     show=not args.no_stream)
+            return 0
         if args.command == "train":
             from outrider.train.recipe import run_from_args
 
