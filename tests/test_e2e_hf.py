@@ -76,3 +76,17 @@ def test_loading_from_folders_with_a_tokenizer(model_dirs, tokenizer):
     eos = tokenizer.eos_token_id
     assert res.token_ids == hf_greedy(hf, prompt, 16, eos=eos)
     assert res.text == tokenizer.decode(res.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("backend", ["hf", "native"])
+def test_both_backends_are_exact(backend):
+    target, draft = tiny_model("qwen2", seed=0), tiny_model("qwen2", seed=1, num_hidden_layers=1)
+    dec = SpeculativeDecoder.from_pretrained(target, draft=draft, k=3, backend=backend)
+    assert type(dec.target.model).__name__ == ("HFModel" if backend == "hf" else "NativeLlama")
+    for prompt in PROMPTS:
+        assert dec.generate(prompt, max_new_tokens=30).token_ids == hf_greedy(target, prompt, 30)
+
+
+def test_native_backend_refuses_unsupported_architecture():
+    with pytest.raises(ValueError, match="backend='native' cannot run this model.*gpt2"):
+        SpeculativeDecoder.from_pretrained(tiny_model("gpt2"), method="autoregressive", backend="native")

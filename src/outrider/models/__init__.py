@@ -11,7 +11,7 @@ import torch
 from outrider.models.base import CausalModel
 from outrider.models.hf import HFModel
 
-BACKENDS = ("auto", "hf")
+BACKENDS = ("auto", "native", "hf")
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -108,6 +108,7 @@ def load_model(
     """Load a causal LM from a local folder or wrap a transformers model object.
 
     dtype None keeps the stored dtype (folder) or the object's dtype; a given dtype converts.
+    backend: "auto" (native for Llama, Mistral, Qwen2; transformers otherwise), "native" or "hf".
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown: use one of {list(BACKENDS)}")
@@ -141,4 +142,18 @@ def load_model(
         tokenizer = _load_tokenizer(Path(tokenizer))
     if torch_dtype is not None or hf_model.device != dev:
         hf_model = hf_model.to(device=dev, dtype=torch_dtype)
-    return LoadedModel(HFModel(hf_model), tokenizer, eos_ids_of(hf_model, tokenizer), name)
+    return LoadedModel(_backend(hf_model, backend), tokenizer, eos_ids_of(hf_model, tokenizer), name)
+
+
+def _backend(hf_model: torch.nn.Module, backend: str) -> CausalModel:
+    """native: the lean Llama-family path (static cache); auto: native where supported, else hf."""
+    from outrider.models.llama import NativeLlama, unsupported_reason
+
+    if backend == "hf":
+        return HFModel(hf_model)
+    reason = unsupported_reason(hf_model.config)
+    if reason is None:
+        return NativeLlama.from_hf(hf_model)
+    if backend == "native":
+        raise ValueError(f"backend='native' cannot run this model: {reason}")
+    return HFModel(hf_model)

@@ -1,0 +1,339 @@
+"""Lean native backend for the Llama family (Llama 2/3, Mistral, Qwen2) at batch size 1.
+
+It runs the weights of an already-loaded transformers model (the same tensors, nothing copied)
+with a static, preallocated KV cache per layer: a forward writes its n new tokens at
+[length, length + n) and attends over cache[:length + n]; `rollback` only moves `length`, so
+nothing is reallocated or cropped per step (contract 3). Entries past `length` are stale but
+never read.
+
+A forward may carry a token tree instead of a chain: `attn_mask` (n, n) says which of the new
+tokens each new token sees (its ancestors and itself; every token always sees the whole cache)
+and `positions` (n,) gives each token its depth-based position for RoPE.
+
+The arithmetic follows transformers' modeling_llama / modeling_qwen2 op for op (RMSNorm in
+float32, RoPE tables computed in float32 then cast) so that logits match it on the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from outrider.models.hf import context_length
+
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")  # the RoPE variants that are fixed tables
+DEFAULT_CAPACITY = 4096  # tokens; a larger cache costs memory, never speed (attention reads [:length])
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa came in 2.5
+_USE_HF = "use backend='hf'"
+
+__all__ = ["DEFAULT_CAPACITY", "MODEL_TYPES", "NativeLlama", "supports", "unsupported_reason"]
+
+
+# ---- what the backend can run -------------------------------------------------------------------
+
+
+def cache_capacity(config: Any, capacity: int | None = None) -> int:
+    """Tokens the static cache holds: min(the model's context, capacity or DEFAULT_CAPACITY)."""
+    want = DEFAULT_CAPACITY if capacity is None else capacity
+    if want <= 0:
+        raise ValueError(f"capacity={capacity} must be a positive number of tokens")
+    context = context_length(config)
+    return want if context is None else min(context, want)
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    """The RoPE settings as one dict with rope_type and rope_theta, whichever way the config
+    stores them: transformers 5.x keeps both in `rope_parameters`; 4.x kept `rope_theta` on the
+    config and the scaling (keyed `type` in old checkpoints) in `rope_scaling`."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_type", params.get("type", "default"))
+    params.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+    return params
+
+
+def _sliding_window(config: Any) -> int | None:
+    """The attention window the model was built with, None when every layer sees everything."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    if config.model_type == "qwen2":
+        # Qwen2 keeps sliding_window in the config even when no layer uses it.
+        layer_types = getattr(config, "layer_types", None) or ()
+        if not getattr(config, "use_sliding_window", False) or "sliding_attention" not in layer_types:
+            return None
+    return int(window)
+
+
+def unsupported_reason(config: Any, capacity: int | None = None) -> str | None:
+    """Why the native backend cannot run a model with this config (with a hint), None if it can."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        return f"model_type={model_type!r} is not supported natively (only {list(MODEL_TYPES)}): {_USE_HF}"
+    if not _SDPA_HAS_GQA:
+        return f"torch {torch.__version__} lacks SDPA's enable_gqa (torch >= 2.5): upgrade torch or {_USE_HF}"
+    if getattr(config, "quantization_config", None) is not None:
+        return f"the {model_type} model is quantized; the native backend needs plain weights: {_USE_HF}"
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        return f"hidden_act={act!r} is not supported natively (only 'silu'): {_USE_HF}"
+    rope = _rope_parameters(config)
+    if rope["rope_type"] not in ROPE_TYPES:
+        return f"rope_type={rope['rope_type']!r} is not supported natively (only {list(ROPE_TYPES)}): {_USE_HF}"
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        return f"partial_rotary_factor={rope['partial_rotary_factor']} is not supported natively: {_USE_HF}"
+    window = _sliding_window(config)
+    cap = cache_capacity(config, capacity)
+    if window is not None and window < cap:
+        return (
+            f"sliding_window={window} is smaller than the cache capacity {cap}; the native backend "
+            f"attends over the whole cache: pass capacity<={window} or {_USE_HF}"
+        )
+    return None
+
+
+def supports(config: Any, capacity: int | None = None) -> bool:
+    """Whether the native backend runs this config exactly like transformers (for backend='auto')."""
+    return unsupported_reason(config, capacity) is None
+
+
+# ---- the math -------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(config: Any, head_dim: int) -> Tensor:
+    """(head_dim // 2,) float32 inverse frequencies, as transformers' ROPE_INIT_FUNCTIONS give them."""
+    rope = _rope_parameters(config)
+    inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    if rope["rope_type"] == "linear":
+        return inv_freq / rope["factor"]
+    if rope["rope_type"] == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_context = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(
+    inv_freq: Tensor, capacity: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """cos, sin tables (capacity, 1, head_dim) for every position the cache can hold. sin carries
+    rotate_half's sign (-sin on the first half), so RoPE is x*cos + roll(x)*sin: two fewer ops."""
+    freqs = torch.outer(torch.arange(capacity, dtype=torch.float), inv_freq)  # (C, hd/2), float32 like HF
+    emb = torch.cat((freqs, freqs), dim=-1)  # (C, hd)
+    half = inv_freq.shape[0]
+    sin = emb.sin()
+    sin[:, :half].neg_()
+    return emb.cos().to(device, dtype)[:, None], sin.to(device, dtype)[:, None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (n, heads, hd) rotated by cos, sin (n, 1, hd). roll by hd/2 is cat(x2, x1); with the sign
+    folded into sin this equals transformers' x*cos + rotate_half(x)*sin exactly."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x (n, D) normalised in float32 and cast back before the weight, as transformers does
+    (F.rms_norm without a weight is the same x * rsqrt(mean(x^2) + eps) in fewer dispatches)."""
+    return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    """One decoder layer's tensors (shared with the transformers module). Biases may be None."""
+
+    attn_norm: Tensor  # (D,)
+    wq: Tensor  # (H*hd, D)
+    bq: Tensor | None
+    wk: Tensor  # (Hkv*hd, D)
+    bk: Tensor | None
+    wv: Tensor  # (Hkv*hd, D)
+    bv: Tensor | None
+    wo: Tensor  # (D, H*hd)
+    bo: Tensor | None
+    mlp_norm: Tensor  # (D,)
+    w_gate: Tensor  # (F, D)
+    b_gate: Tensor | None
+    w_up: Tensor  # (F, D)
+    b_up: Tensor | None
+    w_down: Tensor  # (D, F)
+    b_down: Tensor | None
+
+
+def _layer_weights(layer: torch.nn.Module) -> LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    return LayerWeights(
+        layer.input_layernorm.weight,
+        attn.q_proj.weight, attn.q_proj.bias,
+        attn.k_proj.weight, attn.k_proj.bias,
+        attn.v_proj.weight, attn.v_proj.bias,
+        attn.o_proj.weight, attn.o_proj.bias,
+        layer.post_attention_layernorm.weight,
+        mlp.gate_proj.weight, mlp.gate_proj.bias,
+        mlp.up_proj.weight, mlp.up_proj.bias,
+        mlp.down_proj.weight, mlp.down_proj.bias,
+    )  # fmt: skip
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+
+class NativeLlama:
+    """A CausalModel (see base.py) for Llama-family weights with a static KV cache.
+
+    forward additionally takes `attn_mask` (n, n) bool and `positions` (n,) long, so that a token
+    tree is verified in one forward.
+    """
+
+    def __init__(
+        self,
+        embed: Tensor,  # (V_in, D)
+        layers: list[LayerWeights],
+        norm: Tensor,  # (D,)
+        lm_head: Tensor,  # (V, D); may be `embed` itself (tied embeddings)
+        lm_head_bias: Tensor | None,
+        *,
+        n_heads: int,
+        n_kv_heads: int,
+        eps: float,
+        inv_freq: Tensor,  # (hd / 2,) float32
+        capacity: int,
+    ) -> None:
+        self.embed, self.layers, self.norm = embed, layers, norm
+        self.lm_head, self.lm_head_bias = lm_head, lm_head_bias
+        self.n_heads, self.n_kv_heads, self.eps = n_heads, n_kv_heads, eps
+        self.head_dim = layers[0].wq.shape[0] // n_heads
+        assert n_heads % n_kv_heads == 0 and self.head_dim == 2 * inv_freq.shape[0], (n_heads, n_kv_heads)
+        self.capacity = capacity
+        self.vocab_size = int(lm_head.shape[0])
+        self.max_length: int | None = capacity  # the decoder's context check then covers the cache
+        self.device = embed.device
+        self.dtype = embed.dtype
+        self._gqa = n_heads != n_kv_heads  # SDPA broadcasts each kv head over its query group
+        shape = (n_kv_heads, capacity, self.head_dim)
+        self._k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers]
+        self._v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers]
+        self._cos, self._sin = rope_tables(inv_freq, capacity, self.dtype, self.device)
+        self._arange = torch.arange(capacity, device=self.device)  # builds causal masks by comparison
+        self._no_logits = torch.empty(0, self.vocab_size, device=self.device)
+        self._length = 0
+
+    @classmethod
+    def from_hf(cls, model: torch.nn.Module, capacity: int | None = None) -> NativeLlama:
+        """Run a loaded transformers Llama/Mistral/Qwen2 causal LM natively, sharing its weights.
+
+        capacity: tokens the KV cache holds, capped by the model's context (default 4096).
+        """
+        config = model.config
+        reason = unsupported_reason(config, capacity)
+        if reason is not None:
+            raise ValueError(reason)
+        model.eval()
+        base = model.base_model  # LlamaModel / MistralModel / Qwen2Model
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ValueError(f"{type(model).__name__} has no output layer: pass the *ForCausalLM model")
+        n_heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+        return cls(
+            base.embed_tokens.weight,
+            [_layer_weights(layer) for layer in base.layers[: config.num_hidden_layers]],
+            base.norm.weight,
+            head.weight,
+            head.bias,
+            n_heads=n_heads,
+            n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+            eps=config.rms_norm_eps,
+            inv_freq=rope_inv_freq(config, head_dim),
+            capacity=cache_capacity(config, capacity),
+        )
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        ids: Tensor,  # (n,) long
+        num_logits: int | None = None,
+        attn_mask: Tensor | None = None,  # (n, n) bool: [i, j] = new token i sees new token j
+        positions: Tensor | None = None,  # (n,) long; default length .. length + n - 1
+    ) -> Tensor:
+        """Append ids to the cache; return float32 logits (m, V) of the last m positions (m = n when
+        num_logits is None; 0 skips the output layer). Without attn_mask the new tokens are causal."""
+        n = ids.shape[0]
+        start, end = self._length, self._length + n
+        if n == 0 or end > self.capacity:
+            hint = "pass at least one token" if n == 0 else "roll back, reset, or build with a larger capacity"
+            raise ValueError(f"cannot append {n} tokens to a cache holding {start} of {self.capacity}: {hint}")
+        m = n if num_logits is None else num_logits
+        if not 0 <= m <= n:
+            raise ValueError(f"num_logits={num_logits} must lie in [0, {n}] (the number of new tokens)")
+        if positions is None:
+            cos, sin = self._cos[start:end], self._sin[start:end]  # (n, 1, hd) views
+        else:
+            if positions.shape != (n,):
+                raise ValueError(f"positions has shape {tuple(positions.shape)}; expected ({n},)")
+            cos, sin = self._cos[positions], self._sin[positions]
+        is_causal = False
+        if attn_mask is not None:
+            if attn_mask.shape != (n, n):
+                raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}; expected ({n}, {n})")
+            mask = torch.ones(n, end, dtype=torch.bool, device=self.device)  # (n, end): all see the cache
+            mask[:, start:] = attn_mask
+        elif n == 1:
+            mask = None  # one token sees everything before it
+        elif start == 0:
+            mask, is_causal = None, True  # SDPA's causal mask is top-left aligned: right only when L == S
+        else:
+            mask = self._arange[:end] <= self._arange[start:end, None]  # (n, end) bottom-right causal
+
+        H, Hkv, hd, eps = self.n_heads, self.n_kv_heads, self.head_dim, self.eps
+        x = F.embedding(ids.to(self.device), self.embed)  # (n, D)
+        for w, k_cache, v_cache in zip(self.layers, self._k, self._v):
+            h = rms_norm(x, w.attn_norm, eps)
+            q = F.linear(h, w.wq, w.bq).view(n, H, hd)
+            k = F.linear(h, w.wk, w.bk).view(n, Hkv, hd)
+            v = F.linear(h, w.wv, w.bv).view(n, Hkv, hd)
+            k_cache[:, start:end] = apply_rope(k, cos, sin).transpose(0, 1)  # (Hkv, n, hd)
+            v_cache[:, start:end] = v.transpose(0, 1)
+            # 4-D inputs: on the CPU only those reach SDPA's flash kernel (3-D falls back to math).
+            y = F.scaled_dot_product_attention(
+                apply_rope(q, cos, sin).transpose(0, 1)[None],  # (1, H, n, hd)
+                k_cache[None, :, :end],  # (1, Hkv, end, hd)
+                v_cache[None, :, :end],
+                attn_mask=mask,
+                is_causal=is_causal,
+                enable_gqa=self._gqa,
+            )  # (1, H, n, hd)
+            x = x + F.linear(y[0].transpose(0, 1).reshape(n, H * hd), w.wo, w.bo)
+            h = rms_norm(x, w.mlp_norm, eps)
+            gate = F.silu(F.linear(h, w.w_gate, w.b_gate))  # (n, F)
+            x = x + F.linear(gate * F.linear(h, w.w_up, w.b_up), w.w_down, w.b_down)
+        self._length = end
+
+        if m == 0:
+            return self._no_logits
+        h = rms_norm(x[n - m :], self.norm, eps)  # the norm is per position: only the m that need it
+        return F.linear(h, self.lm_head, self.lm_head_bias).float()
+
+    def rollback(self, length: int) -> None:
+        """Keep the first `length` tokens; later cache entries are overwritten by the next forward."""
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot roll back to length {length}: the cache holds {self._length} tokens")
+        self._length = length
+
+    def reset(self) -> None:
+        self._length = 0
