@@ -122,3 +122,15 @@ def test_chi_square_detects_a_biased_verifier():
     for s in seqs_t + seqs_d:
         mixed[s] = mixed.get(s, 0) + 1
     assert chi_square_p_value(mixed, target_dist, N) < P_REJECT
+
+
+def test_adaptive_draft_length_sampling_is_lossless():
+    """k chosen per step from past acceptance is a function of the history: still lossless."""
+    from outrider.adaptive import AdaptiveK
+
+    params = SETTINGS[0]
+    target = FakeModel(vocab_size=V, seed=0, scale=1.0)
+    draft = FakeModel(vocab_size=V, seed=1, scale=1.0)
+    dec = SpeculativeDecoder(loaded(target), DraftModel(draft, V, k=3), k=3, adaptive=AdaptiveK(k_max=3))
+    counts = sample_decoder(dec, params)
+    assert chi_square_p_value(counts, exact_distribution(target, params), N) > P_REJECT

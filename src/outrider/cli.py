@@ -16,11 +16,21 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--prompt-ids {text!r} is not a comma-separated list of integers")
 
 
+def _draft_length(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--k {text!r} is neither an integer nor 'auto'")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="target model folder (default: the embedded demo target)")
     p.add_argument("--draft", default=None, help="draft model folder (default with no --target: embedded draft)")
     p.add_argument("--method", default="draft_model", help=f"drafting method: {', '.join(sorted(REGISTRY))}")
-    p.add_argument("--k", type=int, default=None, help="draft length: tokens proposed per step")
+    p.add_argument("--k", type=_draft_length, default=None,
+                   help="draft length: tokens proposed per step, or 'auto' (chosen per step)")
     p.add_argument("--backend", default="auto", help="auto (native where supported), native or hf")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -51,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded pair: streamed completions and a measured table")
     demo.add_argument("--target", default=None, help="target folder (default: the embedded demo target)")
     demo.add_argument("--draft", default=None, help="draft folder (default: the embedded demo draft)")
-    demo.add_argument("--k", type=int, default=None, help="draft length for draft_model")
+    demo.add_argument("--k", type=_draft_length, default=None, help="draft length for draft_model, or 'auto'")
     demo.add_argument("--dtype", default=None, help="float32, bfloat16 (default: as stored)")
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.add_argument("--no-stream", action="store_true", help="only print the measured table")

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 import torch
 
+from outrider.adaptive import AdaptiveK
 from outrider.detokenize import Detokenizer
 from outrider.drafters import REGISTRY, BuildContext, DraftStep, Drafter, drafter_class
 from outrider.drafters.base import empty_draft
@@ -25,6 +26,7 @@ from outrider.stats import SpecStats
 from outrider.verify import verify_greedy, verify_speculative
 
 FinishReason = Literal["length", "eos", "stop"]
+AUTO_K_MAX = 8  # the longest draft k="auto" considers
 
 
 @dataclass
@@ -95,13 +97,19 @@ def _check_positive(name: str, value: Any) -> None:
 class SpeculativeDecoder:
     """Generates from a target model, exactly (greedy) or losslessly (sampling), with a drafter."""
 
-    def __init__(self, target: LoadedModel, drafter: Drafter, *, k: int, method: str = "custom") -> None:
+    def __init__(
+        self, target: LoadedModel, drafter: Drafter, *, k: int, method: str = "custom",
+        adaptive: AdaptiveK | None = None,
+    ) -> None:
+        """k: draft length per step (0: no drafting); with `adaptive`, k is chosen per step in
+        1..adaptive.k_max from measured acceptance and costs instead."""
         if k < 0:
             raise ValueError(f"k={k} is invalid: use k >= 1 (or 0 for no drafting)")
         self.target = target
         self.drafter = drafter
         self.k = k
         self.method = method
+        self.adaptive = adaptive
         self.tokenizer = target.tokenizer
 
     @classmethod
@@ -110,7 +118,7 @@ class SpeculativeDecoder:
         target: str | Path | torch.nn.Module | None = None,
         draft: str | Path | torch.nn.Module | None = None,
         method: str = "draft_model",
-        k: int | None = None,
+        k: int | Literal["auto"] | None = None,
         backend: str = "auto",
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
@@ -120,10 +128,15 @@ class SpeculativeDecoder:
         """Load target (and draft) from local folders or model objects.
 
         target None means the embedded demo pair (its draft too, for method="draft_model").
+        k: draft length; None = the method's default; "auto" = chosen per step (AdaptiveK).
         tokenizer: a transformers tokenizer or folder, for model objects that come without one.
         """
         cls_ = drafter_class(method)
-        if k is not None:
+        adaptive = None
+        if k == "auto":
+            adaptive = AdaptiveK(k_max=AUTO_K_MAX)
+            k = AUTO_K_MAX if cls_.default_k else None
+        elif k is not None:
             _check_positive("k", k)
         if draft is not None and not cls_.uses_draft_model:
             raise ValueError(
@@ -151,7 +164,8 @@ class SpeculativeDecoder:
             )
             _check_same_vocabulary(loaded_target, loaded_draft)
         drafter = cls_.build(BuildContext(loaded_target, loaded_draft, k))
-        return cls(loaded_target, drafter, k=k or cls_.default_k, method=method)
+        k = k or cls_.default_k
+        return cls(loaded_target, drafter, k=k, method=method, adaptive=adaptive if k else None)
 
     # ---- input handling -------------------------------------------------------------------
 
@@ -291,7 +305,7 @@ class SpeculativeDecoder:
         empty = empty_draft(dev)
         while True:
             remaining = n_prompt + max_new_tokens - n
-            k = min(self.k, remaining - 1)
+            k = self.adaptive.choose(remaining - 1) if self.adaptive else min(self.k, remaining - 1)
             ta = clock()
             draft = drafter.propose(DraftStep(seq[:n], k, params, generator)) if k > 0 else empty
             d = draft.tokens.shape[0]
@@ -326,6 +340,8 @@ class SpeculativeDecoder:
                 reason = "length"
             if reason is not None and text is not None and pieces:
                 pieces[-1] += "".join(text.flush())
+            if self.adaptive is not None and k > 0:
+                self.adaptive.observe(d, accepted, tb - ta, tc - tb)
             stats.record_step(d, min(accepted, len(new)), len(new))
             stats.draft_s += tb - ta
             stats.target_s += tc - tb

@@ -1,0 +1,91 @@
+"""Aggregate bench records (one dict per question x turn x method x repeat) into the summary.
+
+Spec-Bench's convention: a question's speed is its new tokens over its wall time, both summed over
+its turns; a method's tokens/s is the mean of its questions' speeds (each repeat counts as one
+question); speedup = that mean ÷ autoregressive's mean over the same questions, in the same run.
+  tau   = total committed tokens / total target forwards (steps), over all records
+  alpha = total accepted / total drafted
+  acceptance_at[i] = accepted at draft position i / drafted at position i (summed counts)
+Peers (transformers' generate) report no counts: their tau, alpha and acceptance are None.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+BASELINE = "autoregressive"
+Record = dict[str, Any]
+
+
+def record_key(r: Record) -> tuple[str, int, str, int]:
+    return (str(r["question_id"]), int(r["turn"]), str(r["method"]), int(r["repeat"]))
+
+
+def _units(records: Iterable[Record]) -> dict[tuple[str, int], tuple[int, float, frozenset[int]]]:
+    """(question_id, repeat) -> (new tokens, wall seconds, turns) summed over its turns."""
+    acc: dict[tuple[str, int], list] = {}
+    for r in records:
+        u = acc.setdefault((str(r["question_id"]), int(r["repeat"])), [0, 0.0, set()])
+        u[0] += r["new_tokens"]
+        u[1] += r["wall_s"]
+        u[2].add(int(r["turn"]))
+    return {k: (v[0], v[1], frozenset(v[2])) for k, v in acc.items()}
+
+
+def mean_speed(units: dict, keys: Iterable[tuple[str, int]]) -> float | None:
+    speeds = [units[k][0] / units[k][1] for k in keys if units[k][1] > 0]
+    return sum(speeds) / len(speeds) if speeds else None
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def group_stats(records: Sequence[Record], baseline: Sequence[Record]) -> dict[str, Any]:
+    """Figures of one method (optionally one category): records, and the baseline's records."""
+    units = _units(records)
+    base = _units(baseline)
+    # Only questions both ran with the same turns are compared (a run stopped midway leaves others).
+    common = [k for k in units if k in base and base[k][2] == units[k][2]]
+    speed, base_speed = mean_speed(units, common), mean_speed(base, common)
+    counted = [r for r in records if r.get("steps") is not None]
+    steps = sum(r["steps"] for r in counted)
+    drafted = sum(r["drafted"] for r in counted)
+    accepted = sum(r["accepted"] for r in counted)
+    width = max((len(r["drafted_at"]) for r in counted), default=0)
+    d_at, a_at = [0] * width, [0] * width
+    for r in counted:
+        for i, (d, a) in enumerate(zip(r["drafted_at"], r["accepted_at"])):
+            d_at[i] += d
+            a_at[i] += a
+    matches = [r["matches_autoregressive"] for r in records if r.get("matches_autoregressive") is not None]
+    return {
+        "records": len(records),
+        "questions": len(units),
+        "compared": len(common),
+        "new_tokens": sum(r["new_tokens"] for r in records),
+        "wall_s": sum(r["wall_s"] for r in records),
+        "tokens_per_s": speed,
+        "baseline_tokens_per_s": base_speed,
+        "speedup": speed / base_speed if speed is not None and base_speed else None,
+        "tau": _ratio(sum(r["new_tokens"] for r in counted), steps) if counted else None,
+        "alpha": _ratio(accepted, drafted) if counted else None,
+        "acceptance_at": [a / d if d else None for a, d in zip(a_at, d_at)] if counted else None,
+        "match_rate": sum(matches) / len(matches) if matches else None,
+    }
+
+
+def summarize(records: Sequence[Record], methods: Sequence[str] | None = None) -> dict[str, Any]:
+    """{"methods": [...], "categories": [...], "overall": {m: stats}, "by_category": {m: {cat: stats}}}."""
+    if methods is None:
+        methods = sorted({r["method"] for r in records}, key=lambda m: (m != BASELINE, m))
+    categories = sorted({r["category"] for r in records})
+    by_method = {m: [r for r in records if r["method"] == m] for m in methods}
+    baseline = by_method.get(BASELINE) or [r for r in records if r["method"] == BASELINE]
+    overall = {m: group_stats(by_method[m], baseline) for m in methods}
+    by_category = {
+        m: {c: group_stats([r for r in by_method[m] if r["category"] == c],
+                           [r for r in baseline if r["category"] == c]) for c in categories}
+        for m in methods
+    }
+    return {"methods": list(methods), "categories": categories, "overall": overall, "by_category": by_category}

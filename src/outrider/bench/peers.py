@@ -1,0 +1,134 @@
+"""The methods a bench compares, behind one small interface: outrider's own methods (any name in
+outrider.drafters.REGISTRY) and transformers' generate as peers on the same weights.
+
+Every method gets the same prompt token ids and is measured the same way: wall time of one call
+(prefill + decode), new tokens = generated ids minus the prompt (an EOS that ended it included).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from outrider.drafters import REGISTRY
+from outrider.stats import SpecStats
+
+PEERS = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
+HF_PROMPT_LOOKUP_DEFAULT_K = 10  # transformers' documented example value for prompt_lookup_num_tokens
+
+
+def known_methods() -> list[str]:
+    return sorted(REGISTRY) + list(PEERS)
+
+
+def check_methods(methods: list[str]) -> list[str]:
+    """Validate names; put autoregressive first (the baseline of every speedup), adding it if absent."""
+    known = known_methods()
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}: use some of {known}")
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"methods {methods} name a method twice")
+    return ["autoregressive"] + [m for m in methods if m != "autoregressive"]
+
+
+@dataclass
+class Outcome:
+    token_ids: list[int]  # new tokens only
+    wall_s: float  # prefill + decode
+    stats: SpecStats | None  # None for peers (transformers reports no acceptance counts)
+
+
+class Method(Protocol):
+    name: str
+    context: int | None  # the longest prompt + new tokens it can run
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Outcome: ...
+
+
+class OutriderMethod:
+    def __init__(self, name: str, target: Any, draft: Any, k: int | None, dtype: str | None,
+                 backend: str, device: str | None) -> None:
+        from outrider.decoder import SpeculativeDecoder
+
+        uses_draft = REGISTRY[name].uses_draft_model
+        self.name = name
+        self.decoder = SpeculativeDecoder.from_pretrained(
+            target, draft=draft if uses_draft else None, method=name,
+            k=k if REGISTRY[name].default_k > 0 else None, dtype=dtype, backend=backend, device=device,
+        )
+        self.k = self.decoder.k
+        self.context = self.decoder.target.model.max_length
+        self.tokenizer = self.decoder.tokenizer
+        self.model_name = self.decoder.target.name
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Outcome:
+        t0 = time.perf_counter()
+        res = self.decoder.generate(prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+        wall = time.perf_counter() - t0
+        return Outcome(res.token_ids, wall, res.stats)
+
+
+def _load_hf(path: Path, dtype: str | None, device: torch.device) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    from outrider.models import parse_dtype
+
+    torch_dtype = parse_dtype(dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
+    except Exception as e:  # transformers raises many types; name the folder either way
+        raise ValueError(f"could not load a causal LM from {str(path)!r}: {e}") from e
+    return model.to(device).eval()
+
+
+class HFPeer:
+    """transformers' generate on the target folder: plain, assisted by the draft, or prompt lookup."""
+
+    def __init__(self, name: str, target_dir: Path, draft_dir: Path | None, k: int | None,
+                 dtype: str | None, device: str | None) -> None:
+        from outrider.models import default_device
+        from outrider.models.hf import context_length
+
+        assert name in PEERS, name
+        self.name = name
+        self.device = default_device(device)
+        self.model = _load_hf(target_dir, dtype, self.device)
+        self.context = context_length(self.model.config)
+        self.k = k
+        gen = self.model.generation_config
+        eos = gen.eos_token_id
+        # Same stopping rule as outrider (generation_config's EOS); pad = EOS silences a warning.
+        self.base_kwargs: dict[str, Any] = dict(
+            pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else (
+                eos[0] if isinstance(eos, list) and eos else eos),
+        )
+        if name == "hf-assisted":
+            if draft_dir is None:
+                raise ValueError("hf-assisted needs a draft model: pass --draft DIR (or no --target for the embedded pair)")
+            self.base_kwargs["assistant_model"] = _load_hf(draft_dir, dtype, self.device)
+            if k is not None:  # a fixed draft length, comparable to outrider's k
+                self.base_kwargs.update(num_assistant_tokens=k, num_assistant_tokens_schedule="constant")
+        elif name == "hf-prompt-lookup":
+            self.k = k or HF_PROMPT_LOOKUP_DEFAULT_K
+            self.base_kwargs["prompt_lookup_num_tokens"] = self.k
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Outcome:
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # (1, n)
+        kwargs = dict(self.base_kwargs, max_new_tokens=max_new_tokens, attention_mask=torch.ones_like(ids))
+        if temperature > 0:
+            # top_k=0, top_p=1: the full distribution, as outrider samples it (generate's default top_k is 50)
+            kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+            torch.manual_seed(seed)
+        else:
+            kwargs.update(do_sample=False)
+        t0 = time.perf_counter()
+        out = self.model.generate(ids, **kwargs)  # (1, n + new)
+        new = out[0, len(prompt_ids):].tolist()  # .tolist() waits for the device
+        wall = time.perf_counter() - t0
+        return Outcome(new, wall, None)

@@ -1,0 +1,69 @@
+"""Adaptive draft length: the choice follows measured acceptance and costs; output stays exact."""
+
+import pytest
+
+from conftest import FakeModel, loaded
+from outrider import SpeculativeDecoder
+from outrider.adaptive import AdaptiveK
+from outrider.drafters import DraftModel
+
+
+def trained(acceptance: float, t_draft: float, t_verify: float, steps: int = 200, k: int = 4) -> AdaptiveK:
+    ak = AdaptiveK(k_max=8)
+    # Deterministic stream of outcomes with the given per-position acceptance.
+    import random
+
+    rng = random.Random(0)
+    for _ in range(steps):
+        accepted = 0
+        while accepted < k and rng.random() < acceptance:
+            accepted += 1
+        ak.observe(k, accepted, k * t_draft, t_verify)
+    return ak
+
+
+def test_high_acceptance_and_cheap_drafts_give_long_drafts():
+    ak = trained(0.95, t_draft=0.01, t_verify=1.0)
+    assert ak.choose(100) >= 6
+
+
+def test_low_acceptance_gives_short_drafts():
+    ak = trained(0.2, t_draft=0.3, t_verify=1.0)
+    assert ak.choose(100) == 1
+
+
+def test_expected_rate_follows_the_design_formula():
+    ak = AdaptiveK(k_max=4, prior=0.5)  # a_i = 0.5 everywhere before any observation
+    ak.t_draft, ak.t_verify = 0.1, {n: 1.0 for n in range(1, 6)}
+    a, c, k = 0.5, 0.1, 3
+    assert ak.expected_rate(k) == pytest.approx((1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)))
+
+
+def test_choice_respects_the_limit():
+    ak = trained(0.95, t_draft=0.01, t_verify=1.0)
+    assert ak.choose(2) == 2 and ak.choose(0) == 0
+
+
+@pytest.mark.parametrize("kwargs, needle", [({"k_max": 0}, "k_max=0"), ({"decay": 1.0}, "decay=1.0")])
+def test_bad_settings(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        AdaptiveK(**kwargs)
+
+
+def test_auto_k_is_exact_under_greedy():
+    from test_loop_fake import greedy_reference
+
+    target, draft = FakeModel(vocab_size=4, seed=0, scale=1.0), FakeModel(vocab_size=4, seed=5, scale=1.0)
+    dec = SpeculativeDecoder(loaded(target), DraftModel(draft, 4, k=8), k=8, adaptive=AdaptiveK(k_max=8))
+    for _ in range(3):
+        res = dec.generate([1, 2, 3], max_new_tokens=50)
+        assert res.token_ids == greedy_reference(target, [1, 2, 3], 50)
+    assert len(res.stats.drafted_at) >= 1
+
+
+def test_from_pretrained_accepts_auto(model_dirs):
+    target, draft = model_dirs
+    dec = SpeculativeDecoder.from_pretrained(str(target), draft=str(draft), k="auto")
+    ref = SpeculativeDecoder.from_pretrained(str(target), method="autoregressive")
+    assert dec.adaptive is not None
+    assert dec.generate("def f", max_new_tokens=20).token_ids == ref.generate("def f", max_new_tokens=20).token_ids
