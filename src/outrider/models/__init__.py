@@ -126,7 +126,9 @@ def load_model(
         path = Path(source).expanduser()
         _check_model_folder(path)
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # outrider prints its own progress; keep output clean
         try:
             hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
         except Exception as e:
