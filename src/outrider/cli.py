@@ -1,4 +1,4 @@
-"""`outrider demo | generate | train` — options mirror the Python API (SpeculativeDecoder)."""
+"""`outrider demo | generate | bench | train` — options mirror the Python API (SpeculativeDecoder)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.add_argument("--no-stream", action="store_true", help="only print the measured table")
 
+    from outrider.bench import build_parser as bench_parser
+
+    bench_parser(sub.add_parser("bench", help="Spec-Bench-protocol benchmark: speedup, tau, alpha per method"))
+
     train = sub.add_parser("train", help="training recipes")
     train_sub = train.add_subparsers(dest="recipe", required=True)
     from outrider.train.recipe import build_parser as demo_pair_parser
@@ -123,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.target, args.draft, k=args.k, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                      show=not args.no_stream)
             return 0
+        if args.command == "bench":
+            from outrider.bench import run_from_args as bench_run
+
+            return bench_run(args)
         if args.command == "train":
             from outrider.train.recipe import run_from_args
 

@@ -6,6 +6,7 @@ question); speedup = that mean ÷ autoregressive's mean over the same questions,
   tau   = total committed tokens / total target forwards (steps), over all records
   alpha = total accepted / total drafted
   acceptance_at[i] = accepted at draft position i / drafted at position i (summed counts)
+  c     = drafter time per drafted token / target time per step (the cost ratio of DESIGN.md)
 Peers (transformers' generate) report no counts: their tau, alpha and acceptance are None.
 """
 
@@ -58,6 +59,9 @@ def group_stats(records: Sequence[Record], baseline: Sequence[Record]) -> dict[s
         for i, (d, a) in enumerate(zip(r["drafted_at"], r["accepted_at"])):
             d_at[i] += d
             a_at[i] += a
+    draft_s = sum(r.get("draft_s") or 0.0 for r in counted)
+    target_s = sum(r.get("target_s") or 0.0 for r in counted)
+    c = (draft_s / drafted) / (target_s / steps) if drafted and steps and target_s > 0 else None
     matches = [r["matches_autoregressive"] for r in records if r.get("matches_autoregressive") is not None]
     return {
         "records": len(records),
@@ -71,12 +75,47 @@ def group_stats(records: Sequence[Record], baseline: Sequence[Record]) -> dict[s
         "tau": _ratio(sum(r["new_tokens"] for r in counted), steps) if counted else None,
         "alpha": _ratio(accepted, drafted) if counted else None,
         "acceptance_at": [a / d if d else None for a, d in zip(a_at, d_at)] if counted else None,
+        "c": c,
         "match_rate": sum(matches) / len(matches) if matches else None,
     }
 
 
+def expected_speedup(alpha: float, k: int, c: float) -> float:
+    """(1 - α^(k+1)) / ((1 - α)(k·c + 1)): expected tokens per step over the step's cost in target
+    steps, verification counted as one decode step (memory-bound)."""
+    tokens = k + 1 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens / (k * c + 1)
+
+
+def sweep_summary(records: Sequence[Record], summary: dict[str, Any]) -> dict[str, Any]:
+    """For methods run at several k ("name@k=K"): measured speedup per k, and the theoretical curve
+    from α and c measured over all of that method's fixed k (pooled counts and times)."""
+    from outrider.bench.peers import split_variant
+
+    out: dict[str, Any] = {}
+    for m in summary["methods"]:
+        base, k = split_variant(m)
+        if k is None:
+            continue
+        entry = out.setdefault(base, {"k": [], "speedup": [], "alpha": [], "tau": [], "c": [], "_names": []})
+        o = summary["overall"][m]
+        for key in ("speedup", "alpha", "tau", "c"):
+            entry[key].append(o[key])
+        entry["k"].append(k)
+        entry["_names"].append(m)
+    for base, entry in out.items():
+        names = entry.pop("_names")
+        fixed = [n for n, k in zip(names, entry["k"]) if isinstance(k, int)]  # "auto" varies k per step
+        pooled = group_stats([r for r in records if r["method"] in fixed], [])
+        entry["pooled_alpha"], entry["pooled_c"] = pooled["alpha"], pooled["c"]
+        ok = pooled["alpha"] is not None and pooled["c"] is not None
+        entry["theoretical"] = [expected_speedup(pooled["alpha"], k, pooled["c"]) if ok and isinstance(k, int)
+                                else None for k in entry["k"]]
+    return out
+
+
 def summarize(records: Sequence[Record], methods: Sequence[str] | None = None) -> dict[str, Any]:
-    """{"methods": [...], "categories": [...], "overall": {m: stats}, "by_category": {m: {cat: stats}}}."""
+    """{"methods", "categories", "overall": {m: stats}, "by_category": {m: {cat: stats}}, "sweep"}."""
     if methods is None:
         methods = sorted({r["method"] for r in records}, key=lambda m: (m != BASELINE, m))
     categories = sorted({r["category"] for r in records})
@@ -88,4 +127,6 @@ def summarize(records: Sequence[Record], methods: Sequence[str] | None = None) -
                            [r for r in baseline if r["category"] == c]) for c in categories}
         for m in methods
     }
-    return {"methods": list(methods), "categories": categories, "overall": overall, "by_category": by_category}
+    out = {"methods": list(methods), "categories": categories, "overall": overall, "by_category": by_category}
+    out["sweep"] = sweep_summary(records, out)
+    return out

@@ -25,10 +25,28 @@ def known_methods() -> list[str]:
     return sorted(REGISTRY) + list(PEERS)
 
 
+def variant(method: str, k: int | str) -> str:
+    """The name of `method` run with draft length k in a sweep, e.g. "draft_model@k=2"."""
+    return f"{method}@k={k}"
+
+
+def split_variant(name: str) -> tuple[str, int | str | None]:
+    """"draft_model@k=2" -> ("draft_model", 2); "draft_model" -> ("draft_model", None); k may be "auto"."""
+    base, sep, k = name.partition("@k=")
+    if not sep:
+        return name, None
+    return base, int(k) if k.isdigit() else k
+
+
+def sweepable(method: str) -> bool:
+    """outrider methods that draft: their k varies in a sweep (and they report the counts it needs)."""
+    return method in REGISTRY and REGISTRY[method].default_k > 0
+
+
 def check_methods(methods: list[str]) -> list[str]:
     """Validate names; put autoregressive first (the baseline of every speedup), adding it if absent."""
     known = known_methods()
-    unknown = [m for m in methods if m not in known]
+    unknown = [m for m in methods if split_variant(m)[0] not in known]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}: use some of {known}")
     if len(set(methods)) != len(methods):
@@ -55,13 +73,16 @@ class OutriderMethod:
                  backend: str, device: str | None) -> None:
         from outrider.decoder import SpeculativeDecoder
 
+        label, name_k = name, split_variant(name)
+        name, k = name_k[0], name_k[1] if name_k[1] is not None else k
         uses_draft = REGISTRY[name].uses_draft_model
-        self.name = name
+        drafts = REGISTRY[name].default_k > 0
+        self.name = label
         self.decoder = SpeculativeDecoder.from_pretrained(
             target, draft=draft if uses_draft else None, method=name,
-            k=k if REGISTRY[name].default_k > 0 else None, dtype=dtype, backend=backend, device=device,
+            k=k if drafts else None, dtype=dtype, backend=backend, device=device,
         )
-        self.k = self.decoder.k
+        self.k = "auto" if k == "auto" and drafts else self.decoder.k
         self.context = self.decoder.target.model.max_length
         self.tokenizer = self.decoder.tokenizer
         self.model_name = self.decoder.target.name
@@ -89,8 +110,9 @@ def _load_hf(path: Path, dtype: str | None, device: torch.device) -> Any:
 class HFPeer:
     """transformers' generate on the target folder: plain, assisted by the draft, or prompt lookup."""
 
-    def __init__(self, name: str, target_dir: Path, draft_dir: Path | None, k: int | None,
+    def __init__(self, name: str, target_dir: Path, draft_dir: Path | None, k: int | str | None,
                  dtype: str | None, device: str | None) -> None:
+        """k: a fixed draft length, or None / "auto" for transformers' own choice."""
         from outrider.models import default_device
         from outrider.models.hf import context_length
 
@@ -99,7 +121,9 @@ class HFPeer:
         self.device = default_device(device)
         self.model = _load_hf(target_dir, dtype, self.device)
         self.context = context_length(self.model.config)
-        self.k = k
+        if k == "auto":
+            k = None  # transformers' own schedule (hf-assisted) or default (hf-prompt-lookup)
+        self.k = k if name == "hf-assisted" else None
         gen = self.model.generation_config
         eos = gen.eos_token_id
         # Same stopping rule as outrider (generation_config's EOS); pad = EOS silences a warning.
@@ -109,7 +133,9 @@ class HFPeer:
         )
         if name == "hf-assisted":
             if draft_dir is None:
-                raise ValueError("hf-assisted needs a draft model: pass --draft DIR (or no --target for the embedded pair)")
+                raise ValueError(
+                    "hf-assisted needs a draft model: pass --draft DIR (or no --target for the embedded pair)"
+                )
             self.base_kwargs["assistant_model"] = _load_hf(draft_dir, dtype, self.device)
             if k is not None:  # a fixed draft length, comparable to outrider's k
                 self.base_kwargs.update(num_assistant_tokens=k, num_assistant_tokens_schedule="constant")

@@ -1,0 +1,251 @@
+"""`outrider bench`: a small Spec-Bench run end to end on the tiny pair, resume, metric arithmetic
+on hand-made records, and the errors for bad datasets and methods."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from outrider.bench import BenchConfig, build_parser, run_bench
+from outrider.bench.cli import config_from_args
+from outrider.bench.datasets import builtin_code, load_spec_bench, select
+from outrider.bench.metrics import expected_speedup, summarize
+from outrider.bench.runner import Bench, read_records
+
+SPEC_BENCH = Path(__file__).resolve().parents[2] / "shared/data/spec_bench/question.jsonl"
+METHODS = ["autoregressive", "draft_model", "prompt_lookup", "hf-generate"]
+FIELDS = {
+    "question_id", "category", "turn", "method", "repeat", "k", "prompt_tokens", "prompt_truncated",
+    "new_tokens", "wall_s", "tokens_per_s", "steps", "drafted", "accepted", "drafted_at", "accepted_at",
+    "draft_s", "target_s", "tau", "alpha", "matches_autoregressive", "output_ids", "output_text",
+}
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.skipif(not SPEC_BENCH.is_file(), reason=f"{SPEC_BENCH} is absent")
+def test_spec_bench_run_then_resume(model_dirs, tmp_path):
+    target, draft = model_dirs
+    # writing: two turns; summarization: a prompt longer than the tiny context (kept truncated)
+    cfg = BenchConfig(out=str(tmp_path / "out"), dataset=str(SPEC_BENCH), limit_per_category=1,
+                      categories=["writing", "summarization", "translation"], methods=METHODS,
+                      max_new_tokens=8, target=str(target), draft=str(draft), dtype="float32", progress=False)
+    report = run_bench(cfg)
+    out = tmp_path / "out"
+    recs = _lines(out / "results.jsonl")
+    assert len(recs) == (2 + 1 + 1) * len(METHODS)
+    for r in recs:
+        assert set(r) == FIELDS
+        assert r["new_tokens"] == len(r["output_ids"]) > 0 and r["wall_s"] > 0
+    by = {(r["question_id"], r["turn"], r["method"]): r for r in recs}
+    writing = next(r["question_id"] for r in recs if r["category"] == "writing")
+    assert (writing, 1, "draft_model") in by  # the second turn, after the model's own first answer
+    assert by[(writing, 1, "autoregressive")]["prompt_tokens"] > by[(writing, 0, "autoregressive")]["prompt_tokens"]
+    assert any(r["prompt_truncated"] for r in recs if r["category"] == "summarization")
+    for r in recs:
+        if r["method"] == "autoregressive":
+            assert r["tau"] == 1.0 and r["alpha"] is None and r["matches_autoregressive"] is None
+        elif r["method"] == "hf-generate":
+            assert r["tau"] is None and r["steps"] is None and r["drafted_at"] is None
+        else:
+            assert r["steps"] >= 1 and len(r["drafted_at"]) <= r["k"]
+        if r["method"] != "autoregressive":
+            assert r["matches_autoregressive"] is True  # greedy float32 is exact, peers included
+
+    summary = json.loads((out / "summary.json").read_text())
+    s = summary["summary"]
+    assert s["methods"] == METHODS and s["categories"] == ["summarization", "translation", "writing"]
+    assert s["overall"]["autoregressive"]["speedup"] == pytest.approx(1.0)
+    assert s["overall"]["hf-generate"]["tau"] is None and s["overall"]["draft_model"]["tau"] >= 1.0
+    assert s["overall"]["draft_model"]["match_rate"] == 1.0
+    assert summary["machine"]["torch"] and summary["machine"]["transformers"]
+    assert report["summary"] == s
+    md = (out / "summary.md").read_text()
+    assert "| draft_model |" in md and "| summarization | translation | writing | overall |" in md
+    for name in ("acceptance_by_position.png", "speedup_by_category.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Resume: everything is done, so nothing is added and the summary is rebuilt from the file.
+    (out / "summary.md").unlink()
+    run_bench(cfg)
+    assert len(_lines(out / "results.jsonl")) == len(recs)
+    assert (out / "summary.md").is_file()
+
+    # A changed option that alters what records mean is refused rather than mixed in.
+    cfg.max_new_tokens = 9
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        run_bench(cfg)
+
+
+def test_builtin_code_set_and_partial_resume(model_dirs, tmp_path):
+    target, _ = model_dirs
+    out = tmp_path / "out"
+    cfg = BenchConfig(out=str(out), limit_per_category=2, methods=["autoregressive", "prompt_lookup"],
+                      max_new_tokens=4, target=str(target), progress=False)
+    run_bench(cfg)
+    recs = _lines(out / "results.jsonl")
+    assert [(r["question_id"], r["method"]) for r in recs] == [
+        ("code-00", "autoregressive"), ("code-00", "prompt_lookup"),
+        ("code-01", "autoregressive"), ("code-01", "prompt_lookup"),
+    ]
+    # An interrupted run: the last line is cut mid-write and one record is missing.
+    text = (out / "results.jsonl").read_text().splitlines(keepends=True)
+    (out / "results.jsonl").write_text("".join(text[:3]) + text[3][:20])
+    assert len(read_records(out / "results.jsonl")) == 3
+    run_bench(cfg)
+    again = _lines(out / "results.jsonl")
+    assert len(again) == 4 and again[3]["question_id"] == "code-01" and again[3]["method"] == "prompt_lookup"
+    assert again[3]["output_ids"] == recs[3]["output_ids"]
+
+
+def _rec(qid, method, turn, tokens, wall, cat="c", steps=None, drafted=None, accepted=None, at=None, match=None):
+    d_at, a_at = at if at else (None, None)
+    return dict(question_id=qid, category=cat, turn=turn, method=method, repeat=0, new_tokens=tokens, wall_s=wall,
+                steps=steps, drafted=drafted, accepted=accepted, drafted_at=d_at, accepted_at=a_at,
+                matches_autoregressive=match)
+
+
+def test_metric_arithmetic():
+    recs = [
+        _rec("1", "autoregressive", 0, 10, 1.0, steps=10, drafted=0, accepted=0, at=([], [])),
+        _rec("1", "autoregressive", 1, 10, 1.0, steps=10, drafted=0, accepted=0, at=([], [])),
+        _rec("2", "autoregressive", 0, 30, 1.0, cat="d", steps=30, drafted=0, accepted=0, at=([], [])),
+        # question 1: 20 tokens in 0.5 s = 40/s (ar: 10/s); question 2: 30 tokens in 0.5 s = 60/s (ar: 30/s)
+        _rec("1", "spec", 0, 12, 0.25, steps=4, drafted=8, accepted=8, at=([4, 4], [4, 4]), match=True),
+        _rec("1", "spec", 1, 8, 0.25, steps=4, drafted=8, accepted=4, at=([4, 4], [3, 1]), match=False),
+        _rec("2", "spec", 0, 30, 0.5, cat="d", steps=10, drafted=20, accepted=20, at=([10, 10], [10, 10]), match=True),
+        _rec("1", "peer", 0, 10, 0.5), _rec("1", "peer", 1, 10, 0.5), _rec("2", "peer", 0, 30, 2.0, cat="d"),
+    ]
+    s = summarize(recs)
+    assert s["methods"] == ["autoregressive", "peer", "spec"]
+    spec, ar, peer = s["overall"]["spec"], s["overall"]["autoregressive"], s["overall"]["peer"]
+    assert ar["tokens_per_s"] == pytest.approx((10 + 30) / 2) and ar["speedup"] == pytest.approx(1.0)
+    assert spec["tokens_per_s"] == pytest.approx((40 + 60) / 2)
+    assert spec["speedup"] == pytest.approx(50 / 20)
+    assert spec["tau"] == pytest.approx(50 / 18)  # total tokens / total steps, not a mean of ratios
+    assert spec["alpha"] == pytest.approx(32 / 36)  # total accepted / total drafted
+    assert spec["acceptance_at"] == pytest.approx([17 / 18, 15 / 18])
+    assert spec["match_rate"] == pytest.approx(2 / 3)
+    assert ar["tau"] == 1.0 and ar["alpha"] is None  # nothing drafted
+    assert peer["tau"] is None and peer["alpha"] is None and peer["acceptance_at"] is None
+    assert peer["speedup"] == pytest.approx(((20 / 1.0) + (30 / 2.0)) / 2 / 20)
+    assert s["by_category"]["spec"]["c"]["speedup"] == pytest.approx(40 / 10)
+    assert s["by_category"]["spec"]["d"]["speedup"] == pytest.approx(60 / 30)
+    # A question the baseline did not finish (turn 1 missing) is left out of the speedup.
+    partial = [r for r in recs if not (r["method"] == "autoregressive" and r["turn"] == 1)]
+    assert summarize(partial)["overall"]["spec"]["speedup"] == pytest.approx(60 / 30)
+
+
+def test_malformed_dataset_line_names_line_and_field(tmp_path):
+    path = tmp_path / "q.jsonl"
+    good = json.dumps({"question_id": 1, "category": "a", "turns": ["hi"]})
+    path.write_text(good + "\n" + json.dumps({"question_id": 2, "category": "a"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 2: field 'turns' is missing"):
+        load_spec_bench(path)
+    path.write_text(good + "\n\n" + json.dumps({"question_id": 3, "category": "a", "turns": "hi"}) + "\n")
+    with pytest.raises(ValueError, match=r"line 3: field 'turns' must be"):
+        load_spec_bench(path)
+    path.write_text(good + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"line 2 is not valid JSON"):
+        load_spec_bench(path)
+    with pytest.raises(ValueError, match="categories \\['b'\\]"):
+        select(builtin_code(), ["b"])
+
+
+def test_unknown_method_lists_known_ones(tmp_path):
+    cfg = BenchConfig(out=str(tmp_path), methods=["autoregressive", "medusa9"])
+    with pytest.raises(ValueError, match="medusa9") as err:
+        Bench(cfg)
+    for name in ("autoregressive", "draft_model", "prompt_lookup", "hf-generate", "hf-assisted", "hf-prompt-lookup"):
+        assert repr(name) in str(err.value)
+    assert not (tmp_path / "results.jsonl").exists()
+    with pytest.raises(ValueError, match=r"\['draft_model', 'hf-assisted'\] need a draft model: pass --draft"):
+        Bench(BenchConfig(out=str(tmp_path), methods=["draft_model", "hf-assisted"], target=str(tmp_path)))
+
+
+def test_parser_and_baseline_added(tmp_path):
+    p = argparse.ArgumentParser()
+    build_parser(p)
+    assert p.parse_args(["--out", "x", "--sweep", "k=1,4,auto"]).sweep == [1, 4, "auto"]
+    assert p.parse_args(["--out", "x", "--k", "auto"]).k == "auto"
+    args = p.parse_args(["--out", str(tmp_path), "--methods", "draft_model, prompt_lookup", "--categories",
+                         "code", "--limit-per-category", "3", "--k", "5", "--max-new-tokens", "16"])
+    cfg = config_from_args(args)
+    assert cfg.methods == ["draft_model", "prompt_lookup"] and cfg.k == 5 and cfg.categories == ["code"]
+    cfg.check()
+    assert cfg.methods == ["autoregressive", "draft_model", "prompt_lookup"]
+    with pytest.raises(SystemExit):
+        p.parse_args([])  # --out is required
+
+
+def test_sweep_reports_speedup_vs_k_with_theory(model_dirs, tmp_path):
+    target, draft = model_dirs
+    out = tmp_path / "out"
+    cfg = BenchConfig(out=str(out), limit_per_category=2, methods=["draft_model", "hf-generate"], sweep=[1, 3, "auto"],
+                      max_new_tokens=6, target=str(target), draft=str(draft), progress=False)
+    report = run_bench(cfg)
+    assert cfg.methods == ["autoregressive", "draft_model@k=1", "draft_model@k=3", "draft_model@k=auto",
+                           "hf-generate"]
+    recs = _lines(out / "results.jsonl")
+    assert {(r["method"], r["k"]) for r in recs if r["method"].startswith("draft")} == {
+        ("draft_model@k=1", 1), ("draft_model@k=3", 3), ("draft_model@k=auto", "auto")}
+    sweep = report["summary"]["sweep"]
+    assert list(sweep) == ["draft_model"] and sweep["draft_model"]["k"] == [1, 3, "auto"]
+    e = sweep["draft_model"]
+    theory = [expected_speedup(e["pooled_alpha"], k, e["pooled_c"]) for k in (1, 3)]
+    assert e["theoretical"][:2] == pytest.approx(theory)
+    assert e["theoretical"][2] is None and e["speedup"][2] > 0
+    assert "## Draft length sweep" in (out / "summary.md").read_text()
+    assert (out / "speedup_vs_k.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="--k 2 and --sweep"):
+        BenchConfig(out=str(out), sweep=[1, 2], k=2).check()
+
+
+def test_expected_speedup_formula():
+    assert expected_speedup(0.5, 2, 0.1) == pytest.approx((1 - 0.5**3) / (0.5 * 1.2))
+    assert expected_speedup(1.0, 4, 0.25) == pytest.approx(5 / 2)  # all accepted: k + 1 tokens per step
+    assert expected_speedup(0.0, 4, 0.0) == pytest.approx(1.0)
+
+
+def test_prompts_chat_template_and_plain(tokenizer):
+    from outrider.bench.datasets import Question, render_prompt
+
+    q = Question("7", "writing", ("Write a poem.", "Shorter."))
+    plain = tokenizer.decode(render_prompt(tokenizer, q, 1, ["Roses are red."]))
+    assert plain == "User: Write a poem.\nAssistant: Roses are red.\nUser: Shorter.\nAssistant:"
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}" \
+                        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    chat = tok.decode(render_prompt(tok, q, 1, ["Roses are red."]))
+    assert chat == "<user>Write a poem.<assistant>Roses are red.<user>Shorter.<assistant>"
+    code = builtin_code()[0]
+    assert tokenizer.decode(render_prompt(tokenizer, code, 0, [])) == code.turns[0]  # raw: no template
+
+
+def test_interrupt_keeps_finished_records_and_summary(model_dirs, tmp_path, monkeypatch):
+    from outrider.bench import peers
+    from outrider.bench.cli import run_from_args
+
+    target, _ = model_dirs
+    real, calls = peers.OutriderMethod.generate, []
+
+    def generate(self, *args):
+        calls.append(1)
+        if len(calls) == 4:  # two warm-ups, one record, then Ctrl-C on the second
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(peers.OutriderMethod, "generate", generate)
+    p = argparse.ArgumentParser()
+    build_parser(p)
+    args = p.parse_args(["--out", str(tmp_path), "--target", str(target), "--methods", "prompt_lookup",
+                         "--limit-per-category", "2", "--max-new-tokens", "4", "--no-progress"])
+    assert run_from_args(args) == 130
+    assert len(_lines(tmp_path / "results.jsonl")) == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["summary"]["methods"] == ["autoregressive"]
