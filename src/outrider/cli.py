@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from outrider.bench.cli import parse_draft_length as _draft_length
 from outrider.drafters import REGISTRY
 
 
@@ -14,15 +15,6 @@ def _int_list(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--prompt-ids {text!r} is not a comma-separated list of integers")
-
-
-def _draft_length(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--k {text!r} is neither an integer nor 'auto'")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

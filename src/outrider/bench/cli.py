@@ -18,7 +18,7 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _k(text: str) -> int | str:
+def parse_draft_length(text: str) -> int | str:
     text = text.strip()
     if text == "auto":
         return text
@@ -30,7 +30,7 @@ def _k(text: str) -> int | str:
 
 def _sweep(text: str) -> list[int | str]:
     body = text[2:] if text.startswith("k=") else text
-    return [_k(x) for x in body.split(",") if x.strip()]
+    return [parse_draft_length(x) for x in body.split(",") if x.strip()]
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +47,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (outputs compared exactly)")
     parser.add_argument("--repeats", type=int, default=1, help="times each question is run per method")
-    parser.add_argument("--k", type=_k, default=None,
+    parser.add_argument("--k", type=parse_draft_length, default=None,
                         help="draft length, or 'auto' (chosen per step) (default: each method's own)")
     parser.add_argument("--sweep", type=_sweep, default=None, metavar="k=1,2,4,auto",
                         help="run each drafting outrider method once per k; adds speedup vs k and the "
