@@ -3,7 +3,7 @@
 Every configuration decodes the same code prompts greedily, interleaved prompt by prompt after a
 warm-up, `--repeats` rounds; totals give tokens/s (prefill included), and ratios are taken within
 this one run. Also printed: the speedup the DESIGN.md formula predicts from the measured alpha,
-c (draft step / target step) and v (verify k+1 / one decode step).
+c (draft step / target step) and v (verify k+1 / one decode step): tau / (k c + v).
 
     .venv/bin/python benchmarks/pair_speed.py [--max-new-tokens 96] [--repeats 2] [--dtype bfloat16]
 """
@@ -77,8 +77,8 @@ def main() -> None:
             k = s.drafted / s.steps
             c = s.draft_s / s.drafted / t_step
             v = s.target_s / s.steps / t_step
-            a = s.alpha
-            predicted = (1 - a ** (k + 1)) / ((1 - a) * (k * c + v))
+            # DESIGN.md's formula with its expected tokens per step replaced by the measured tau.
+            predicted = s.tau / (k * c + v)
             extra = f"{s.alpha:6.2f} {c:5.2f} {v:5.2f} {predicted:7.2f}x"
         elif s.drafted:
             extra = f"{s.alpha:6.2f}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 
 class AdaptiveK:
-    def __init__(self, k_max: int = 8, decay: float = 0.9, prior: float = 0.6) -> None:
+    def __init__(self, k_max: int = 8, decay: float = 0.9, prior: float = 0.6, explore_every: int = 6) -> None:
         if k_max < 1:
             raise ValueError(f"k_max={k_max} is invalid: use k_max >= 1")
         if not 0.0 < decay < 1.0:
@@ -23,6 +23,8 @@ class AdaptiveK:
         self.kept = [prior] * k_max
         self.t_draft: float | None = None  # seconds per drafted token
         self.t_verify: dict[int, float] = {}  # seconds per target forward of n tokens
+        self.explore_every = explore_every
+        self._steps = 0
 
     def acceptance(self) -> list[float]:
         """a_i for i = 0..k_max-1 (positions never reached keep the prior)."""
@@ -57,11 +59,19 @@ class AdaptiveK:
         return tokens / cost
 
     def choose(self, limit: int) -> int:
-        """The k in 1..min(k_max, limit) with the highest expected rate (0 if limit < 1)."""
+        """The k in 1..min(k_max, limit) with the highest expected rate (0 if limit < 1).
+
+        Every `explore_every`-th step drafts one token more than the best guess: without it, one
+        unlucky early estimate (a slow verification, a few rejections) is never measured again
+        and the choice stays stuck below the best k."""
         top = min(self.k_max, limit)
         if top < 1:
             return 0
-        return max(range(1, top + 1), key=self.expected_rate)
+        k = max(range(1, top + 1), key=self.expected_rate)
+        self._steps += 1
+        if self._steps % self.explore_every == 0:
+            k = min(k + 1, top)
+        return k
 
     def observe(self, drafted: int, accepted: int, draft_s: float, target_s: float) -> None:
         """Record one step: `drafted` tokens proposed in draft_s seconds, `accepted` kept; the target

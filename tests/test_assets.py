@@ -1,0 +1,100 @@
+"""The embedded demo pair: loads through outrider and transformers, round-trips code, and keeps the
+quality its report records (minus a margin), so that a broken retrain or export is caught."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from outrider import SpeculativeDecoder
+from outrider.decoder import embedded_pair_dir
+
+ASSETS = embedded_pair_dir()
+CODE = 'def greet(name: str) -> str:\n    """Say hello."""\n    return f"hello, {name}!\\n"\n\tx = [1, 2]  # ✓\n'
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    return json.loads((ASSETS / "report.json").read_text())
+
+
+def test_pair_is_within_the_size_budget():
+    total = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file())
+    assert total <= 48 * 1024 * 1024
+
+
+def test_assets_load_through_transformers_and_round_trip_code():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("target", "draft"):
+        tok = AutoTokenizer.from_pretrained(ASSETS / name)
+        assert tok.decode(tok(CODE)["input_ids"]) == CODE
+        model = AutoModelForCausalLM.from_pretrained(ASSETS / name)
+        logits = model(torch.tensor([tok(CODE)["input_ids"]])).logits
+        assert torch.isfinite(logits).all()
+
+
+def heldout_split():
+    from outrider.train.corpus import split_files
+
+    return split_files().heldout
+
+
+def test_target_heldout_loss_floor(report):
+    """The report's held-out windows, scored by the shipped bf16 weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from outrider.train.data import fixed_windows, tokenize_files
+
+    tok = AutoTokenizer.from_pretrained(ASSETS / "target")
+    model = AutoModelForCausalLM.from_pretrained(ASSETS / "target", dtype=torch.float32).eval()
+    evaluation = report["evaluation"]
+    windows = fixed_windows(tokenize_files(tok, heldout_split()), evaluation["seq_len"], evaluation["windows"])
+    nll = 0.0
+    with torch.no_grad():
+        for batch in windows.split(16):
+            logits = model(batch[:, :-1]).logits
+            nll += F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum").item()
+    loss = nll / windows[:, 1:].numel()
+    recorded = report["evaluation"]["target_loss"]
+    # Same windows; only bf16 export vs fp32 training weights differ. A broken model is off by nats.
+    assert loss < recorded + 0.1, (loss, recorded)
+    assert math.exp(loss) < evaluation["target_ppl"] * math.exp(0.1)
+
+
+def test_pair_acceptance_floor(report):
+    """The first 4 of the report's held-out prompts, decoded as the report did (greedy, k=4)."""
+    from transformers import AutoTokenizer
+
+    from outrider.train.data import prompt_ids
+
+    greedy = [a for a in report["acceptance"] if a.get("temperature") == 0.0 and "alpha" in a]
+    assert greedy, "the report records no greedy acceptance"
+    rec = greedy[0]
+    tok = AutoTokenizer.from_pretrained(ASSETS / "target")
+    dec = SpeculativeDecoder.from_pretrained(method="draft_model", k=rec["k"], dtype="float32")
+    stats = None
+    for prompt in prompt_ids(tok, heldout_split(), 4, 200):
+        res = dec.generate(prompt, max_new_tokens=rec["max_new_tokens"])
+        stats = res.stats if stats is None else stats.merge(res.stats)
+    assert stats.alpha >= rec["alpha"] - 0.15, (stats.alpha, rec["alpha"])
+
+
+def test_embedded_pair_is_the_default(tmp_path):
+    dec = SpeculativeDecoder.from_pretrained()
+    assert Path(dec.target.name).resolve() == (ASSETS / "target").resolve()
+    res = dec.generate("def main():\n", max_new_tokens=8)
+    assert len(res.token_ids) <= 8 and res.text is not None
+
+
+def test_make_demo_entry_point_runs(capsys):
+    from outrider.cli import main
+
+    assert main(["demo", "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "draft_model" in out and "speedup" in out
