@@ -50,13 +50,17 @@ class AdaptiveK:
 
     def expected_rate(self, k: int) -> float:
         """Expected committed tokens per second when drafting k tokens."""
-        a = self.acceptance()
-        tokens, reach = 1.0, 1.0
-        for i in range(k):
-            reach *= a[i]
+        return self._rates(k)[k - 1]
+
+    def _rates(self, top: int) -> list[float]:
+        """expected_rate(k) for k = 1..top in one pass (this runs once per decode step)."""
+        rates, tokens, reach = [], 1.0, 1.0
+        t_draft = self.t_draft or 0.0
+        for i, a in enumerate(self.acceptance()[:top]):
+            reach *= a
             tokens += reach
-        cost = k * (self.t_draft or 0.0) + self.verify_cost(k + 1)
-        return tokens / cost
+            rates.append(tokens / ((i + 1) * t_draft + self.verify_cost(i + 2)))
+        return rates
 
     def choose(self, limit: int) -> int:
         """The k in 1..min(k_max, limit) with the highest expected rate (0 if limit < 1).
@@ -67,7 +71,8 @@ class AdaptiveK:
         top = min(self.k_max, limit)
         if top < 1:
             return 0
-        k = max(range(1, top + 1), key=self.expected_rate)
+        rates = self._rates(top)
+        k = 1 + rates.index(max(rates))
         self._steps += 1
         if self._steps % self.explore_every == 0:
             k = min(k + 1, top)

@@ -339,7 +339,7 @@ class SpeculativeDecoder:
             if reason is None and n - n_prompt >= max_new_tokens:
                 reason = "length"
             if reason is not None and text is not None and pieces:
-                pieces[-1] += "".join(text.flush())
+                pieces[-1] += text.flush()
             if self.adaptive is not None and k > 0:
                 self.adaptive.observe(d, accepted, tb - ta, tc - tb)
             stats.record_step(d, min(accepted, len(new)), len(new))
@@ -378,12 +378,12 @@ class _TextTracker:
             self.shown = safe
         return len(ids), pieces, False
 
-    def flush(self) -> list[str]:
+    def flush(self) -> str:
         """Text held back at the end of generation (it cannot start a stop string any more)."""
         self.text += self.detok.flush()
         rest = self.text[self.shown :]
         self.shown = len(self.text)
-        return [rest] if rest else []
+        return rest
 
     def _find_stop(self, start: int) -> int | None:
         hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]

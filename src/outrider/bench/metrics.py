@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
+from outrider.stats import SpecStats
+
 BASELINE = "autoregressive"
 Record = dict[str, Any]
 
@@ -42,6 +44,15 @@ def _ratio(num: float, den: float) -> float | None:
     return num / den if den else None
 
 
+def _stats_of(r: Record) -> SpecStats:
+    """The counts and times of one outrider record (peers have none)."""
+    return SpecStats(
+        steps=r["steps"], new_tokens=r["new_tokens"], drafted=r["drafted"], accepted=r["accepted"],
+        drafted_at=list(r["drafted_at"]), accepted_at=list(r["accepted_at"]),
+        draft_s=r.get("draft_s") or 0.0, target_s=r.get("target_s") or 0.0,
+    )
+
+
 def group_stats(records: Sequence[Record], baseline: Sequence[Record]) -> dict[str, Any]:
     """Figures of one method (optionally one category): records, and the baseline's records."""
     units = _units(records)
@@ -50,18 +61,11 @@ def group_stats(records: Sequence[Record], baseline: Sequence[Record]) -> dict[s
     common = [k for k in units if k in base and base[k][2] == units[k][2]]
     speed, base_speed = mean_speed(units, common), mean_speed(base, common)
     counted = [r for r in records if r.get("steps") is not None]
-    steps = sum(r["steps"] for r in counted)
-    drafted = sum(r["drafted"] for r in counted)
-    accepted = sum(r["accepted"] for r in counted)
-    width = max((len(r["drafted_at"]) for r in counted), default=0)
-    d_at, a_at = [0] * width, [0] * width
+    total = SpecStats()
     for r in counted:
-        for i, (d, a) in enumerate(zip(r["drafted_at"], r["accepted_at"])):
-            d_at[i] += d
-            a_at[i] += a
-    draft_s = sum(r.get("draft_s") or 0.0 for r in counted)
-    target_s = sum(r.get("target_s") or 0.0 for r in counted)
-    c = (draft_s / drafted) / (target_s / steps) if drafted and steps and target_s > 0 else None
+        total = total.merge(_stats_of(r))
+    steps, drafted = total.steps, total.drafted
+    c = (total.draft_s / drafted) / (total.target_s / steps) if drafted and steps and total.target_s > 0 else None
     matches = [r["matches_autoregressive"] for r in records if r.get("matches_autoregressive") is not None]
     return {
         "records": len(records),
@@ -72,9 +76,11 @@ def group_stats(records: Sequence[Record], baseline: Sequence[Record]) -> dict[s
         "tokens_per_s": speed,
         "baseline_tokens_per_s": base_speed,
         "speedup": speed / base_speed if speed is not None and base_speed else None,
-        "tau": _ratio(sum(r["new_tokens"] for r in counted), steps) if counted else None,
-        "alpha": _ratio(accepted, drafted) if counted else None,
-        "acceptance_at": [a / d if d else None for a, d in zip(a_at, d_at)] if counted else None,
+        "tau": _ratio(total.new_tokens, steps) if counted else None,
+        "alpha": _ratio(total.accepted, drafted) if counted else None,
+        "acceptance_at": [a / d if d else None for a, d in zip(total.accepted_at, total.drafted_at)]
+        if counted
+        else None,
         "c": c,
         "match_rate": sum(matches) / len(matches) if matches else None,
     }

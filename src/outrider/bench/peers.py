@@ -95,16 +95,9 @@ class OutriderMethod:
 
 
 def _load_hf(path: Path, dtype: str | None, device: torch.device) -> Any:
-    from transformers import AutoModelForCausalLM
+    from outrider.models import load_transformers_model, parse_dtype
 
-    from outrider.models import parse_dtype
-
-    torch_dtype = parse_dtype(dtype)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
-    except Exception as e:  # transformers raises many types; name the folder either way
-        raise ValueError(f"could not load a causal LM from {str(path)!r}: {e}") from e
-    return model.to(device).eval()
+    return load_transformers_model(Path(path), parse_dtype(dtype)).to(device).eval()
 
 
 class HFPeer:

@@ -22,7 +22,7 @@ _DTYPES = {
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
-__all__ = ["BACKENDS", "CausalModel", "HFModel", "LoadedModel", "load_model", "parse_dtype"]
+__all__ = ["BACKENDS", "CausalModel", "HFModel", "LoadedModel", "load_model", "load_transformers_model", "parse_dtype"]
 
 
 @dataclass
@@ -97,6 +97,19 @@ def eos_ids_of(model: Any, tokenizer: Any | None) -> tuple[int, ...]:
     return ()
 
 
+def load_transformers_model(path: Path, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A checked model folder loaded by transformers (dtype None: as stored), errors naming it."""
+    _check_model_folder(path)
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # outrider prints its own progress; keep output clean
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
+    except Exception as e:  # transformers raises many types; name the folder either way
+        raise ValueError(f"could not load a causal LM from {str(path)!r}: {e}") from e
+
+
 def load_model(
     source: str | Path | torch.nn.Module,
     *,
@@ -124,15 +137,7 @@ def load_model(
         name = getattr(hf_model.config, "_name_or_path", "") or type(source).__name__
     elif isinstance(source, (str, Path)):
         path = Path(source).expanduser()
-        _check_model_folder(path)
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # outrider prints its own progress; keep output clean
-        try:
-            hf_model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype or "auto")
-        except Exception as e:
-            raise ValueError(f"could not load a causal LM from {str(path)!r}: {e}") from e
+        hf_model = load_transformers_model(path, torch_dtype)
         if tokenizer is None:
             tokenizer = _load_tokenizer(path)
         name = str(path)
