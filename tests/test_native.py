@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
 from outrider.models.base import CausalModel
-from outrider.models.llama import NativeLlama, supports
+from outrider.models.llama import NativeLlama, linear_packer, supports
 
 VOCAB = 100
 TOL = 1e-4
@@ -88,12 +88,47 @@ def test_incremental_forward_matches_transformers(case):
 def test_weights_are_shared_not_copied():
     model = hf_model("llama3-rope-untied")
     native = NativeLlama.from_hf(model)
-    attn = model.model.layers[1].self_attn
-    assert native.layers[1].wq.data_ptr() == attn.q_proj.weight.data_ptr()
+    assert not native.packed  # float32 stays on plain matmuls
+    layer = model.model.layers[1]
+    attn, mlp = layer.self_attn, layer.mlp
+    # The module's own parameters became row views of the fused tensors: one copy in memory.
+    wqkv = native.layers[1].wqkv
+    assert attn.q_proj.weight.data_ptr() == wqkv.data_ptr()
+    assert attn.v_proj.weight.data_ptr() == wqkv[-attn.v_proj.weight.shape[0] :].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == native.layers[1].w_gate_up[mlp.gate_proj.weight.shape[0] :].data_ptr()
+    assert native.layers[1].w_down.data_ptr() == mlp.down_proj.weight.data_ptr()
     assert native.embed.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert native.lm_head.data_ptr() == model.lm_head.weight.data_ptr()
     tied = hf_model("llama")
-    assert NativeLlama.from_hf(tied).lm_head is tied.model.embed_tokens.weight
+    assert NativeLlama.from_hf(tied).lm_head.data_ptr() == tied.model.embed_tokens.weight.data_ptr()
+    # ... and the module still computes what it did before the fusion.
+    ids = random_ids(12)
+    assert max_diff(hf_logits(model, ids), NativeLlama.from_hf(model).forward(torch.tensor(ids))) <= TOL
+
+
+def bf16_copy(case: str) -> torch.nn.Module:
+    model32 = hf_model(case)
+    model16 = AutoModelForCausalLM.from_config(model32.config).eval()
+    model16.load_state_dict(model32.state_dict())
+    return model16.to(torch.bfloat16)
+
+
+@pytest.mark.skipif(linear_packer(torch.bfloat16, torch.device("cpu")) is None, reason="no oneDNN bf16 here")
+@pytest.mark.parametrize("case", ["llama-biases", "qwen2"])
+def test_packed_bf16_matmuls_equal_plain_ones(case):
+    model = bf16_copy(case)
+    packed, plain = NativeLlama.from_hf(model), NativeLlama.from_hf(model, pack=False)
+    assert packed.packed and not plain.packed
+    ids = torch.tensor(random_ids(20))
+    a = torch.cat([packed.forward(ids[:16]), packed.forward(ids[16:17]), packed.forward(ids[17:])])
+    b = torch.cat([plain.forward(ids[:16]), plain.forward(ids[16:17]), plain.forward(ids[17:])])
+    assert max_diff(a, b) <= 0.02 * b.abs().max().item()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+def test_pack_true_refuses_float32():
+    with pytest.raises(ValueError, match="pack=True needs bfloat16"):
+        NativeLlama.from_hf(hf_model("llama"), pack=True)
 
 
 def test_rollback_then_new_tokens_equals_fresh_forward():
@@ -117,7 +152,7 @@ def test_greedy_matches_generate(case):
     model = hf_model(case)
     native = NativeLlama.from_hf(model)
     prompt = random_ids(6, seed=3)
-    n_new = 70
+    n_new = 240  # the context is 256
     expected = model.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new,
                               do_sample=False)[0, len(prompt):].tolist()  # fmt: skip
     out: list[int] = []
@@ -190,9 +225,7 @@ def test_bfloat16_runs_close_to_float32():
     model32 = hf_model("qwen2")
     ids = random_ids(24)
     ref = NativeLlama.from_hf(model32).forward(torch.tensor(ids))
-    model16 = AutoModelForCausalLM.from_config(model32.config).eval()
-    model16.load_state_dict(model32.state_dict())
-    model16.to(torch.bfloat16)
+    model16 = bf16_copy("qwen2")
     native = NativeLlama.from_hf(model16)
     assert native._k[0].dtype == torch.bfloat16
     native.forward(torch.tensor(ids[:20]), num_logits=0)
