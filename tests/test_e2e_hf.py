@@ -78,11 +78,13 @@ def test_loading_from_folders_with_a_tokenizer(model_dirs, tokenizer):
     assert res.text == tokenizer.decode(res.token_ids, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("backend", ["hf", "native"])
-def test_both_backends_are_exact(backend):
+@pytest.mark.parametrize("backend", ["hf", "native", "compiled"])
+def test_every_backend_is_exact(backend):
     target, draft = tiny_model("qwen2", seed=0), tiny_model("qwen2", seed=1, num_hidden_layers=1)
     dec = SpeculativeDecoder.from_pretrained(target, draft=draft, k=3, backend=backend)
     assert type(dec.target.model).__name__ == ("HFModel" if backend == "hf" else "NativeLlama")
+    if backend == "compiled":
+        assert dec.target.model._decoder_layers is not dec.target.model._layers
     for prompt in PROMPTS:
         assert dec.generate(prompt, max_new_tokens=30).token_ids == hf_greedy(target, prompt, 30)
 

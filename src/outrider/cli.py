@@ -23,7 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="draft_model", help=f"drafting method: {', '.join(sorted(REGISTRY))}")
     p.add_argument("--k", type=_draft_length, default=None,
                    help="draft length: tokens proposed per step, or 'auto' (chosen per step)")
-    p.add_argument("--backend", default="auto", help="auto (native where supported), native or hf")
+    p.add_argument("--backend", default="auto", help="auto (native where supported), native, hf, or compiled (native under torch.compile)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 

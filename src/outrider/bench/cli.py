@@ -55,7 +55,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default=None, help="target folder (default: the embedded demo pair)")
     parser.add_argument("--draft", default=None, help="draft folder, for draft_model and hf-assisted")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
-    parser.add_argument("--backend", default="auto", help="outrider backend: auto, native or hf")
+    parser.add_argument("--backend", default="auto", help="outrider backend: auto, native, hf or compiled")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -11,7 +11,7 @@ import torch
 from outrider.models.base import CausalModel
 from outrider.models.hf import HFModel
 
-BACKENDS = ("auto", "native", "hf")
+BACKENDS = ("auto", "native", "hf", "compiled")  # compiled: native under torch.compile
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -121,7 +121,8 @@ def load_model(
     """Load a causal LM from a local folder or wrap a transformers model object.
 
     dtype None keeps the stored dtype (folder) or the object's dtype; a given dtype converts.
-    backend: "auto" (native for Llama, Mistral, Qwen2; transformers otherwise), "native" or "hf".
+    backend: "auto" (native for Llama, Mistral, Qwen2; transformers otherwise), "native", "hf",
+    or "compiled" (native under torch.compile: 10-60 s to compile; no faster on a small CPU).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown: use one of {list(BACKENDS)}")
@@ -160,7 +161,7 @@ def _backend(hf_model: torch.nn.Module, backend: str) -> CausalModel:
         return HFModel(hf_model)
     reason = unsupported_reason(hf_model.config)
     if reason is None:
-        return NativeLlama.from_hf(hf_model)
-    if backend == "native":
-        raise ValueError(f"backend='native' cannot run this model: {reason}")
+        return NativeLlama.from_hf(hf_model, compile=backend == "compiled")
+    if backend in ("native", "compiled"):
+        raise ValueError(f"backend={backend!r} cannot run this model: {reason}")
     return HFModel(hf_model)

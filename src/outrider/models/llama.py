@@ -282,6 +282,7 @@ class NativeLlama:
         assert n_heads % n_kv_heads == 0, (n_heads, n_kv_heads)
         self.packed = packed
         self._linear = _packed_linear if packed else F.linear
+        self._decoder_layers = self._layers
         self.capacity = capacity
         self.vocab_size = vocab_size
         self.max_length: int | None = capacity  # the decoder's context check then covers the cache
@@ -297,7 +298,9 @@ class NativeLlama:
         self._length = 0
 
     @classmethod
-    def from_hf(cls, model: torch.nn.Module, capacity: int | None = None, pack: bool | None = None) -> NativeLlama:
+    def from_hf(
+        cls, model: torch.nn.Module, capacity: int | None = None, pack: bool | None = None, compile: bool = False
+    ) -> NativeLlama:
         """Run a loaded transformers Llama/Mistral/Qwen2 causal LM natively.
 
         capacity: tokens the KV cache holds, capped by the model's context (default 4096).
@@ -305,7 +308,12 @@ class NativeLlama:
         `linear_packer`). Unpacked, the weights are shared with the module: its q/k/v and
         gate/up parameters become views of the fused tensors. Packed, the matmul weights are
         a repacked copy (the module's own are freed when the module is).
+        compile: run the decoder layers under torch.compile (dynamic shapes, plain matmuls that
+        inductor packs itself). Compiling takes 10-60 s; on a 2-core CPU it measured no faster
+        than the packed eager path (benchmarks/compile_speed.py), so it is off by default.
         """
+        if compile and pack:
+            raise ValueError("pack=True and compile=True exclude each other: torch.compile packs the weights itself")
         config = model.config
         reason = unsupported_reason(config, capacity)
         if reason is not None:
@@ -318,9 +326,9 @@ class NativeLlama:
         n_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         embed = base.embed_tokens.weight.detach()
-        packer = linear_packer(embed.dtype, embed.device, pack)
+        packer = linear_packer(embed.dtype, embed.device, False if compile else pack)
         lm_head = head.weight.detach()
-        return cls(
+        native = cls(
             embed,
             [_layer_weights(layer, packer) for layer in base.layers[: config.num_hidden_layers]],
             base.norm.weight.detach(),
@@ -334,6 +342,9 @@ class NativeLlama:
             inv_freq=rope_inv_freq(config, head_dim),
             capacity=cache_capacity(config, capacity),
         )
+        if compile:
+            native._decoder_layers = torch.compile(native._layers, dynamic=True)
+        return native
 
     @property
     def length(self) -> int:
@@ -376,9 +387,20 @@ class NativeLlama:
         else:
             mask = self._arange[:end] <= self._arange[start:end, None]  # (n, end) bottom-right causal
 
+        x = self._decoder_layers(F.embedding(ids.to(self.device), self.embed), cos, sin, mask, is_causal, start)
+        self._length = end
+
+        if m == 0:
+            return self._no_logits
+        h = rms_norm(x[n - m :], self.norm, self.eps)  # the norm is per position: only the m that need it
+        return self._linear(h, self.lm_head, self.lm_head_bias).float()
+
+    def _layers(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool, start: int) -> Tensor:
+        """The decoder layers over x (n, D), writing keys and values at [start, start + n)."""
+        n = x.shape[0]
+        end = start + n
         H, Hkv, hd, eps, linear = self.n_heads, self.n_kv_heads, self.head_dim, self.eps, self._linear
         q_end, k_end = H * hd, (H + Hkv) * hd
-        x = F.embedding(ids.to(self.device), self.embed)  # (n, D)
         for w, k_cache, v_cache in zip(self.layers, self._k, self._v):
             qkv = linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv)  # (n, (H + 2 Hkv) hd)
             q = qkv[:, :q_end].view(n, H, hd)
@@ -397,12 +419,7 @@ class NativeLlama:
             x = x + linear(y[0].transpose(0, 1).reshape(n, H * hd), w.wo, w.bo)
             gate, up = linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, w.w_down, w.b_down)
-        self._length = end
-
-        if m == 0:
-            return self._no_logits
-        h = rms_norm(x[n - m :], self.norm, eps)  # the norm is per position: only the m that need it
-        return linear(h, self.lm_head, self.lm_head_bias).float()
+        return x
 
     def rollback(self, length: int) -> None:
         """Keep the first `length` tokens; later cache entries are overwritten by the next forward."""
