@@ -34,7 +34,8 @@ def test_low_acceptance_gives_short_drafts():
 
 def test_expected_rate_follows_the_design_formula():
     ak = AdaptiveK(k_max=4, prior=0.5)  # a_i = 0.5 everywhere before any observation
-    ak.t_draft, ak.t_verify = 0.1, {n: 1.0 for n in range(1, 6)}
+    ak.observe(0, 0, 0.0, 1.0)  # a verification costs 1.0 s (one size seen: the same for all)
+    ak.t_draft = 0.1
     a, c, k = 0.5, 0.1, 3
     assert ak.expected_rate(k) == pytest.approx((1 - a ** (k + 1)) / ((1 - a) * (k * c + 1)))
 
@@ -67,3 +68,37 @@ def test_from_pretrained_accepts_auto(model_dirs):
     ref = SpeculativeDecoder.from_pretrained(str(target), method="autoregressive")
     assert dec.adaptive is not None
     assert dec.generate("def f", max_new_tokens=20).token_ids == ref.generate("def f", max_new_tokens=20).token_ids
+
+
+def calibrated(t_draft: float = 0.1, t_verify: float = 1.0) -> AdaptiveK:
+    """Sure tokens (confidence 0.95) are always accepted, unsure ones (0.15) never."""
+    ak = AdaptiveK(k_max=8)
+    for _ in range(31):  # 31: the next step is not one that explores a token past the rule
+        ak.observe(3, 2, 3 * t_draft, t_verify, confidences=[0.95, 0.95, 0.15])
+    return ak
+
+
+def test_acceptance_is_calibrated_per_confidence():
+    ak = calibrated()
+    assert ak.acceptance_at(0.95) > 0.95 and ak.acceptance_at(0.15) < 0.05
+    assert ak.acceptance_at(0.55) == pytest.approx(0.55)  # never seen: the prior, "as sure as it says"
+
+
+def test_drafting_goes_on_while_the_drafter_is_sure():
+    ak = calibrated()
+    assert ak.keep_drafting([0.95]) and ak.keep_drafting([0.95, 0.95, 0.95])
+    assert not ak.keep_drafting([0.95, 0.15])
+    expensive = calibrated(t_draft=2.0)  # a draft token costs twice a verification: stop at once
+    assert not expensive.keep_drafting([0.95])
+
+
+def test_confident_drafts_stop_early_and_stay_exact():
+    from test_loop_fake import greedy_reference
+
+    target, draft = FakeModel(vocab_size=4, seed=0, scale=1.0), FakeModel(vocab_size=4, seed=5, scale=1.0)
+    ak = AdaptiveK(k_max=8)
+    dec = SpeculativeDecoder(loaded(target), DraftModel(draft, 4, k=8), k=8, adaptive=ak)
+    res = dec.generate([1, 2, 3], max_new_tokens=60)
+    assert res.token_ids == greedy_reference(target, [1, 2, 3], 60)
+    assert sum(ak.conf_reached) > len(ak.conf_reached)  # the drafter reported its confidences
+    assert res.stats.drafted < 8 * res.stats.steps  # some drafts were cut short

@@ -125,7 +125,9 @@ def test_chi_square_detects_a_biased_verifier():
 
 
 def test_adaptive_draft_length_sampling_is_lossless():
-    """k chosen per step from past acceptance is a function of the history: still lossless."""
+    """k chosen per step from past acceptance, and the draft cut short token by token from the
+    drafter's own confidence (DraftModel reports it), depend only on the history and the draft:
+    still lossless."""
     from outrider.adaptive import AdaptiveK
 
     params = SETTINGS[0]

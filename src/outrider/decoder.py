@@ -303,11 +303,20 @@ class SpeculativeDecoder:
         stats.prefill_s += t1 - t0
         n = n_prompt
         empty = empty_draft(dev)
+        # k="auto" with a drafter that reports its confidence: the draft length is decided per token.
+        per_token = self.adaptive if getattr(drafter, "stops_on_confidence", False) else None
+        keep_drafting = per_token.keep_drafting if per_token is not None else None
         while True:
             remaining = n_prompt + max_new_tokens - n
-            k = self.adaptive.choose(remaining - 1) if self.adaptive else min(self.k, remaining - 1)
+            if per_token is not None:
+                k = min(per_token.k_max, remaining - 1)  # an upper bound; the drafter stops earlier
+            else:
+                k = self.adaptive.choose(remaining - 1) if self.adaptive else min(self.k, remaining - 1)
             ta = clock()
-            draft = drafter.propose(DraftStep(seq[:n], k, params, generator)) if k > 0 else empty
+            if k > 0:
+                draft = drafter.propose(DraftStep(seq[:n], k, params, generator, keep_drafting))
+            else:
+                draft = empty
             d = draft.tokens.shape[0]
             tb = clock()
             if d:
@@ -341,7 +350,7 @@ class SpeculativeDecoder:
             if reason is not None and text is not None and pieces:
                 pieces[-1] += text.flush()
             if self.adaptive is not None and k > 0:
-                self.adaptive.observe(d, accepted, tb - ta, tc - tb)
+                self.adaptive.observe(d, accepted, tb - ta, tc - tb, draft.confidences)
             stats.record_step(d, min(accepted, len(new)), len(new))
             stats.draft_s += tb - ta
             stats.target_s += tc - tb

@@ -12,6 +12,7 @@ from outrider.drafters.base import BuildContext, Draft, DraftStep, empty_draft, 
 @register("autoregressive")
 class Autoregressive:
     uses_draft_model: ClassVar[bool] = False
+    stops_on_confidence: ClassVar[bool] = False
     default_k: ClassVar[int] = 0
 
     def __init__(self, device: torch.device | str = "cpu") -> None:

@@ -27,6 +27,9 @@ class DraftStep:
     k: int  # propose at most k tokens (>= 1)
     sampling: SamplingParams
     generator: torch.Generator | None
+    # Asked after each drafted token with the confidences so far (see Draft.confidences) by
+    # drafters that report them: False ends the draft early. None: draft k tokens.
+    keep_drafting: Callable[[list[float]], bool] | None = None
 
 
 @dataclass
@@ -35,6 +38,9 @@ class Draft:
     # (d, V) float32: q, the distribution each token was drawn from, over the target's vocabulary
     # width V. None for deterministic drafters (q is one-hot) and under greedy decoding.
     probs: torch.Tensor | None = None
+    # The drafter's probability of each token it drafted (q(x) sampled, max q greedy), for
+    # drafters that set stops_on_confidence; adaptive k calibrates acceptance against it.
+    confidences: list[float] | None = None
 
 
 @dataclass
@@ -63,6 +69,8 @@ class DrafterClass(Protocol):
     name: ClassVar[str]
     uses_draft_model: ClassVar[bool]
     default_k: ClassVar[int]
+    # Reports Draft.confidences and honours DraftStep.keep_drafting (k="auto" then stops per token).
+    stops_on_confidence: ClassVar[bool]
 
     @classmethod
     def build(cls, ctx: BuildContext) -> Drafter: ...

@@ -32,6 +32,7 @@ def fit_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:
 @register("draft_model")
 class DraftModel:
     uses_draft_model: ClassVar[bool] = True
+    stops_on_confidence: ClassVar[bool] = True
     default_k: ClassVar[int] = 3  # best fixed k measured on the embedded pair (benchmarks/pair_speed.py)
 
     def __init__(self, model: CausalModel, target_vocab_size: int, k: int = 4) -> None:
@@ -67,18 +68,24 @@ class DraftModel:
         logits = fit_vocab(self.model.forward(new, num_logits=1)[-1], self.vocab_size)
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
+        confidences: list[float] | None = None if step.keep_drafting is None else []
         for i in range(k):
             if step.sampling.greedy:
                 x = logits.argmax(-1)
+                if confidences is not None:
+                    confidences.append(float(logits.softmax(-1)[x]))
             else:
                 q = probs_from_logits(logits, step.sampling)
                 x = sample(q, step.generator)
                 probs.append(q)
+                if confidences is not None:
+                    confidences.append(float(q[x]))
             tokens.append(x)
-            if i + 1 < k:
-                logits = fit_vocab(self.model.forward(x.view(1), num_logits=1)[-1], self.vocab_size)
-        self._base, self._fed = n, k - 1
-        return Draft(torch.stack(tokens), torch.stack(probs) if probs else None)
+            if i + 1 == k or (confidences is not None and not step.keep_drafting(confidences)):
+                break
+            logits = fit_vocab(self.model.forward(x.view(1), num_logits=1)[-1], self.vocab_size)
+        self._base, self._fed = n, len(tokens) - 1
+        return Draft(torch.stack(tokens), torch.stack(probs) if probs else None, confidences)
 
     def update(self, committed: int) -> None:
         # The cache holds committed[:n] + draft[:k-1]; keep the draft tokens that were committed.

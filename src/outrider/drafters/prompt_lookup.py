@@ -34,6 +34,7 @@ def lookup_continuation(tokens: np.ndarray, max_ngram: int, min_ngram: int, k: i
 @register("prompt_lookup")
 class PromptLookup:
     uses_draft_model: ClassVar[bool] = False
+    stops_on_confidence: ClassVar[bool] = False
     default_k: ClassVar[int] = 6
 
     def __init__(
