@@ -4,7 +4,7 @@ eager path with oneDNN-packed bf16 matmuls (the default on a CPU) and with plain
 Each model is built three ways from one transformers module; forwards of 1 token (a decode step)
 and of 4 tokens (verifying k=3) are timed interleaved over a cache of 64-114 tokens, medians.
 
-    .venv/bin/python benchmarks/compile_speed.py [--models target,draft] [--dtype bfloat16]
+    .venv/bin/python benchmarks/compile_speed.py [--models target,draft] [--dtype bfloat16] [--device cuda]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def step_ms(model: NativeLlama, n: int, i: int) -> float:
     model.rollback(64 + i % 50)
     t = time.perf_counter()
     model.forward(torch.full((n,), 5), num_logits=n)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()  # kernels run asynchronously: time them, not their launch
     return (time.perf_counter() - t) * 1e3
 
 
@@ -44,12 +46,13 @@ def main() -> None:
     ap.add_argument("--models", default="target,draft", help="embedded pair members or model folders")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--iters", type=int, default=300)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    print(f"dtype {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"dtype {args.dtype}, {args.device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"{'model':8} {'variant':14} {'warm-up s':>9} {'1 tok ms':>9} {'4 tok ms':>9} {'vs packed':>9}")
     for name in args.models.split(","):
         path = embedded_pair_dir() / name if name in ("target", "draft") else name
-        hf = load_transformers_model(path, parse_dtype(args.dtype))
+        hf = load_transformers_model(path, parse_dtype(args.dtype)).to(args.device)
         variants = {
             "eager packed": NativeLlama.from_hf(hf),
             "eager plain": NativeLlama.from_hf(hf, pack=False),

@@ -6,6 +6,7 @@ this one run. Also printed: the speedup the DESIGN.md formula predicts from the 
 c (draft step / target step) and v (verify k+1 / one decode step): tau / (k c + v).
 
     .venv/bin/python benchmarks/pair_speed.py [--max-new-tokens 96] [--repeats 2] [--dtype bfloat16]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--target", default=None)
     ap.add_argument("--draft", default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--ks", default="1,2,3,4,5,6")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=2)
@@ -34,18 +36,23 @@ def main() -> None:
     draft = args.draft or str(embedded_pair_dir() / "draft")
     ks = [int(k) for k in args.ks.split(",")]
     configs: dict[str, SpeculativeDecoder] = {
-        "autoregressive": SpeculativeDecoder.from_pretrained(target, method="autoregressive", dtype=args.dtype)
+        "autoregressive": SpeculativeDecoder.from_pretrained(target, method="autoregressive", dtype=args.dtype,
+                                                          device=args.device)
     }
     for k in ks:
-        configs[f"draft_model k={k}"] = SpeculativeDecoder.from_pretrained(target, draft=draft, k=k, dtype=args.dtype)
-    configs["draft_model k=auto"] = SpeculativeDecoder.from_pretrained(target, draft=draft, k="auto", dtype=args.dtype)
-    configs["prompt_lookup"] = SpeculativeDecoder.from_pretrained(target, method="prompt_lookup", dtype=args.dtype)
+        configs[f"draft_model k={k}"] = SpeculativeDecoder.from_pretrained(target, draft=draft, k=k, dtype=args.dtype,
+                                                                          device=args.device)
+    configs["draft_model k=auto"] = SpeculativeDecoder.from_pretrained(target, draft=draft, k="auto", dtype=args.dtype,
+                                                                    device=args.device)
+    configs["prompt_lookup"] = SpeculativeDecoder.from_pretrained(target, method="prompt_lookup", dtype=args.dtype,
+                                                                 device=args.device)
     peers = {}
     if not args.no_peers:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        hf_t = AutoModelForCausalLM.from_pretrained(target, dtype=args.dtype or "auto").eval()
-        hf_d = AutoModelForCausalLM.from_pretrained(draft, dtype=args.dtype or "auto").eval()
+        dev = configs["autoregressive"].target.model.device
+        hf_t = AutoModelForCausalLM.from_pretrained(target, dtype=args.dtype or "auto").eval().to(dev)
+        hf_d = AutoModelForCausalLM.from_pretrained(draft, dtype=args.dtype or "auto").eval().to(dev)
         tok = AutoTokenizer.from_pretrained(target)
         peers = {"hf-generate": {}, "hf-assisted": {"assistant_model": hf_d}}
     totals = {name: SpecStats() for name in configs}
@@ -58,7 +65,7 @@ def main() -> None:
                 if rnd:
                     totals[name] = totals[name].merge(res.stats)
             for name, extra in peers.items():
-                ids = tok(prompt, return_tensors="pt")
+                ids = tok(prompt, return_tensors="pt").to(dev)
                 t = time.perf_counter()
                 with torch.inference_mode():
                     out = hf_t.generate(**ids, max_new_tokens=args.max_new_tokens if rnd else 8, do_sample=False,
