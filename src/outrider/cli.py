@@ -22,8 +22,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None, help="draft model folder (default with no --target: embedded draft)")
     p.add_argument("--method", default="draft_model", help=f"drafting method: {', '.join(sorted(REGISTRY))}")
     p.add_argument("--k", type=_draft_length, default=None,
-                   help="draft length: tokens proposed per step, or 'auto' (chosen per step)")
-    p.add_argument("--backend", default="auto", help="auto (native where supported), native, hf, or compiled (native under torch.compile)")
+                   help="draft length: tokens proposed per step, or 'auto' (chosen per step; the "
+                        "default for draft_model)")
+    p.add_argument("--backend", default="auto",
+                   help="auto (native where supported), native, hf, or compiled (native under torch.compile)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the embedded pair: streamed completions and a measured table")
     demo.add_argument("--target", default=None, help="target folder (default: the embedded demo target)")
     demo.add_argument("--draft", default=None, help="draft folder (default: the embedded demo draft)")
-    demo.add_argument("--k", type=_draft_length, default=None, help="draft length for draft_model, or 'auto'")
+    demo.add_argument("--k", type=_draft_length, default=None, help="draft length for draft_model, or 'auto' (default)")
     demo.add_argument("--dtype", default=None, help="float32, bfloat16 (default: as stored)")
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.add_argument("--no-stream", action="store_true", help="only print the measured table")

@@ -128,10 +128,14 @@ class SpeculativeDecoder:
         """Load target (and draft) from local folders or model objects.
 
         target None means the embedded demo pair (its draft too, for method="draft_model").
-        k: draft length; None = the method's default; "auto" = chosen per step (AdaptiveK).
+        k: draft length; "auto" = chosen per step (AdaptiveK); None = the method's default:
+        "auto" for drafters that stop on their own confidence (draft_model; measured faster than
+        every fixed k on the embedded pair), else the drafter's default_k.
         tokenizer: a transformers tokenizer or folder, for model objects that come without one.
         """
         cls_ = drafter_class(method)
+        if k is None and getattr(cls_, "stops_on_confidence", False):
+            k = "auto"
         adaptive = None
         if k == "auto":
             adaptive = AdaptiveK(k_max=AUTO_K_MAX)

@@ -93,7 +93,8 @@ def run_demo(
     print(f"outrider demo: target {model_name}", file=out)
     if show:
         colour = wants_colour(out)
-        print(f"Completing {len(prompts)} code prompts with draft_model (k={spec.k}) "
+        k_shown = "auto" if spec.adaptive is not None else spec.k
+        print(f"Completing {len(prompts)} code prompts with draft_model (k={k_shown}) "
               f"{legend(colour)}\n", file=out)
         for prompt in prompts:
             out.write("-" * 60 + "\n" + prompt)

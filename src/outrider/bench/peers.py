@@ -82,7 +82,7 @@ class OutriderMethod:
             target, draft=draft if uses_draft else None, method=name,
             k=k if drafts else None, dtype=dtype, backend=backend, device=device,
         )
-        self.k = "auto" if k == "auto" and drafts else self.decoder.k
+        self.k = "auto" if self.decoder.adaptive is not None else self.decoder.k
         self.context = self.decoder.target.model.max_length
         self.tokenizer = self.decoder.tokenizer
         self.model_name = self.decoder.target.name

@@ -33,7 +33,9 @@ def fit_vocab(logits: torch.Tensor, width: int) -> torch.Tensor:
 class DraftModel:
     uses_draft_model: ClassVar[bool] = True
     stops_on_confidence: ClassVar[bool] = True
-    default_k: ClassVar[int] = 3  # best fixed k measured on the embedded pair (benchmarks/pair_speed.py)
+    # k=None means "auto" for this drafter (SpeculativeDecoder.from_pretrained); 3 is the best
+    # fixed k measured on the embedded pair (benchmarks/pair_speed.py), for DraftModel(...) itself.
+    default_k: ClassVar[int] = 3
 
     def __init__(self, model: CausalModel, target_vocab_size: int, k: int = 4) -> None:
         if k < 1:

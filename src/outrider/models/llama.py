@@ -1,10 +1,10 @@
 """Lean native backend for the Llama family (Llama 2/3, Mistral, Qwen2) at batch size 1.
 
 It runs the weights of an already-loaded transformers model (q/k/v and gate/up fused; shared
-with the module, or oneDNN-packed for bf16 on a CPU) with a static, preallocated KV cache per layer: a forward writes its n new tokens at
-[length, length + n) and attends over cache[:length + n]; `rollback` only moves `length`, so
-nothing is reallocated or cropped per step (contract 3). Entries past `length` are stale but
-never read.
+with the module, or oneDNN-packed for bf16 on a CPU) with a static, preallocated KV cache per
+layer: a forward writes its n new tokens at [length, length + n) and attends over
+cache[:length + n]; `rollback` only moves `length`, so nothing is reallocated or cropped per step
+(contract 3). Entries past `length` are stale but never read.
 
 A forward may carry a token tree instead of a chain: `attn_mask` (n, n) says which of the new
 tokens each new token sees (its ancestors and itself; every token always sees the whole cache)
