@@ -189,6 +189,27 @@ def test_tree_mask_equals_each_branch_as_a_chain():
     assert max_diff(chain_b, hf_logits(model, context + [root, *b])[L:]) <= TOL
 
 
+def test_keeping_a_tree_path_equals_feeding_it_as_a_chain():
+    model = hf_model("qwen2")
+    native = NativeLlama.from_hf(model)
+    context = random_ids(6, seed=5)
+    native.forward(torch.tensor(context), num_logits=0)
+    L = native.length
+    # Tree [r, a1, b1, b2]: r -> a1, r -> b1 -> b2. Keep the b branch.
+    tree = torch.tensor([11, 21, 31, 32])
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], dtype=torch.bool)
+    native.forward(tree, attn_mask=mask, positions=torch.tensor([L, L + 1, L + 1, L + 2]))
+    native.keep_path(L, [0, 2, 3])
+    assert native.length == L + 3
+    nxt = random_ids(3, seed=6)
+    out = native.forward(torch.tensor(nxt))
+    assert max_diff(out, hf_logits(model, context + [11, 31, 32] + nxt)[-3:]) <= TOL
+    with pytest.raises(ValueError, match="path=\\[2, 1\\]"):
+        native.keep_path(L, [2, 1])
+    with pytest.raises(ValueError, match="path=\\[0, 9\\]"):
+        native.keep_path(native.length - 2, [0, 9])
+
+
 def test_capacity_overflow_names_the_capacity():
     model = hf_model("llama")
     native = NativeLlama.from_hf(model, capacity=16)

@@ -8,7 +8,8 @@ cache[:length + n]; `rollback` only moves `length`, so nothing is reallocated or
 
 A forward may carry a token tree instead of a chain: `attn_mask` (n, n) says which of the new
 tokens each new token sees (its ancestors and itself; every token always sees the whole cache)
-and `positions` (n,) gives each token its depth-based position for RoPE.
+and `positions` (n,) gives each token its depth-based position for RoPE; after verification
+`keep_path` moves the accepted root-to-leaf path together and drops the other branches.
 
 The arithmetic follows transformers' modeling_llama / modeling_qwen2 op for op (RMSNorm in
 float32, RoPE tables computed in float32 then cast) so that logits match it on the same weights.
@@ -426,6 +427,22 @@ class NativeLlama:
         if not 0 <= length <= self._length:
             raise ValueError(f"cannot roll back to length {length}: the cache holds {self._length} tokens")
         self._length = length
+
+    def keep_path(self, start: int, path: list[int]) -> None:
+        """After a tree forward that appended tokens at [start, length): keep only the tree tokens
+        at offsets `path` (root to leaf, increasing), moved to [start, start + len(path)), and
+        drop the rest. Their keys were rotated at depth positions start + i, which is where they
+        land, so the cache then equals that of the path fed as a chain."""
+        n = self._length - start
+        if start < 0 or n < 0:
+            raise ValueError(f"start={start} is not within the cache (holding {self._length} tokens)")
+        if any(b <= a for a, b in zip(path, path[1:])) or (path and not 0 <= path[0] <= path[-1] < n):
+            raise ValueError(f"path={path} must be increasing offsets into the {n} tokens appended at {start}")
+        idx = torch.tensor(path, dtype=torch.long, device=self.device) + start
+        for k_cache, v_cache in zip(self._k, self._v):
+            k_cache[:, start : start + len(path)] = k_cache[:, idx]  # advanced indexing copies first
+            v_cache[:, start : start + len(path)] = v_cache[:, idx]
+        self._length = start + len(path)
 
     def reset(self) -> None:
         self._length = 0
