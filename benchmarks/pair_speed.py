@@ -48,12 +48,11 @@ def main() -> None:
                                                                  device=args.device)
     peers = {}
     if not args.no_peers:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from outrider.bench.peers import load_hf
 
         dev = configs["autoregressive"].target.model.device
-        hf_t = AutoModelForCausalLM.from_pretrained(target, dtype=args.dtype or "auto").eval().to(dev)
-        hf_d = AutoModelForCausalLM.from_pretrained(draft, dtype=args.dtype or "auto").eval().to(dev)
-        tok = AutoTokenizer.from_pretrained(target)
+        hf_t, hf_d = load_hf(target, args.dtype, dev), load_hf(draft, args.dtype, dev)
+        tok = configs["autoregressive"].tokenizer
         peers = {"hf-generate": {}, "hf-assisted": {"assistant_model": hf_d}}
     totals = {name: SpecStats() for name in configs}
     peer_time = {name: [0.0, 0] for name in peers}

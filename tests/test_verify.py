@@ -1,5 +1,6 @@
 """Tier 1: verification on hand-written logits and probabilities."""
 
+import pytest
 import torch
 
 from outrider.verify import residual_distribution, verify_greedy, verify_speculative
@@ -11,24 +12,18 @@ def logits_preferring(tokens: list[int], vocab: int = 5) -> torch.Tensor:
     return out
 
 
-def test_greedy_all_accepted_gives_bonus():
-    v = verify_greedy(torch.tensor([1, 2, 3]), logits_preferring([1, 2, 3, 4]))
-    assert (v.accepted, v.next_token) == (3, 4)
-
-
-def test_greedy_none_accepted_gives_recovered():
-    v = verify_greedy(torch.tensor([0, 2, 3]), logits_preferring([1, 2, 3, 4]))
-    assert (v.accepted, v.next_token) == (0, 1)
-
-
-def test_greedy_partial():
-    v = verify_greedy(torch.tensor([1, 2, 0]), logits_preferring([1, 2, 3, 4]))
-    assert (v.accepted, v.next_token) == (2, 3)
-
-
-def test_greedy_stops_at_first_mismatch_even_if_later_ones_match():
-    v = verify_greedy(torch.tensor([1, 0, 3]), logits_preferring([1, 2, 3, 4]))
-    assert (v.accepted, v.next_token) == (1, 2)
+@pytest.mark.parametrize(
+    "draft, expected",
+    [
+        ([1, 2, 3], (3, 4)),  # all accepted: the bonus token
+        ([0, 2, 3], (0, 1)),  # none accepted: the target's own token
+        ([1, 2, 0], (2, 3)),  # partly accepted
+        ([1, 0, 3], (1, 2)),  # stops at the first mismatch even if later ones match
+    ],
+)
+def test_greedy_accepts_the_longest_matching_prefix(draft, expected):
+    v = verify_greedy(torch.tensor(draft), logits_preferring([1, 2, 3, 4]))
+    assert (v.accepted, v.next_token) == expected
 
 
 def test_greedy_without_draft_is_argmax():

@@ -24,6 +24,11 @@ def _bin(confidence: float) -> int:
     return min(max(int(confidence * CONFIDENCE_BINS), 0), CONFIDENCE_BINS - 1)
 
 
+def _rate(kept: float, reached: float) -> float:
+    """An acceptance estimate from decayed counts, kept below 1 so that expected lengths stay finite."""
+    return min(max(kept / reached, 0.0), 0.999)
+
+
 class AdaptiveK:
     def __init__(self, k_max: int = 8, decay: float = 0.9, prior: float = 0.6, explore_every: int = 6) -> None:
         if k_max < 1:
@@ -40,15 +45,14 @@ class AdaptiveK:
         self._fit = [0.0] * 5
         self._verifications = 0
         self.explore_every = explore_every
-        self._steps = 0
-        self._explore = False  # whether this step's keep_drafting still owes its exploring token
+        self._explore = False  # whether this step still owes its exploring token (choose or keep_drafting)
         # Acceptance by draft confidence, same decayed counts; the prior says "as sure as it claims".
         self.conf_reached = [1.0] * CONFIDENCE_BINS
         self.conf_kept = [(b + 0.5) / CONFIDENCE_BINS for b in range(CONFIDENCE_BINS)]
 
     def acceptance(self) -> list[float]:
         """a_i for i = 0..k_max-1 (positions never reached keep the prior)."""
-        return [min(max(kept / reached, 0.0), 0.999) for kept, reached in zip(self.kept, self.reached)]
+        return [_rate(kept, reached) for kept, reached in zip(self.kept, self.reached)]
 
     def verify_cost(self, n: int) -> float:
         """Seconds for one target forward over n tokens, from a line a + b n fitted to every
@@ -86,15 +90,15 @@ class AdaptiveK:
             return 0
         rates = self._rates(top)
         k = 1 + rates.index(max(rates))
-        self._steps += 1
-        if self._steps % self.explore_every == 0:
+        if self._explore:
+            self._explore = False
             k = min(k + 1, top)
         return k
 
     def acceptance_at(self, confidence: float) -> float:
         """Measured probability that a draft token the drafter gave this probability is accepted."""
         b = _bin(confidence)
-        return min(max(self.conf_kept[b] / self.conf_reached[b], 0.0), 0.999)
+        return _rate(self.conf_kept[b], self.conf_reached[b])
 
     def keep_drafting(self, confidences: list[float]) -> bool:
         """After drafting tokens with these confidences: whether drafting one more is expected to

@@ -10,8 +10,7 @@ from typing import Any
 from outrider.bench.metrics import BASELINE, Record, summarize
 from outrider.bench.peers import known_methods
 from outrider.bench.report import write_reports
-from outrider.bench.runner import Bench, BenchConfig, config_dict, machine_info
-from outrider.decoder import embedded_pair_dir
+from outrider.bench.runner import Bench, BenchConfig, config_dict, machine_info, model_dirs
 
 
 def _names(text: str) -> list[str]:
@@ -75,10 +74,7 @@ def build_report(cfg: BenchConfig, records: list[Record]) -> dict[str, Any]:
     """Everything summary.json holds: config, machine, models, and the figures of all records."""
     seen = {r["method"] for r in records}
     methods = [m for m in cfg.methods if m in seen] + sorted(seen - set(cfg.methods))
-    if cfg.target is not None:
-        target_dir, draft_dir = cfg.target, cfg.draft
-    else:
-        target_dir, draft_dir = embedded_pair_dir() / "target", embedded_pair_dir() / "draft"
+    target_dir, draft_dir = model_dirs(cfg)
     k: dict[str, int | None] = {}
     for r in records:
         k.setdefault(r["method"], r.get("k"))

@@ -40,10 +40,6 @@ def mean_speed(units: dict, keys: Iterable[tuple[str, int]]) -> float | None:
     return sum(speeds) / len(speeds) if speeds else None
 
 
-def _ratio(num: float, den: float) -> float | None:
-    return num / den if den else None
-
-
 def _stats_of(r: Record) -> SpecStats:
     """The counts and times of one outrider record (peers have none)."""
     return SpecStats(
@@ -76,11 +72,9 @@ def group_stats(records: Sequence[Record], baseline: Sequence[Record]) -> dict[s
         "tokens_per_s": speed,
         "baseline_tokens_per_s": base_speed,
         "speedup": speed / base_speed if speed is not None and base_speed else None,
-        "tau": _ratio(total.new_tokens, steps) if counted else None,
-        "alpha": _ratio(total.accepted, drafted) if counted else None,
-        "acceptance_at": [a / d if d else None for a, d in zip(total.accepted_at, total.drafted_at)]
-        if counted
-        else None,
+        "tau": total.tau if steps else None,
+        "alpha": total.alpha if drafted else None,
+        "acceptance_at": total.acceptance_at if counted else None,  # every merged position was drafted
         "c": c,
         "match_rate": sum(matches) / len(matches) if matches else None,
     }

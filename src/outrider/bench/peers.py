@@ -94,42 +94,43 @@ class OutriderMethod:
         return Outcome(res.token_ids, wall, res.stats)
 
 
-def _load_hf(path: Path, dtype: str | None, device: torch.device) -> Any:
-    from outrider.models import load_transformers_model, parse_dtype
+def load_hf(path: Path, dtype: str | None, device: str | torch.device | None) -> Any:
+    """A transformers model for the peers, on `device` (None: cuda if available)."""
+    from outrider.models import default_device, load_transformers_model, parse_dtype
 
-    return load_transformers_model(Path(path), parse_dtype(dtype)).to(device).eval()
+    return load_transformers_model(Path(path), parse_dtype(dtype)).to(default_device(device)).eval()
 
 
 class HFPeer:
-    """transformers' generate on the target folder: plain, assisted by the draft, or prompt lookup."""
+    """transformers' generate on the target: plain, assisted by the draft, or prompt lookup."""
 
-    def __init__(self, name: str, target_dir: Path, draft_dir: Path | None, k: int | str | None,
-                 dtype: str | None, device: str | None) -> None:
-        """k: a fixed draft length, or None / "auto" for transformers' own choice."""
-        from outrider.models import default_device
+    def __init__(self, name: str, model: Any, draft_dir: Path | None, k: int | str | None,
+                 dtype: str | None) -> None:
+        """model: the target (from load_hf; generate keeps no state, so peers may share it).
+        k: a fixed draft length, or None / "auto" for transformers' own choice."""
+        from outrider.models import eos_ids_of
         from outrider.models.hf import context_length
 
         assert name in PEERS, name
         self.name = name
-        self.device = default_device(device)
-        self.model = _load_hf(target_dir, dtype, self.device)
+        self.model = model
+        self.device = model.device
         self.context = context_length(self.model.config)
         if k == "auto":
             k = None  # transformers' own schedule (hf-assisted) or default (hf-prompt-lookup)
         self.k = k if name == "hf-assisted" else None
-        gen = self.model.generation_config
-        eos = gen.eos_token_id
+        pad = model.generation_config.pad_token_id
         # Same stopping rule as outrider (generation_config's EOS); pad = EOS silences a warning.
         self.base_kwargs: dict[str, Any] = dict(
-            pad_token_id=gen.pad_token_id if gen.pad_token_id is not None else (
-                eos[0] if isinstance(eos, list) and eos else eos),
+            pad_token_id=pad if pad is not None else next(iter(eos_ids_of(model, None)), None),
         )
         if name == "hf-assisted":
             if draft_dir is None:
                 raise ValueError(
                     "hf-assisted needs a draft model: pass --draft DIR (or no --target for the embedded pair)"
                 )
-            self.base_kwargs["assistant_model"] = _load_hf(draft_dir, dtype, self.device)
+            # Its own copy: assisted generation tunes the assistant's generation_config as it runs.
+            self.base_kwargs["assistant_model"] = load_hf(draft_dir, dtype, self.device)
             if k is not None:  # a fixed draft length, comparable to outrider's k
                 self.base_kwargs.update(num_assistant_tokens=k, num_assistant_tokens_schedule="constant")
         elif name == "hf-prompt-lookup":

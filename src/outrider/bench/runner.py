@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from outrider.bench.datasets import Question, builtin_code, load_spec_bench, render_prompt, select
 from outrider.bench.metrics import BASELINE, Record, record_key
 from outrider.bench.peers import (
-    PEERS, HFPeer, Method, OutriderMethod, check_methods, split_variant, sweepable, variant,
+    PEERS, HFPeer, Method, OutriderMethod, check_methods, load_hf, split_variant, sweepable, variant,
 )
 from outrider.drafters import REGISTRY
 
@@ -150,9 +150,12 @@ def seed_of(question_id: str, turn: int, repeat: int) -> int:
 def load_methods(cfg: BenchConfig, names: list[str]) -> dict[str, Method]:
     target_dir, draft_dir = model_dirs(cfg)
     out: dict[str, Method] = {}
+    hf_target = None  # loaded once for all transformers peers
     for name in names:
         if name in PEERS:
-            out[name] = HFPeer(name, target_dir, draft_dir, cfg.k, cfg.dtype, cfg.device)
+            if hf_target is None:
+                hf_target = load_hf(target_dir, cfg.dtype, cfg.device)
+            out[name] = HFPeer(name, hf_target, draft_dir, cfg.k, cfg.dtype)
         else:
             out[name] = OutriderMethod(name, cfg.target, cfg.draft, cfg.k, cfg.dtype, cfg.backend, cfg.device)
     return out

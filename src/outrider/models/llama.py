@@ -268,7 +268,6 @@ class NativeLlama:
         lm_head: Tensor,  # (V, D); may be `embed` itself (tied embeddings); packed on the packed path
         lm_head_bias: Tensor | None,
         *,
-        vocab_size: int,
         packed: bool,
         n_heads: int,
         n_kv_heads: int,
@@ -285,7 +284,7 @@ class NativeLlama:
         self._linear = _packed_linear if packed else F.linear
         self._decoder_layers = self._layers
         self.capacity = capacity
-        self.vocab_size = vocab_size
+        self.vocab_size = int(lm_head.shape[0])  # a packed tensor keeps its logical shape
         self.max_length: int | None = capacity  # the decoder's context check then covers the cache
         self.device = embed.device
         self.dtype = embed.dtype
@@ -335,7 +334,6 @@ class NativeLlama:
             base.norm.weight.detach(),
             lm_head if packer is None else packer(lm_head),
             head.bias,
-            vocab_size=int(lm_head.shape[0]),
             packed=packer is not None,
             n_heads=n_heads,
             n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,

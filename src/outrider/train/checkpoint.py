@@ -54,19 +54,6 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    state["progress"] = Progress(
-        step=state["progress"]["step"],
-        tokens_seen=state["progress"]["tokens_seen"],
-        elapsed_s=state["progress"]["elapsed_s"],
-        loss_history=[tuple(x) for x in state["progress"]["loss_history"]],
-    )
+    saved = state["progress"]
+    state["progress"] = Progress(**{**saved, "loss_history": [tuple(x) for x in saved["loss_history"]]})
     return state
-
-
-def load_weights(path: Path, model: torch.nn.Module) -> Progress:
-    """Load only the weights of a checkpoint into ``model`` (e.g. the frozen target)."""
-    state = load_checkpoint(path)
-    if state is None:
-        raise ValueError(f"no checkpoint at {str(path)!r}; run the phase that writes it first")
-    model.load_state_dict(state["model"])
-    return state["progress"]

@@ -72,6 +72,13 @@ class Budget:
         if self.minutes is not None and not (self.minutes > 0 and math.isfinite(self.minutes)):
             raise ValueError(f"minutes budget must be positive, got {self.minutes}")
 
+    def overridden(self, tokens: int | None, minutes: float | None) -> Budget:
+        """This budget with the given limits in place of its own (None keeps its own)."""
+        return Budget(
+            tokens=self.tokens if tokens is None else tokens,
+            minutes=self.minutes if minutes is None else minutes,
+        )
+
     def progress(self, tokens_seen: int, elapsed_s: float) -> float:
         """Fraction of the budget used, the larger of the two measures (may exceed 1)."""
         fractions = []

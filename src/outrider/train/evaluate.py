@@ -72,27 +72,21 @@ def measure_pair_acceptance(
     ``prompts`` are lists of token ids; prompt i is decoded with seed ``seed + i``.
     Returns alpha (accepted / drafted), tau (committed tokens per target forward, bonus
     included), the drafted and accepted counts, and the acceptance rate per draft position.
-    Raises ImportError with a hint when outrider.SpeculativeDecoder is not available yet.
     """
-    try:
-        from outrider import SpeculativeDecoder  # the core engine, built alongside this recipe
-    except ImportError as exc:
-        raise ImportError(
-            "outrider.SpeculativeDecoder is not importable, so acceptance cannot be measured; "
-            "build the decoder, then rerun the recipe (finished phases are skipped)"
-        ) from exc
+    from outrider import SpeculativeDecoder, SpecStats  # outrider's package imports the recipe lazily
+
+    if not prompts:
+        raise ValueError("no prompts given: pass at least one list of token ids")
     decoder = SpeculativeDecoder.from_pretrained(
         str(target_dir), draft=str(draft_dir), method="draft_model", k=k, dtype=torch.float32
     )
     # One prompt per call (the decoder's API); stats of all prompts are merged into one count.
-    stats = None
+    stats = SpecStats()
     for i, prompt in enumerate(prompts):
         result = decoder.generate(
             list(prompt), max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + i
         )
-        stats = result.stats if stats is None else stats.merge(result.stats)
-    if stats is None:
-        raise ValueError("no prompts given: pass at least one list of token ids")
+        stats = stats.merge(result.stats)
     return {
         "k": k,
         "temperature": temperature,
@@ -102,5 +96,5 @@ def measure_pair_acceptance(
         "tau": float(stats.tau),
         "drafted": int(stats.drafted),
         "accepted": int(stats.accepted),
-        "acceptance_at": [round(float(a), 4) for a in getattr(stats, "acceptance_at", [])],
+        "acceptance_at": [round(float(a), 4) for a in stats.acceptance_at],
     }

@@ -24,10 +24,9 @@ def export_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     exported = copy.deepcopy(model).to(device="cpu", dtype=torch.bfloat16)
     exported.config.dtype = torch.bfloat16
-    eos = eos_id
     # Greedy by default: the demo's contract is that speculative output equals greedy output.
     exported.generation_config = GenerationConfig(
-        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False
+        bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, do_sample=False
     )
     exported.save_pretrained(str(out_dir), safe_serialization=True)
     # Copy the saved files rather than re-saving: they are the ones every transformers loads.

@@ -92,9 +92,8 @@ def train(
     tokens_per_s = 0.0
     steps = 0
     try:
-        while budget.progress(progress.tokens_seen, progress.elapsed_s) < 1.0:
+        while (used := budget.progress(progress.tokens_seen, progress.elapsed_s)) < 1.0:
             t0 = time.monotonic()
-            used = budget.progress(progress.tokens_seen, progress.elapsed_s)
             lr = lr_at(settings, progress.step, used)
             for group in optimizer.param_groups:
                 group["lr"] = lr
