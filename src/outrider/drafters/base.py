@@ -1,9 +1,9 @@
 """The drafter protocol, its step inputs, and the registry that the decoder and CLI read.
 
-A drafter proposes up to k next tokens for the committed sequence. Two methods carry a sequence:
-`propose` (given the committed tokens, return a Draft) and `update` (after verification, how many
-of the proposed tokens were committed, so state such as a KV cache rolls back). `begin` starts a
-new sequence.
+A drafter proposes a draft tree of at most k nodes after the committed sequence (a chain is the
+tree whose parents are [-1, 0, 1, ...]; see tree.py). Two methods carry a sequence: `propose`
+(given the committed tokens, return a Draft) and `update` (after verification, the accepted path,
+so state such as a KV cache keeps exactly the committed tokens). `begin` starts a new sequence.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class DraftStep:
     """What a drafter sees at one step."""
 
     tokens: torch.Tensor  # (n,) long, CPU: the committed sequence, prompt + generated so far
-    k: int  # propose at most k tokens (>= 1)
+    k: int  # propose at most k tokens (>= 1): the draft length of a chain, the size of a tree
     sampling: SamplingParams
     generator: torch.Generator | None
     # Asked after each drafted token with the confidences so far (see Draft.confidences) by
@@ -34,6 +34,18 @@ class DraftStep:
 
 @dataclass
 class Draft:
+    """A draft tree (tree.py): node i holds tokens[i] and follows node parents[i] (-1: the last
+    committed token). parents None means a chain, [-1, 0, 1, ...].
+
+    How a node's children were chosen decides how they are verified (verify.py):
+    - probs given: each child was *sampled* from q = probs[child] (siblings share that row), the
+      siblings independently in order (SpecInfer's multi-round rule verifies them; a sibling may
+      repeat an earlier one's token). Whether a node gets children, and how many draws, may depend
+      on the node and its ancestors, never on the drawn children themselves.
+    - probs None: the children were chosen *deterministically* from the history (top-k of q, an
+      n-gram match): verified without replacement, q one-hot on each child.
+    """
+
     tokens: torch.Tensor  # (d,) long, d <= k, on the target's device
     # (d, V) float32: q, the distribution each token was drawn from, over the target's vocabulary
     # width V. None for deterministic drafters (q is one-hot) and under greedy decoding.
@@ -41,6 +53,15 @@ class Draft:
     # The drafter's probability of each token it drafted (q(x) sampled, max q greedy), for
     # drafters that set stops_on_confidence; adaptive k calibrates acceptance against it.
     confidences: list[float] | None = None
+    parents: torch.Tensor | None = None  # (d,) long, topological (parents[i] < i); None: a chain
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents is None
 
 
 @dataclass
@@ -60,8 +81,9 @@ class Drafter(Protocol):
 
     def propose(self, step: DraftStep) -> Draft: ...
 
-    def update(self, committed: int) -> None:
-        """`committed` of the last draft's tokens were committed (a prefix of the draft)."""
+    def update(self, path: list[int]) -> None:
+        """The last draft's nodes on the accepted path, root first (for a chain: 0..accepted-1);
+        they are now committed, followed by one recovered or bonus token."""
         ...
 
 

@@ -2,12 +2,23 @@
 
 A model holds one sequence (batch size 1) and its KV cache. `forward` appends tokens at the end
 of the cache and returns their logits; `rollback` shortens the cache to the committed length, so
-that after a rejection the cache holds exactly the committed tokens (contract 3).
+that after a rejection the cache holds exactly the committed tokens (contract 4).
+
+Trees (tree.py): a forward may carry a token tree instead of a chain. `attn_mask` (n, n) says
+which of the new tokens each new token sees (its ancestors and itself; every new token sees the
+whole cache) and `positions` (n,) gives each token its position (committed length + depth). After
+verification `keep_path` keeps the accepted root-to-node path and drops the other branches, so
+the cache equals that of the path fed as a chain.
+
+Hidden states (for self-drafting heads): `capture_hidden(layers)` makes every later forward record
+the hidden states of those layers for the tokens it appends, in `hidden` (len(layers), n, D), in
+the model's dtype. Layer indices follow transformers' `output_hidden_states`: 0 is the embedding
+output, i the output of decoder layer i, and num_hidden_layers the last layer after the final norm.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -17,19 +28,38 @@ class CausalModel(Protocol):
     vocab_size: int  # width of the logits (may exceed the tokenizer's size when padded)
     max_length: int | None  # context window in tokens, None when the model has none
     device: torch.device
+    hidden: torch.Tensor | None  # (len(layers), n, D) of the last forward; None when not captured
 
     @property
     def length(self) -> int:
         """Number of tokens in the cache."""
         ...
 
-    def forward(self, ids: torch.Tensor, num_logits: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        num_logits: int | None = None,
+        attn_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Append ids (n,) long to the cache; return float32 logits (m, V) of the last m positions
-        (m = n when num_logits is None). num_logits=0 skips the output layer (prefill)."""
+        (m = n when num_logits is None). num_logits=0 skips the output layer (prefill).
+        attn_mask (n, n) bool: [i, j] = new token i sees new token j (None: causal).
+        positions (n,) long: each new token's position (None: length .. length + n - 1)."""
         ...
 
     def rollback(self, length: int) -> None:
         """Keep only the first `length` tokens of the cache (length <= self.length)."""
+        ...
+
+    def keep_path(self, start: int, path: list[int]) -> None:
+        """After a forward that appended tokens at [start, length): keep only those at offsets
+        `path` (increasing), moved to [start, start + len(path)); the cache length becomes
+        start + len(path)."""
+        ...
+
+    def capture_hidden(self, layers: Sequence[int]) -> None:
+        """Record these layers' hidden states in `hidden` on every later forward (empty: stop)."""
         ...
 
     def reset(self) -> None:
