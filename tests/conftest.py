@@ -42,12 +42,24 @@ class FakeModel:
     def length(self) -> int:
         return len(self.tokens)
 
-    def forward(self, ids: torch.Tensor, num_logits: int | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, num_logits: int | None = None, attn_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """attn_mask (n, n) over the new tokens or (n, length + n) over cache + new: each token's
+        logits then come from the context it sees (its ancestors in a tree). positions are implied
+        by what a token sees (its context length), so they are checked, not used."""
         self.forwards += 1
+        start = len(self.tokens)
+        self.tokens.extend(ids.tolist())
+        n = ids.shape[0]
+        if attn_mask is None:
+            attn_mask = torch.ones(n, n, dtype=torch.bool).tril()
+        if attn_mask.shape[1] == n:
+            attn_mask = torch.cat([torch.ones(n, start, dtype=torch.bool), attn_mask.cpu()], dim=1)
         out = []
-        for t in ids.tolist():
-            self.tokens.append(t)
-            out.append(self.logits_for(self.tokens))
+        for i in range(n):
+            context = [t for t, seen in zip(self.tokens, attn_mask[i].tolist()) if seen]
+            assert positions is None or int(positions[i]) == len(context) - 1, (positions, i, len(context))
+            out.append(self.logits_for(context))
         m = len(out) if num_logits is None else num_logits
         if m == 0:
             return torch.empty(0, self.vocab_size)
@@ -56,6 +68,10 @@ class FakeModel:
     def rollback(self, length: int) -> None:
         assert 0 <= length <= len(self.tokens)
         del self.tokens[length:]
+
+    def keep_path(self, start: int, path: list[int]) -> None:
+        assert all(b > a for a, b in zip(path, path[1:])) and all(0 <= o < len(self.tokens) - start for o in path)
+        self.tokens[start:] = [self.tokens[start + o] for o in path]
 
     def reset(self) -> None:
         self.tokens = []

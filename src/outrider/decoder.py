@@ -1,9 +1,10 @@
 """The speculative decoding loop: draft -> verify (one target forward) -> commit -> roll back.
 
 One sequence at a time (batch size 1, the Spec-Bench protocol). Each step feeds the target the
-last committed token plus the d drafted tokens: the d+1 logits score every draft position and give
-the recovered or bonus token, so a step commits accepted + 1 tokens. The target's cache is then
-rolled back to the committed length; the drafter is told how many of its tokens were committed.
+last committed token (the root) plus the d drafted nodes of a draft tree (a chain is the tree
+[-1, 0, 1, ...]): the d+1 logits score every node and give the recovered or bonus token, so a step
+commits accepted + 1 tokens. The target's cache then keeps the accepted path (a chain rolls back);
+the drafter is told the accepted path.
 """
 
 from __future__ import annotations
@@ -19,14 +20,17 @@ import torch
 from outrider.adaptive import AdaptiveK
 from outrider.detokenize import Detokenizer
 from outrider.drafters import REGISTRY, BuildContext, DraftStep, Drafter, drafter_class
-from outrider.drafters.base import empty_draft
+from outrider.drafters.base import Draft
 from outrider.models import LoadedModel, load_model
+from outrider.costs import CostModel, calibrate
 from outrider.sampling import SamplingParams, probs_from_logits
 from outrider.stats import SpecStats
-from outrider.verify import verify_greedy, verify_speculative
+from outrider.tree import verify_mask, verify_positions
+from outrider.verify import verify_greedy, verify_speculative, verify_tree_greedy, verify_tree_speculative
 
 FinishReason = Literal["length", "eos", "stop"]
 AUTO_K_MAX = 8  # the longest draft k="auto" considers
+AUTO_TREE_SIZE = 24  # the largest tree k="auto" considers (a CPU verifies 25 tokens for ~1.5 steps)
 
 
 @dataclass
@@ -37,6 +41,7 @@ class Chunk:
     token_ids: list[int]
     drafted: list[bool]
     pieces: list[str]  # text each token completed ('' without a tokenizer or mid-character)
+    finish_reason: FinishReason | None = None  # set on the last chunk of a generation
 
     @property
     def text(self) -> str:
@@ -50,6 +55,35 @@ class GenerationResult:
     stats: SpecStats
     finish_reason: FinishReason
     drafted: list[bool] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation: what generate() and stream() take (and the CLI and server build)."""
+
+    prompt: str | Sequence[int]
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None  # None: a fresh random seed (sampling only)
+    stop: str | Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive("max_new_tokens", self.max_new_tokens)
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed={self.seed!r} is invalid: use an integer or None")
+        stops = self.stops
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"stop={self.stop!r} is invalid: stop strings must be non-empty strings")
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p)
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 def embedded_pair_dir() -> Path:
@@ -94,6 +128,27 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} is invalid: use an integer >= 1")
 
 
+class _Sequence:
+    """One request's state between steps: the committed tokens and what decides the next step."""
+
+    def __init__(
+        self, prompt_ids: list[int], request: GenerationRequest, generator: torch.Generator | None,
+        stats: SpecStats, text: _TextTracker | None,
+    ) -> None:
+        self.n_prompt = len(prompt_ids)
+        self.n = self.n_prompt  # committed length (prompt included)
+        self.end = self.n_prompt + request.max_new_tokens
+        self.seq = torch.tensor(prompt_ids + [0] * request.max_new_tokens, dtype=torch.long)  # (end,)
+        self.params = request.sampling
+        self.generator = generator
+        self.stats = stats
+        self.text = text
+
+    @property
+    def remaining(self) -> int:
+        return self.end - self.n
+
+
 class SpeculativeDecoder:
     """Generates from a target model, exactly (greedy) or losslessly (sampling), with a drafter."""
 
@@ -101,8 +156,8 @@ class SpeculativeDecoder:
         self, target: LoadedModel, drafter: Drafter, *, k: int, method: str = "custom",
         adaptive: AdaptiveK | None = None,
     ) -> None:
-        """k: draft length per step (0: no drafting); with `adaptive`, k is chosen per step in
-        1..adaptive.k_max from measured acceptance and costs instead."""
+        """k: draft length (chains) or tree size per step (0: no drafting); with `adaptive`, k is
+        chosen per step in 1..adaptive.k_max from acceptance and frozen costs instead."""
         if k < 0:
             raise ValueError(f"k={k} is invalid: use k >= 1 (or 0 for no drafting)")
         self.target = target
@@ -111,6 +166,7 @@ class SpeculativeDecoder:
         self.method = method
         self.adaptive = adaptive
         self.tokenizer = target.tokenizer
+        self.clock = time.perf_counter  # timings for the stats only: no decision reads it
 
     @classmethod
     def from_pretrained(
@@ -124,24 +180,31 @@ class SpeculativeDecoder:
         device: str | torch.device | None = None,
         tokenizer: Any | None = None,
         draft_tokenizer: Any | None = None,
+        width: int | None = None,
+        costs: CostModel | str | Path | None = None,
     ) -> SpeculativeDecoder:
         """Load target (and draft) from local folders or model objects.
 
         target None means the embedded demo pair (its draft too, for method="draft_model").
-        k: draft length; "auto" = chosen per step (AdaptiveK); None = the method's default:
-        "auto" for drafters that stop on their own confidence (draft_model; measured faster than
-        every fixed k on the embedded pair), else the drafter's default_k.
+        k: draft length (chains) or tree size; "auto" = chosen per step (AdaptiveK); None = the
+        method's default: "auto" for drafters that stop on their own confidence (draft_model;
+        measured faster than every fixed k on the embedded pair), else the drafter's default_k.
+        width: children per expanded node of a draft tree, for drafters that grow trees (1: a
+        chain; None: the drafter's default).
+        costs: c and v(n) for k="auto" (a CostModel or a JSON file written by CostModel.to_json);
+        None: measured once now (costs.calibrate) and frozen.
         tokenizer: a transformers tokenizer or folder, for model objects that come without one.
         """
         cls_ = drafter_class(method)
         if k is None and getattr(cls_, "stops_on_confidence", False):
             k = "auto"
-        adaptive = None
-        if k == "auto":
-            adaptive = AdaptiveK(k_max=AUTO_K_MAX)
-            k = AUTO_K_MAX if cls_.default_k else None
+        auto = k == "auto"
+        if auto:
+            k = (AUTO_K_MAX if (width or 1) == 1 else AUTO_TREE_SIZE) if cls_.default_k else None
         elif k is not None:
             _check_positive("k", k)
+        if width is not None:
+            _check_positive("width", width)
         if draft is not None and not cls_.uses_draft_model:
             raise ValueError(
                 f"method {method!r} uses no draft model, but draft={draft!r} was given: drop the "
@@ -151,6 +214,8 @@ class SpeculativeDecoder:
             target = _default_target()
             if cls_.uses_draft_model and draft is None:
                 draft = embedded_pair_dir() / "draft"
+        if isinstance(costs, (str, Path)):
+            costs = CostModel.load(costs)
         loaded_target = load_model(target, dtype=dtype, device=device, backend=backend, tokenizer=tokenizer)
         loaded_draft = None
         if cls_.uses_draft_model:
@@ -167,9 +232,14 @@ class SpeculativeDecoder:
                 tokenizer=draft_tokenizer if draft_tokenizer is not None else tokenizer,
             )
             _check_same_vocabulary(loaded_target, loaded_draft)
-        drafter = cls_.build(BuildContext(loaded_target, loaded_draft, k))
-        k = k or cls_.default_k
-        return cls(loaded_target, drafter, k=k, method=method, adaptive=adaptive if k else None)
+        drafter = cls_.build(BuildContext(loaded_target, loaded_draft, k, width))
+        k = k or getattr(drafter, "k", cls_.default_k)
+        adaptive = None
+        if auto and k:
+            if costs is None:
+                costs = calibrate(loaded_target.model, loaded_draft.model if loaded_draft else None)
+            adaptive = AdaptiveK(k_max=AUTO_K_MAX, costs=costs)
+        return cls(loaded_target, drafter, k=k, method=method, adaptive=adaptive)
 
     # ---- input handling -------------------------------------------------------------------
 
@@ -194,7 +264,6 @@ class SpeculativeDecoder:
         return ids
 
     def _check_lengths(self, n_prompt: int, max_new_tokens: int) -> None:
-        _check_positive("max_new_tokens", max_new_tokens)
         limit = self.target.model.max_length
         if limit is not None and n_prompt + max_new_tokens > limit:
             raise ValueError(
@@ -206,7 +275,7 @@ class SpeculativeDecoder:
 
     def generate(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | GenerationRequest,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int | None = None,
@@ -214,24 +283,28 @@ class SpeculativeDecoder:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
     ) -> GenerationResult:
+        """Generate for one prompt (or a GenerationRequest, whose fields then replace the others)."""
+        request = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(
+            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop)
         stats = SpecStats()
         ids: list[int] = []
         drafted: list[bool] = []
         pieces: list[str] = []
-        finish: list[FinishReason] = []
-        for chunk in self._run(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, stats, finish, False):
+        finish: FinishReason = "length"
+        for chunk in self._run(request, stats, want_text=False):
             ids += chunk.token_ids
             drafted += chunk.drafted
             pieces += chunk.pieces
+            finish = chunk.finish_reason or finish
         text = None
         if self.tokenizer is not None:
             # With stop strings the pieces are exact (truncated at the stop); otherwise one decode.
-            text = "".join(pieces) if stop else self.tokenizer.decode(ids, skip_special_tokens=True)
-        return GenerationResult(ids, text, stats, finish[0], drafted)
+            text = "".join(pieces) if request.stops else self.tokenizer.decode(ids, skip_special_tokens=True)
+        return GenerationResult(ids, text, stats, finish, drafted)
 
     def stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: str | Sequence[int] | GenerationRequest,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int | None = None,
@@ -240,128 +313,146 @@ class SpeculativeDecoder:
         stop: str | Sequence[str] | None = None,
         stats: SpecStats | None = None,
     ) -> Iterator[Chunk]:
-        """Yield the tokens as they are committed (one Chunk per step). Pass a SpecStats to read
-        the run's counts and times while or after it runs."""
-        yield from self._run(
-            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, stats or SpecStats(), [], True
-        )
+        """Yield the tokens as they are committed (one Chunk per step; the last one carries the
+        finish_reason). Pass a SpecStats to read the run's counts and times while or after it runs."""
+        request = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(
+            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop)
+        yield from self._run(request, stats or SpecStats(), want_text=True)
 
     # ---- the loop -------------------------------------------------------------------------
 
-    def _run(
-        self,
-        prompt: str | Sequence[int],
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        seed: int | None,
-        stop: str | Sequence[str] | None,
-        stats: SpecStats,
-        finish: list[FinishReason],
-        want_text: bool,
-    ) -> Iterator[Chunk]:
-        params = SamplingParams(temperature, top_k, top_p)
-        prompt_ids = self.encode(prompt)
-        self._check_lengths(len(prompt_ids), max_new_tokens)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not isinstance(s, str) or not s for s in stops):
-            raise ValueError(f"stop={stop!r} is invalid: stop strings must be non-empty strings")
+    def _run(self, request: GenerationRequest, stats: SpecStats, want_text: bool) -> Iterator[Chunk]:
+        params = request.sampling
+        prompt_ids = self.encode(request.prompt)
+        self._check_lengths(len(prompt_ids), request.max_new_tokens)
+        stops = request.stops
         if stops and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and the target has none: use EOS or max_new_tokens")
         text = _TextTracker(self.tokenizer, prompt_ids, stops) if (want_text or stops) and self.tokenizer else None
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=self.target.model.device)
-            generator.manual_seed(seed if seed is not None else random.getrandbits(63))
-        for chunk, reason in self._loop(prompt_ids, max_new_tokens, params, generator, stats, text):
-            if reason is not None:
-                finish.append(reason)
-            if chunk.token_ids:
-                yield chunk
-
-    def _loop(
-        self,
-        prompt_ids: list[int],
-        max_new_tokens: int,
-        params: SamplingParams,
-        generator: torch.Generator | None,
-        stats: SpecStats,
-        text: _TextTracker | None,
-    ) -> Iterator[tuple[Chunk, FinishReason | None]]:
-        target, drafter = self.target.model, self.drafter
-        eos = set(self.target.eos_token_ids)
-        n_prompt = len(prompt_ids)
-        # seq holds prompt + committed tokens; drafts are written past n before verification.
-        seq = torch.tensor(prompt_ids + [0] * max_new_tokens, dtype=torch.long)  # (n_prompt + max_new,)
-        dev = target.device
-        stats.prompt_tokens = n_prompt
-        clock = time.perf_counter
-        t0 = clock()
-        target.reset()
-        if n_prompt > 1:
-            # The last prompt token is fed with the first draft, so every step scores d+1 tokens.
-            target.forward(seq[: n_prompt - 1].to(dev), num_logits=0)
-        drafter.begin(seq[:n_prompt])
-        t1 = clock()
-        stats.prefill_s += t1 - t0
-        n = n_prompt
-        empty = empty_draft(dev)
-        # k="auto" with a drafter that reports its confidence: the draft length is decided per token.
-        per_token = self.adaptive if getattr(drafter, "stops_on_confidence", False) else None
-        keep_drafting = per_token.keep_drafting if per_token is not None else None
+            generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
+        state = _Sequence(prompt_ids, request, generator, stats, text)
+        self._prefill(state)
         while True:
-            remaining = n_prompt + max_new_tokens - n
-            if per_token is not None:
-                k = min(per_token.k_max, remaining - 1)  # an upper bound; the drafter stops earlier
-            else:
-                k = self.adaptive.choose(remaining - 1) if self.adaptive else min(self.k, remaining - 1)
-            ta = clock()
-            if k > 0:
-                draft = drafter.propose(DraftStep(seq[:n], k, params, generator, keep_drafting))
-            else:
-                draft = empty
-            d = draft.tokens.shape[0]
-            tb = clock()
-            if d:
-                seq[n : n + d] = draft.tokens.cpu()
-            logits = target.forward(seq[n - 1 : n + d].to(dev))  # (d+1, V)
+            chunk = self._step(state)
+            if chunk.token_ids or chunk.finish_reason is not None:
+                yield chunk
+            if chunk.finish_reason is not None:
+                return
+
+    def _prefill(self, state: _Sequence) -> None:
+        t0 = self.clock()
+        target = self.target.model
+        target.reset()
+        if state.n_prompt > 1:
+            # The last prompt token is fed with the first draft, so every step scores d+1 tokens.
+            target.forward(state.seq[: state.n_prompt - 1].to(target.device), num_logits=0)
+        self.drafter.begin(state.seq[: state.n_prompt])
+        if self.adaptive is not None:
+            self.adaptive.reset()  # each request decides from its own history only (contract 3)
+        state.stats.prompt_tokens = state.n_prompt
+        state.stats.prefill_s += self.clock() - t0
+
+    def _step(self, state: _Sequence) -> Chunk:
+        """One draft -> verify -> commit step; returns the committed tokens (finish_reason set when
+        the generation ended)."""
+        target, drafter, clock = self.target.model, self.drafter, self.clock
+        n, seq, params, adaptive = state.n, state.seq, state.params, self.adaptive
+        if adaptive is not None and not getattr(drafter, "stops_on_confidence", False):
+            k = adaptive.choose(state.remaining - 1)
+        else:
+            k = min(self.k, state.remaining - 1)  # an upper bound; adaptive drafters stop earlier
+        ta = clock()
+        draft = drafter.propose(DraftStep(seq[:n], k, params, state.generator, adaptive)) if k > 0 else None
+        tb = clock()
+        d = draft.size if draft is not None else 0
+        root = seq[n - 1 : n].to(target.device)
+        if d and not draft.is_chain:
+            # A tree: [root] + nodes in one forward, each node seeing the root and its ancestors.
+            ids = torch.cat([root, draft.tokens])
+            parents = draft.parents
+            logits = target.forward(ids, attn_mask=verify_mask(parents).to(target.device),
+                                    positions=verify_positions(parents, n - 1).to(target.device))  # (d+1, V)
             if params.greedy:
-                accepted, next_token = verify_greedy(draft.tokens, logits)
+                path, next_token = verify_tree_greedy(draft.tokens, parents, logits)
             else:
                 p = probs_from_logits(logits, params)
-                accepted, next_token = verify_speculative(draft.tokens, draft.probs, p, generator)
-            tc = clock()
-            seq[n + accepted] = next_token
+                path, next_token = verify_tree_speculative(draft.tokens, parents, draft.probs, p, state.generator)
+            target.keep_path(n - 1, [0] + [i + 1 for i in path])
+            depth = _depth_of(parents)
+        else:
+            ids = torch.cat([root, draft.tokens]) if d else root
+            logits = target.forward(ids)  # (d+1, V)
+            tokens = draft.tokens if d else ids[:0]
+            if params.greedy:
+                accepted, next_token = verify_greedy(tokens, logits)
+            else:
+                p = probs_from_logits(logits, params)
+                accepted, next_token = verify_speculative(tokens, draft.probs if d else None, p, state.generator)
+            path = list(range(accepted))
             target.rollback(n + accepted)
-            if k > 0:
-                drafter.update(accepted)
-            new = seq[n : n + accepted + 1].tolist()
-            reason: FinishReason | None = None
-            for j, t in enumerate(new):
-                if t in eos:
-                    new, reason = new[: j + 1], "eos"
-                    break
-            drafted_flags = [j < accepted for j in range(len(new))]
-            pieces = [""] * len(new)
-            if text is not None:
-                keep, pieces, hit = text.push(new)
-                if hit:
-                    new, drafted_flags, reason = new[:keep], drafted_flags[:keep], "stop"
-            n += len(new)
-            if reason is None and n - n_prompt >= max_new_tokens:
-                reason = "length"
-            if reason is not None and text is not None and pieces:
-                pieces[-1] += text.flush()
-            if self.adaptive is not None and k > 0:
-                self.adaptive.observe(d, accepted, tb - ta, tc - tb, draft.confidences)
-            stats.record_step(d, min(accepted, len(new)), len(new))
-            stats.draft_s += tb - ta
-            stats.target_s += tc - tb
-            stats.decode_s += clock() - ta
-            yield Chunk(new, drafted_flags, pieces), reason
-            if reason is not None:
-                return
+            depth = d
+        tc = clock()
+        accepted = len(path)
+        if accepted:
+            seq[n : n + accepted] = draft.tokens[path].cpu()
+        seq[n + accepted] = next_token
+        if draft is not None:
+            drafter.update(path)
+        if adaptive is not None and draft is not None:
+            adaptive.observe(depth, accepted, _tried(draft, path))
+        new = seq[n : n + accepted + 1].tolist()
+        chunk = self._commit(state, new, accepted)
+        committed = len(chunk.token_ids)
+        state.stats.record_step(d, min(accepted, committed), committed, depth)
+        state.stats.draft_s += tb - ta
+        state.stats.target_s += tc - tb
+        state.stats.decode_s += clock() - ta
+        return chunk
+
+    def _commit(self, state: _Sequence, new: list[int], accepted: int) -> Chunk:
+        """Cut the step's tokens at EOS, a stop string or the length limit; advance the sequence."""
+        reason: FinishReason | None = None
+        eos = self.target.eos_token_ids
+        for j, t in enumerate(new):
+            if t in eos:
+                new, reason = new[: j + 1], "eos"
+                break
+        drafted_flags = [j < accepted for j in range(len(new))]
+        pieces = [""] * len(new)
+        text = state.text
+        if text is not None:
+            keep, pieces, hit = text.push(new)
+            if hit:
+                new, drafted_flags, reason = new[:keep], drafted_flags[:keep], "stop"
+        state.n += len(new)
+        if reason is None and state.remaining <= 0:
+            reason = "length"
+        if reason is not None and text is not None and pieces:
+            pieces[-1] += text.flush()
+        return Chunk(new, drafted_flags, pieces, reason)
+
+
+def _depth_of(parents: torch.Tensor) -> int:
+    depth: list[int] = []
+    for p in parents.tolist():
+        depth.append(1 if p < 0 else depth[p] + 1)
+    return max(depth, default=0)
+
+
+def _tried(draft: Draft, path: list[int]) -> list[tuple[float, bool]] | None:
+    """(confidence, kept) of the nodes verification tried: the children of the root and of every
+    accepted node (for a chain: the first accepted + 1 tokens)."""
+    if not draft.confidences:
+        return None
+    conf = draft.confidences
+    if draft.is_chain:
+        return [(conf[i], i < len(path)) for i in range(min(len(path) + 1, len(conf)))]
+    on_path = set(path)
+    tried_parents = {-1, *path}
+    return [(conf[i], i in on_path) for i, p in enumerate(draft.parents.tolist()) if p in tried_parents]
 
 
 class _TextTracker:

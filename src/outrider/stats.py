@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field
 class SpecStats:
     steps: int = 0  # target forwards after prefill (one per draft -> verify -> commit step)
     new_tokens: int = 0  # tokens committed (== len(result.token_ids))
-    drafted: int = 0
+    drafted: int = 0  # drafted tokens (tree nodes)
     accepted: int = 0
-    # drafted_at[i] / accepted_at[i]: steps that drafted a token at draft position i / kept it.
+    # drafted_at[i] / accepted_at[i]: steps whose draft reached depth i + 1 (a chain: drafted a
+    # token at position i) / whose accepted path did.
     drafted_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -26,16 +27,18 @@ class SpecStats:
     draft_s: float = 0.0  # time inside the drafter (part of decode_s)
     target_s: float = 0.0  # time inside target forwards during decode (part of decode_s)
 
-    def record_step(self, drafted: int, accepted: int, committed: int) -> None:
+    def record_step(self, drafted: int, accepted: int, committed: int, depth: int | None = None) -> None:
+        """One step: `drafted` nodes (tree size) reaching `depth` (None: a chain, depth = drafted)."""
+        depth = drafted if depth is None else depth
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
         self.new_tokens += committed
-        if drafted > len(self.drafted_at):
-            grow = drafted - len(self.drafted_at)
+        if depth > len(self.drafted_at):
+            grow = depth - len(self.drafted_at)
             self.drafted_at.extend([0] * grow)
             self.accepted_at.extend([0] * grow)
-        for i in range(drafted):
+        for i in range(depth):
             self.drafted_at[i] += 1
         for i in range(accepted):
             self.accepted_at[i] += 1
@@ -52,7 +55,8 @@ class SpecStats:
 
     @property
     def acceptance_at(self) -> list[float]:
-        """Per draft position i: the fraction of steps drafting a token at i that kept it."""
+        """Per depth i + 1 (a chain: draft position i): the fraction of steps drafting there that
+        kept a token there (alpha per depth)."""
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
 
     @property

@@ -49,6 +49,14 @@ def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(mass > 0, residual / mass.clamp_min(1e-30), p)
 
 
+def without_token(p: torch.Tensor, x: int) -> torch.Tensor:
+    """p (V,) with token x removed and renormalised: the residual of a one-hot draft on x (x was
+    just rejected, which has probability 1 - p(x) > 0, so mass remains)."""
+    p = p.clone()
+    p[x] = 0.0
+    return p / p.sum().clamp_min(1e-30)
+
+
 def verify_speculative(
     draft_tokens: torch.Tensor,
     draft_probs: torch.Tensor | None,
@@ -81,3 +89,89 @@ def verify_speculative(
         q = torch.zeros_like(p)
         q[draft_tokens[accepted]] = 1.0
     return Verdict(accepted, int(sample(residual_distribution(p, q), generator)))
+
+
+# ---- trees -----------------------------------------------------------------------------------
+# A draft tree (tree.py): node i holds tokens[i] after node parents[i] (-1: the root, the last
+# committed token). The target scores [root] + nodes in one forward, so target row 0 is the
+# distribution after the root and row i + 1 the one after node i.
+#   tokens   (n,)     long
+#   parents  (n,)     long, topological (parents[i] < i)
+#   draft_probs (n, V) q of the distribution node i was sampled from (siblings share it), or None
+#                      when the children were chosen deterministically
+#   target_logits / target_probs (n+1, V)
+
+
+class TreeVerdict(NamedTuple):
+    path: list[int]  # accepted nodes, root's child first; accepted = len(path)
+    next_token: int  # recovered token (a rejection ended the path) or bonus token (a leaf)
+
+
+def verify_tree_greedy(tokens: torch.Tensor, parents: torch.Tensor, target_logits: torch.Tensor) -> TreeVerdict:
+    """Follow, from the root, the child equal to the target's argmax while there is one; then the
+    argmax after the last accepted node. Equals greedy decoding token for token."""
+    n = tokens.shape[0]
+    assert target_logits.shape[0] == n + 1, (tokens.shape, target_logits.shape)
+    best = target_logits.argmax(-1).tolist()  # (n+1,): one host sync for the whole tree
+    toks, pars = tokens.tolist(), parents.tolist()
+    # child[(parent, token)] -> node: the first sibling holding a token (a repeat can never win).
+    child: dict[tuple[int, int], int] = {}
+    for i in range(n):
+        child.setdefault((pars[i], toks[i]), i)
+    path, node = [], -1
+    while (nxt := child.get((node, best[node + 1]))) is not None:
+        path.append(nxt)
+        node = nxt
+    return TreeVerdict(path, best[node + 1])
+
+
+def verify_tree_speculative(
+    tokens: torch.Tensor,
+    parents: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> TreeVerdict:
+    """Lossless speculative sampling over a tree: from the root, try the current node's children in
+    order; the first accepted child becomes the current node; when all are rejected, sample the
+    recovered token from what is left of p; at a leaf, sample the bonus token from p.
+
+    Sampled children (draft_probs given; SpecInfer's multi-round rule, Miao et al. 2024): child x
+    drawn from q is accepted with probability min(1, p(x) / q(x)); after a rejection p becomes the
+    residual norm(max(0, p - q)) for the next sibling. Deterministic children (draft_probs None):
+    child x is accepted with probability p(x); after a rejection x is removed from p and p is
+    renormalised (sampling without replacement: q is one-hot on each child). Either way each
+    committed token is distributed exactly as sampling from the target.
+    """
+    n = tokens.shape[0]
+    assert target_probs.shape[0] == n + 1, (tokens.shape, target_probs.shape)
+    toks, pars = tokens.tolist(), parents.tolist()
+    children: list[list[int]] = [[] for _ in range(n + 1)]
+    for i, par in enumerate(pars):
+        children[par + 1].append(i)
+    path, node = [], -1
+    while True:
+        p = target_probs[node + 1]
+        tried = children[node + 1]
+        if not tried:
+            return TreeVerdict(path, int(sample(p, generator)))  # bonus token
+        # One uniform per child, drawn up front: the number of draws depends only on the tree.
+        u = torch.rand(len(tried), generator=generator, device=p.device, dtype=p.dtype).tolist()
+        nxt = None
+        for j, c in enumerate(tried):
+            x = toks[c]
+            if draft_probs is None:
+                if u[j] < float(p[x]):
+                    nxt = c
+                    break
+                p = without_token(p, x)
+            else:
+                q = draft_probs[c]
+                if u[j] * float(q[x]) < float(p[x]):
+                    nxt = c
+                    break
+                p = residual_distribution(p, q)
+        if nxt is None:
+            return TreeVerdict(path, int(sample(p, generator)))  # recovered token
+        path.append(nxt)
+        node = nxt

@@ -28,5 +28,5 @@ class Autoregressive:
     def propose(self, step: DraftStep) -> Draft:
         return self._empty
 
-    def update(self, committed: int) -> None:
+    def update(self, path: list[int]) -> None:
         pass

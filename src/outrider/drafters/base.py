@@ -16,6 +16,7 @@ import torch
 from outrider.sampling import SamplingParams
 
 if TYPE_CHECKING:
+    from outrider.adaptive import AdaptiveK
     from outrider.models import LoadedModel
 
 
@@ -27,9 +28,9 @@ class DraftStep:
     k: int  # propose at most k tokens (>= 1): the draft length of a chain, the size of a tree
     sampling: SamplingParams
     generator: torch.Generator | None
-    # Asked after each drafted token with the confidences so far (see Draft.confidences) by
-    # drafters that report them: False ends the draft early. None: draft k tokens.
-    keep_drafting: Callable[[list[float]], bool] | None = None
+    # With k="auto": the policy that drafters reporting confidences consult, token by token
+    # (keep_drafting: False ends a chain early) or for a tree's size (tree_size). None: use k.
+    adaptive: AdaptiveK | None = None
 
 
 @dataclass
@@ -71,6 +72,7 @@ class BuildContext:
     target: LoadedModel
     draft: LoadedModel | None
     k: int | None
+    width: int | None = None  # children per expanded tree node (1: a chain; None: the drafter's default)
 
 
 @runtime_checkable

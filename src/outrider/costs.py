@@ -1,0 +1,118 @@
+"""Step costs, measured once and then frozen: what adaptive drafting weighs acceptance against.
+
+Words (DESIGN.md): c = cost of one drafter forward ÷ one target decode step; v(n) = cost of a
+target forward over n tokens ÷ one decode step (≈1 while memory-bound; it grows with n on a CPU).
+
+Nothing that decides a draft may read the clock during a seeded request (contract 3): the draft
+length or tree size decides how many random draws a step makes, so a decision that followed the
+machine's load would change a seeded output. Costs are therefore calibrated once, when a decoder
+is built (or given, e.g. from a stored table), rounded to a coarse grid so that recalibrating on
+the same machine lands on the same numbers, and never updated while generating.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from outrider.models import CausalModel
+
+CALIBRATION_SIZES = (1, 2, 4, 8, 16, 32, 64)
+V_GRID = 0.05  # v(n) rounded to this, c to C_GRID: coarse enough to repeat, fine enough to choose by
+C_GRID = 0.01
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """c and v(n) as measured. `verify` maps n -> v(n) at the calibrated sizes (v(1) = 1); other
+    sizes are interpolated linearly (extrapolated from the last two beyond the largest)."""
+
+    c: float = 0.0
+    verify: dict[int, float] = field(default_factory=lambda: {1: 1.0})
+
+    def __post_init__(self) -> None:
+        if not (self.c >= 0 and self.c == self.c):
+            raise ValueError(f"c={self.c!r} is invalid: use a draft/target cost ratio >= 0")
+        if not self.verify or any(n < 1 or v <= 0 for n, v in self.verify.items()):
+            raise ValueError(f"verify={self.verify!r} is invalid: map token counts n >= 1 to costs v(n) > 0")
+
+    def v(self, n: int) -> float:
+        sizes = sorted(self.verify)
+        if n <= sizes[0] or len(sizes) == 1:
+            return self.verify[sizes[0]]
+        for a, b in zip(sizes, sizes[1:]):
+            if n <= b:
+                return self.verify[a] + (self.verify[b] - self.verify[a]) * (n - a) / (b - a)
+        a, b = sizes[-2], sizes[-1]
+        slope = max(self.verify[b] - self.verify[a], 0.0) / (b - a)
+        return self.verify[b] + slope * (n - b)
+
+    def to_json(self) -> str:
+        return json.dumps({"c": self.c, "verify": {str(n): v for n, v in sorted(self.verify.items())}})
+
+    @classmethod
+    def from_json(cls, text: str) -> CostModel:
+        data = json.loads(text)
+        return cls(float(data["c"]), {int(n): float(v) for n, v in data["verify"].items()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> CostModel:
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"costs file {str(path)!r} is unreadable ({e}): write it with CostModel.to_json()") from e
+
+
+def _round(x: float, grid: float) -> float:
+    return round(round(x / grid) * grid, 4)
+
+
+def _median_forward_s(
+    model: CausalModel, n: int, context: int, repeats: int, clock: Callable[[], float]
+) -> float:
+    """Median seconds of a forward over n tokens after `context` cached tokens (rolled back after)."""
+    ids = torch.zeros(n, dtype=torch.long, device=model.device)
+    times = []
+    for _ in range(repeats + 1):  # the first run warms this size up and is dropped
+        t0 = clock()
+        model.forward(ids)
+        times.append(clock() - t0)
+        model.rollback(context)
+    return statistics.median(times[1:])
+
+
+@torch.inference_mode()
+def calibrate(
+    target: CausalModel,
+    draft: CausalModel | None = None,
+    sizes: tuple[int, ...] = CALIBRATION_SIZES,
+    repeats: int = 5,
+    context: int = 64,
+    clock: Callable[[], float] = time.perf_counter,
+) -> CostModel:
+    """Measure v(n) of the target at `sizes` (capped by its context) and c for a draft model (0 for
+    drafters without one), after `context` tokens of cache; the caches are reset afterwards."""
+    limit = (target.max_length or 10**9) - context
+    sizes = tuple(n for n in sizes if n <= limit) or (1,)
+    ids = torch.zeros(context, dtype=torch.long, device=target.device)
+    target.reset()
+    target.forward(ids, num_logits=0)
+    base = _median_forward_s(target, 1, context, repeats, clock)
+    verify = {1: 1.0}
+    for n in sizes:
+        if n > 1:
+            verify[n] = max(_round(_median_forward_s(target, n, context, repeats, clock) / base, V_GRID), 1.0)
+    target.reset()
+    c = 0.0
+    if draft is not None:
+        draft.reset()
+        draft.forward(ids.to(draft.device), num_logits=0)
+        c = _round(_median_forward_s(draft, 1, context, repeats, clock) / base, C_GRID)
+        draft.reset()
+    return CostModel(c, verify)
