@@ -22,7 +22,7 @@ METHODS = ["autoregressive", "draft_model", "prompt_lookup", "hf-generate"]
 FIELDS = {
     "question_id", "category", "turn", "method", "repeat", "k", "prompt_tokens", "prompt_truncated",
     "new_tokens", "wall_s", "tokens_per_s", "steps", "drafted", "accepted", "drafted_at", "accepted_at",
-    "draft_s", "target_s", "tau", "alpha", "matches_autoregressive", "output_ids", "output_text",
+    "draft_s", "target_s", "tau", "alpha", "matches_autoregressive", "output_ids", "output_text", "costs",
 }
 
 
@@ -104,6 +104,31 @@ def test_builtin_code_set_and_partial_resume(model_dirs, tmp_path):
     again = _lines(out / "results.jsonl")
     assert len(again) == 4 and again[3]["question_id"] == "code-01" and again[3]["method"] == "prompt_lookup"
     assert again[3]["output_ids"] == recs[3]["output_ids"]
+
+
+def test_summary_lists_only_plots_written(model_dirs, tmp_path, monkeypatch):
+    import sys
+
+    target, _ = model_dirs
+    out = tmp_path / "out"
+    cfg = BenchConfig(out=str(out), limit_per_category=1, methods=["autoregressive", "prompt_lookup"],
+                      max_new_tokens=4, target=str(target), progress=False)
+    with monkeypatch.context() as m:  # matplotlib not installed: `import matplotlib` raises ImportError
+        m.setitem(sys.modules, "matplotlib", None)
+        m.setitem(sys.modules, "matplotlib.pyplot", None)
+        report = run_bench(cfg)
+    md = (out / "summary.md").read_text()
+    assert not list(out.glob("*.png")) and report["plots"] == []
+    assert ".png" not in md
+    assert "Plots skipped" in md and "matplotlib is not installed" in md and "pip install 'outrider[bench]'" in md
+    assert json.loads((out / "summary.json").read_text())["plots"] == []
+
+    report = run_bench(cfg)  # matplotlib back: the resumed run draws the plots; the summary lists exactly those
+    md = (out / "summary.md").read_text()
+    written = sorted(p.name for p in out.glob("*.png"))
+    assert written == ["acceptance_by_position.png", "speedup_by_category.png"]  # no sweep: no speedup_vs_k
+    assert f"Plots: {', '.join(report['plots'])}." in md and sorted(report["plots"]) == written
+    assert "speedup_vs_k.png" not in md and "skipped" not in md
 
 
 def _rec(qid, method, turn, tokens, wall, cat="c", steps=None, drafted=None, accepted=None, at=None, match=None):
@@ -203,10 +228,40 @@ def test_sweep_reports_speedup_vs_k_with_theory(model_dirs, tmp_path):
     theory = [expected_speedup(e["pooled_alpha"], k, e["pooled_c"]) for k in (1, 3)]
     assert e["theoretical"][:2] == pytest.approx(theory)
     assert e["theoretical"][2] is None and e["speedup"][2] > 0
-    assert "## Draft length sweep" in (out / "summary.md").read_text()
+    assert "## Draft length and tree size sweep" in (out / "summary.md").read_text()
     assert (out / "speedup_vs_k.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="--k 2 and --sweep"):
         BenchConfig(out=str(out), sweep=[1, 2], k=2).check()
+
+
+def test_tree_variants_sweep_with_the_cost_models_prediction(model_dirs, tmp_path):
+    """Tree vs chain: `draft_model@w=2` is its own row and sweep group, each variant's prediction is
+    tau / (d c + v(size + 1)) from its records, and the tree-size plot is written."""
+    from outrider.bench.metrics import predicted_speedup
+    from outrider.costs import CostModel
+
+    target, draft = model_dirs
+    out = tmp_path / "out"
+    cfg = BenchConfig(out=str(out), limit_per_category=1, methods=["draft_model", "draft_model@w=2"], sweep=[2, 6],
+                      max_new_tokens=8, target=str(target), draft=str(draft), progress=False)
+    report = run_bench(cfg)
+    assert cfg.methods == ["autoregressive", "draft_model@k=2", "draft_model@k=6", "draft_model@w=2@k=2",
+                           "draft_model@w=2@k=6"]
+    sweep = report["summary"]["sweep"]
+    assert list(sweep) == ["draft_model", "draft_model@w=2"]
+    recs = [r for r in _lines(out / "results.jsonl") if r["method"] == "draft_model@w=2@k=6"]
+    assert recs and all(r["costs"]["verify"]["1"] == 1.0 for r in recs)
+    steps = sum(r["steps"] for r in recs)
+    costs = CostModel.from_json(json.dumps(recs[0]["costs"]))
+    size = sum(r["drafted"] for r in recs) / steps
+    depth = sum(sum(r["drafted_at"]) for r in recs) / steps
+    tau = sum(r["new_tokens"] for r in recs) / steps
+    assert sweep["draft_model@w=2"]["predicted"][1] == pytest.approx(tau / (depth * costs.c + costs.v(round(size) + 1)))
+    assert predicted_speedup(recs) == sweep["draft_model@w=2"]["predicted"][1]
+    assert sweep["draft_model@w=2"]["size"][1] > sweep["draft_model"]["size"][1] * 0 + 1.0  # trees: several nodes
+    assert sweep["draft_model@w=2"]["theoretical"] == [None, None]  # the chain formula does not apply to trees
+    assert (out / "speedup_and_tau_vs_tree_size.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| draft_model@w=2 | 6 |" in (out / "summary.md").read_text()
 
 
 def test_expected_speedup_formula():

@@ -31,13 +31,32 @@ def test_generate_prompt_ids_matches_api(model_dirs, capsys):
 
 
 def test_generate_streams_text_with_markers(model_dirs, capsys):
+    from outrider import SpeculativeDecoder
+    from outrider.render import legend, render_chunk
+
     target, _ = model_dirs
     rc = main(["generate", "--target", str(target), "--draft", str(target), "--prompt", "for i in",
                "--max-new-tokens", "10", "--show-drafts"])
     assert rc == 0
     captured = capsys.readouterr()
-    assert "[" in captured.out and "bracketed" in captured.out  # all drafts accepted: marked text
+    streamed, legend_line = captured.out.rstrip("\n").rsplit("\n", 1)
+    assert legend_line == legend(False)  # not a terminal: brackets, not colour
+    # The streamed text itself (not just the legend) marks each drafted token: it is the same greedy
+    # run through the API, rendered chunk by chunk, and that run has drafted tokens with text to mark.
+    dec = SpeculativeDecoder.from_pretrained(str(target), draft=str(target))
+    chunks = list(dec.stream("for i in", max_new_tokens=10))
+    marked = [piece for chunk in chunks for piece, drafted in zip(chunk.pieces, chunk.drafted) if drafted and piece]
+    assert len(marked) >= 2  # draft == target: every drafted token is accepted
+    assert streamed == "".join(render_chunk(chunk, False) for chunk in chunks)
+    assert all(f"[{piece}]" in streamed for piece in marked)
     assert "tau" in captured.err
+
+
+def test_python_dash_m_outrider_help():
+    proc = subprocess.run([sys.executable, "-m", "outrider", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: outrider")
+    assert all(command in proc.stdout for command in ("generate", "demo", "bench", "train"))
 
 
 def test_bad_input_exits_non_zero(model_dirs, capsys):

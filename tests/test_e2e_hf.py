@@ -33,6 +33,25 @@ def test_greedy_equals_transformers_generate(pair, method):
             assert dec.generate(prompt, max_new_tokens=24).token_ids == ref, (method, k, prompt)
 
 
+@pytest.mark.parametrize("method, width, k", [
+    ("draft_model", 2, 6), ("draft_model", 3, 12), ("draft_model", 3, "auto"), ("prompt_lookup", 3, 9),
+    ("suffix", None, 8),
+])
+@pytest.mark.parametrize("backend", ["auto", "hf"])
+def test_tree_drafts_equal_transformers_generate(pair, method, width, k, backend):
+    """Trees verified in one target forward (native or transformers backend; GPT-2 always runs on
+    transformers) give exactly the target's greedy output."""
+    target, draft = pair
+    dec = SpeculativeDecoder.from_pretrained(target, draft=draft if method == "draft_model" else None,
+                                             method=method, k=k, width=width, backend=backend)
+    trees = 0
+    for prompt in PROMPTS:
+        res = dec.generate(prompt, max_new_tokens=24)
+        assert res.token_ids == hf_greedy(target, prompt, 24), (method, width, k, prompt)
+        trees += res.stats.drafted > sum(res.stats.drafted_at)  # more nodes than depth: branched
+    assert method != "draft_model" or trees >= 1
+
+
 def test_draft_equal_to_target_accepts_everything(pair):
     target, _ = pair
     dec = SpeculativeDecoder.from_pretrained(target, draft=target, method="draft_model", k=4)

@@ -122,8 +122,11 @@ def test_packed_bf16_matmuls_equal_plain_ones(case):
     ids = torch.tensor(random_ids(20))
     a = torch.cat([packed.forward(ids[:16]), packed.forward(ids[16:17]), packed.forward(ids[17:])])
     b = torch.cat([plain.forward(ids[:16]), plain.forward(ids[16:17]), plain.forward(ids[17:])])
-    assert max_diff(a, b) <= 0.02 * b.abs().max().item()
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    # Bitwise equal, as linear_packer's docstring says: both paths run oneDNN's bf16 matmul, packed
+    # weights only skip the per-call reorder (measured equal for every CASES model and at single
+    # linears up to 4096x4096, torch 2.13 CPU on an AVX512-BF16 x86). A CPU where this fails runs
+    # different kernels for the two paths, and the docstring's "equal" is then untrue there.
+    assert torch.equal(a, b), max_diff(a, b)
 
 
 def test_pack_true_refuses_float32():

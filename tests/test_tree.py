@@ -190,3 +190,19 @@ def test_prompt_lookup_tree_is_exact_under_greedy(width):
     res = dec.generate(PROMPT, max_new_tokens=40)
     assert res.token_ids == greedy_reference(target, PROMPT, 40)
     assert res.stats.accepted > 0
+
+
+def test_prompt_lookup_offers_several_matches_as_branches():
+    import numpy as np
+
+    from outrider.drafters.prompt_lookup import lookup_continuations, merge_branches
+
+    #          a  b  X  Y   a  b  Z  W   a  b  X  Q   a  b
+    seq = np.array([1, 2, 7, 8, 1, 2, 5, 6, 1, 2, 7, 9, 1, 2])
+    found = lookup_continuations(seq, max_ngram=2, min_ngram=1, k=3, width=3)
+    assert found == [[7, 9, 1], [5, 6, 1], [7, 8, 1]]  # most recent first, distinct
+    tokens, parents = merge_branches(found, budget=20)
+    # 7 is shared by the first and third branch: one node, two children (9 and 8).
+    assert tokens == [7, 5, 9, 6, 8, 1, 1, 1] and parents == [-1, -1, 0, 1, 0, 2, 3, 4]
+    tokens, parents = merge_branches(found, budget=4)  # depth by depth: every branch starts
+    assert tokens == [7, 5, 9, 6] and parents == [-1, -1, 0, 1]

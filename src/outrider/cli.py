@@ -24,6 +24,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=_draft_length, default=None,
                    help="draft length: tokens proposed per step, or 'auto' (chosen per step; the "
                         "default for draft_model)")
+    p.add_argument("--width", type=int, default=None,
+                   help="draft tree: children per expanded node (1 = a chain; default: the method's)")
     p.add_argument("--backend", default="auto",
                    help="auto (native where supported), native, hf, or compiled (native under torch.compile)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
@@ -77,7 +79,7 @@ def _generate(args: argparse.Namespace) -> int:
     from outrider.render import legend, render_chunk, wants_colour
 
     dec = SpeculativeDecoder.from_pretrained(
-        args.target, draft=args.draft, method=args.method, k=args.k, backend=args.backend,
+        args.target, draft=args.draft, method=args.method, k=args.k, width=args.width, backend=args.backend,
         dtype=args.dtype, device=args.device,
     )
     prompt = args.prompt if args.prompt is not None else args.prompt_ids

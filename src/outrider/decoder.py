@@ -237,9 +237,19 @@ class SpeculativeDecoder:
         adaptive = None
         if auto and k:
             if costs is None:
-                costs = calibrate(loaded_target.model, loaded_draft.model if loaded_draft else None)
+                costs = _calibrated(loaded_target, loaded_draft)
             adaptive = AdaptiveK(k_max=AUTO_K_MAX, costs=costs)
         return cls(loaded_target, drafter, k=k, method=method, adaptive=adaptive)
+
+    @property
+    def costs(self) -> CostModel:
+        """c and v(n) of this decoder's models: the frozen ones k="auto" decides by, else measured
+        once per process on first use (the bench predicts speedups with them)."""
+        if self.adaptive is not None:
+            return self.adaptive.costs
+        draft_model = getattr(self.drafter, "model", None)
+        draft = LoadedModel(draft_model, None, (), f"draft@{id(draft_model)}") if draft_model is not None else None
+        return _calibrated(self.target, draft)
 
     # ---- input handling -------------------------------------------------------------------
 
@@ -433,6 +443,21 @@ class SpeculativeDecoder:
         if reason is not None and text is not None and pieces:
             pieces[-1] += text.flush()
         return Chunk(new, drafted_flags, pieces, reason)
+
+
+_CALIBRATED: dict[tuple, CostModel] = {}
+
+
+def _calibrated(target: LoadedModel, draft: LoadedModel | None) -> CostModel:
+    """Costs measured once per process for the same models on the same device and threads: fresh
+    decoders of one process then draft alike, so their seeded outputs agree (contract 3)."""
+    key = tuple(
+        (m.name, str(m.model.device), str(getattr(m.model, "dtype", "")), m.model.vocab_size)
+        for m in (target, draft) if m is not None
+    ) + (torch.get_num_threads(),)
+    if key not in _CALIBRATED:
+        _CALIBRATED[key] = calibrate(target.model, draft.model if draft is not None else None)
+    return _CALIBRATED[key]
 
 
 def _depth_of(parents: torch.Tensor) -> int:

@@ -87,28 +87,53 @@ def expected_speedup(alpha: float, k: int, c: float) -> float:
     return tokens / (k * c + 1)
 
 
+def predicted_speedup(records: Sequence[Record]) -> float | None:
+    """The cost model's prediction from measured counts: tau / (d·c + v(n + 1)), with n the mean
+    draft size (tree nodes) per step, d the mean draft depth per step (draft forwards, for a draft
+    model) and c, v(n) the costs the method calibrated (costs.py). None without counts or costs."""
+    from outrider.costs import CostModel
+
+    counted = [r for r in records if r.get("steps") and r.get("costs")]
+    if not counted:
+        return None
+    costs = CostModel(counted[0]["costs"]["c"], {int(n): v for n, v in counted[0]["costs"]["verify"].items()})
+    steps = sum(r["steps"] for r in counted)
+    size = sum(r["drafted"] for r in counted) / steps
+    depth = sum(sum(r["drafted_at"]) for r in counted) / steps
+    tau = sum(r["new_tokens"] for r in counted) / steps
+    return tau / (depth * costs.c + costs.v(round(size) + 1))
+
+
 def sweep_summary(records: Sequence[Record], summary: dict[str, Any]) -> dict[str, Any]:
-    """For methods run at several k ("name@k=K"): measured speedup per k, and the theoretical curve
-    from α and c measured over all of that method's fixed k (pooled counts and times)."""
-    from outrider.bench.peers import split_variant
+    """For methods run at several k ("name@k=K", trees "name@w=W@k=K"): measured speedup per k, the
+    chain formula's curve from α and c measured over all of that method's fixed k (pooled counts
+    and times), and the cost model's prediction from each variant's measured tau and draft size."""
+    from outrider.bench.peers import split_options
 
     out: dict[str, Any] = {}
     for m in summary["methods"]:
-        base, k = split_variant(m)
-        if k is None:
+        base, options = split_options(m)
+        if "k" not in options:
             continue
-        entry = out.setdefault(base, {"k": [], "speedup": [], "alpha": [], "tau": [], "c": [], "_names": []})
+        group = base + (f"@w={options['w']}" if options.get("w", 1) != 1 else "")
+        entry = out.setdefault(group, {"k": [], "speedup": [], "alpha": [], "tau": [], "c": [], "size": [],
+                                       "predicted": [], "_names": []})
         o = summary["overall"][m]
         for key in ("speedup", "alpha", "tau", "c"):
             entry[key].append(o[key])
-        entry["k"].append(k)
+        mine = [r for r in records if r["method"] == m and r.get("steps")]
+        steps = sum(r["steps"] for r in mine)
+        entry["size"].append(sum(r["drafted"] for r in mine) / steps if steps else None)
+        entry["predicted"].append(predicted_speedup(mine))
+        entry["k"].append(options["k"])
         entry["_names"].append(m)
-    for base, entry in out.items():
+    for group, entry in out.items():
         names = entry.pop("_names")
         fixed = [n for n, k in zip(names, entry["k"]) if isinstance(k, int)]  # "auto" varies k per step
         pooled = group_stats([r for r in records if r["method"] in fixed], [])
         entry["pooled_alpha"], entry["pooled_c"] = pooled["alpha"], pooled["c"]
-        ok = pooled["alpha"] is not None and pooled["c"] is not None
+        chain = "@w=" not in group
+        ok = chain and pooled["alpha"] is not None and pooled["c"] is not None
         entry["theoretical"] = [expected_speedup(pooled["alpha"], k, pooled["c"]) if ok and isinstance(k, int)
                                 else None for k in entry["k"]]
     return out

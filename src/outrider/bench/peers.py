@@ -30,17 +30,31 @@ def variant(method: str, k: int | str) -> str:
     return f"{method}@k={k}"
 
 
+def split_options(name: str) -> tuple[str, dict[str, int | str]]:
+    """"draft_model@w=3@k=16" -> ("draft_model", {"w": 3, "k": 16}): a method and its options,
+    k the draft length or tree size (may be "auto"), w the tree width (children per node)."""
+    base, *parts = name.split("@")
+    options: dict[str, int | str] = {}
+    for part in parts:
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("k", "w") or not value:
+            raise ValueError(f"method variant {name!r} is invalid: write METHOD@k=K and/or METHOD@w=W, e.g. draft_model@w=3")
+        options[key] = int(value) if value.isdigit() else value
+    if isinstance(options.get("w"), str):
+        raise ValueError(f"method variant {name!r} is invalid: the tree width w must be an integer >= 1")
+    return base, options
+
+
 def split_variant(name: str) -> tuple[str, int | str | None]:
     """"draft_model@k=2" -> ("draft_model", 2); "draft_model" -> ("draft_model", None); k may be "auto"."""
-    base, sep, k = name.partition("@k=")
-    if not sep:
-        return name, None
-    return base, int(k) if k.isdigit() else k
+    base, options = split_options(name)
+    return base, options.get("k")
 
 
 def sweepable(method: str) -> bool:
     """outrider methods that draft: their k varies in a sweep (and they report the counts it needs)."""
-    return method in REGISTRY and REGISTRY[method].default_k > 0
+    base = split_options(method)[0]
+    return base in REGISTRY and REGISTRY[base].default_k > 0 and "k" not in split_options(method)[1]
 
 
 def check_methods(methods: list[str]) -> list[str]:
@@ -73,16 +87,18 @@ class OutriderMethod:
                  backend: str, device: str | None) -> None:
         from outrider.decoder import SpeculativeDecoder
 
-        label, name_k = name, split_variant(name)
-        name, k = name_k[0], name_k[1] if name_k[1] is not None else k
+        label, (name, options) = name, split_options(name)
+        k = options.get("k", k)
         uses_draft = REGISTRY[name].uses_draft_model
         drafts = REGISTRY[name].default_k > 0
         self.name = label
         self.decoder = SpeculativeDecoder.from_pretrained(
             target, draft=draft if uses_draft else None, method=name,
-            k=k if drafts else None, dtype=dtype, backend=backend, device=device,
+            k=k if drafts else None, width=options.get("w"), dtype=dtype, backend=backend, device=device,
         )
         self.k = "auto" if self.decoder.adaptive is not None else self.decoder.k
+        # c and v(n), measured before any timed run: the bench's cost-model prediction uses them.
+        self.costs = self.decoder.costs if drafts else None
         self.context = self.decoder.target.model.max_length
         self.tokenizer = self.decoder.tokenizer
         self.model_name = self.decoder.target.name

@@ -16,6 +16,9 @@ from outrider.bench.runner import write_atomic
 
 PLOTS = ("acceptance_by_position.png", "speedup_by_category.png")
 SWEEP_PLOT = "speedup_vs_k.png"
+TREE_PLOT = "speedup_and_tau_vs_tree_size.png"
+NO_MATPLOTLIB = ("matplotlib is not installed: `pip install 'outrider[bench]'` (or `pip install matplotlib`) and "
+                 "rerun the same command to draw them")
 
 
 def _x(v: float | None) -> str:
@@ -66,18 +69,22 @@ def format_markdown(report: dict[str, Any]) -> str:
     if s.get("sweep"):
         lines += [
             "",
-            "## Draft length sweep",
+            "## Draft length and tree size sweep",
             "",
-            "theoretical: (1 - α^(k+1)) / ((1 - α)(k·c + 1)) with α and c measured over all fixed k of the "
-            "method (c = drafter time per drafted token / target time per step); it leaves out prefill and "
-            "the loop's own time, and assumes each position is accepted independently with probability α.",
+            "k: draft length (chains) or most tree nodes (`@w=W`: trees, W children per expanded node); "
+            "size: mean drafted nodes per step. theoretical (chains): (1 - α^(k+1)) / ((1 - α)(k·c + 1)) with α "
+            "and c measured over all fixed k of the method (c = drafter time per drafted token / target time "
+            "per step); it assumes each position is accepted independently with probability α. predicted: the "
+            "cost model's tau / (d·c + v(size + 1)) from the measured tau, mean draft depth d and the costs c, "
+            "v(n) calibrated at load (costs.py). Both leave out prefill and the loop's own time.",
             "",
-            "| method | k | speedup | theoretical | tau | alpha | c |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| method | k | size | speedup | theoretical | predicted | tau | alpha | c |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for base, e in s["sweep"].items():
             for i, k in enumerate(e["k"]):
-                lines.append(f"| {base} | {k} | {_x(e['speedup'][i])} | {_x(e['theoretical'][i])} | "
+                lines.append(f"| {base} | {k} | {_f(e['size'][i], '.1f')} | {_x(e['speedup'][i])} | "
+                             f"{_x(e['theoretical'][i])} | {_x(e['predicted'][i])} | "
                              f"{_f(e['tau'][i])} | {_f(e['alpha'][i])} | {_f(e['c'][i], '.3f')} |")
     truncated = report["prompts_truncated"]
     lines += [
@@ -96,9 +103,12 @@ def format_markdown(report: dict[str, Any]) -> str:
         "",
         *(f"- {k}: {v}" for k, v in machine.items()),
         "",
-        f"Plots: {', '.join(report.get('plots') or PLOTS)}. Records: results.jsonl.",
-        "",
     ]
+    if report.get("plots"):
+        lines.append(f"Plots: {', '.join(report['plots'])}.")
+    elif report.get("plots_skipped"):
+        lines.append(f"**Plots skipped**: {report['plots_skipped']}.")
+    lines += ["Records: results.jsonl.", ""]
     return "\n".join(lines)
 
 
@@ -108,16 +118,20 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def write_plots(out: Path, report: dict[str, Any]) -> list[str]:
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("outrider bench: matplotlib is not installed (pip install 'outrider[bench]'): no plots",
-              file=sys.stderr)
-        return []
+        return None
+    return plt
+
+
+def write_plots(out: Path, report: dict[str, Any], plt: Any) -> list[str]:
+    """Draw the plots with `plt` (matplotlib.pyplot); return the names of the files written."""
     s = report["summary"]
     written = []
 
@@ -182,10 +196,45 @@ def write_plots(out: Path, report: dict[str, Any]) -> list[str]:
         write_atomic(out / SWEEP_PLOT, _png(fig))
         plt.close(fig)
         written.append(SWEEP_PLOT)
+
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 4.0))
+        for j, (base, e) in enumerate(s["sweep"].items()):
+            colour = f"C{j}"
+            pts = sorted((z, v, p, t) for z, v, p, t in zip(e["size"], e["speedup"], e["predicted"], e["tau"])
+                         if z is not None and v is not None)
+            if not pts:
+                continue
+            sizes = [p[0] for p in pts]
+            left.plot(sizes, [p[1] for p in pts], "o-", color=colour, label=f"{base} measured")
+            if all(p[2] is not None for p in pts):
+                left.plot(sizes, [p[2] for p in pts], "x--", color=colour, label=f"{base} cost model")
+            right.plot(sizes, [p[3] for p in pts], "o-", color=colour, label=base)
+        left.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+        left.set_xlabel("draft size per step (tree nodes)")
+        left.set_ylabel("speedup over autoregressive")
+        left.set_title("Speedup vs tree size")
+        left.legend(fontsize="small")
+        right.set_xlabel("draft size per step (tree nodes)")
+        right.set_ylabel("tau (tokens per target forward)")
+        right.set_title("tau vs tree size")
+        right.legend(fontsize="small")
+        write_atomic(out / TREE_PLOT, _png(fig))
+        plt.close(fig)
+        written.append(TREE_PLOT)
     return written
 
 
 def write_reports(out: Path, report: dict[str, Any]) -> None:
-    report["plots"] = write_plots(out, report)
+    plt = _pyplot()
+    if plt is None:
+        old = [name for name in (*PLOTS, SWEEP_PLOT, TREE_PLOT) if (out / name).exists()]
+        reason = NO_MATPLOTLIB
+        if old:
+            reason += f" ({', '.join(old)} in this folder are from an earlier run, not this summary)"
+        report["plots"], report["plots_skipped"] = [], reason
+        print(f"outrider bench: no plots: {reason}", file=sys.stderr)
+    else:
+        report["plots"] = write_plots(out, report, plt)
+        report.pop("plots_skipped", None)
     write_atomic(out / "summary.json", json.dumps(report, indent=2) + "\n")
     write_atomic(out / "summary.md", format_markdown(report))

@@ -44,7 +44,9 @@ class CausalModel(Protocol):
     ) -> torch.Tensor:
         """Append ids (n,) long to the cache; return float32 logits (m, V) of the last m positions
         (m = n when num_logits is None). num_logits=0 skips the output layer (prefill).
-        attn_mask (n, n) bool: [i, j] = new token i sees new token j (None: causal).
+        attn_mask (n, n) bool: [i, j] = new token i sees new token j (None: causal); or
+        (n, length + n) bool over cache and new tokens (a drafter growing a tree over several
+        forwards: a new node must not see the other branches already in the cache).
         positions (n,) long: each new token's position (None: length .. length + n - 1)."""
         ...
 

@@ -11,6 +11,10 @@ tokens each new token sees (its ancestors and itself; every token always sees th
 and `positions` (n,) gives each token its depth-based position for RoPE; after verification
 `keep_path` moves the accepted root-to-leaf path together and drops the other branches.
 
+`capture_hidden(layers)` makes later forwards record hidden states (base.py) in `hidden`. The
+decoder layers then run in segments that end at the captured layers, so a forward that captures
+nothing runs exactly the loop it runs without the feature.
+
 The arithmetic follows transformers' modeling_llama / modeling_qwen2 op for op (RMSNorm in
 float32, RoPE tables computed in float32 then cast) so that logits match it on the same weights.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from outrider.models.hf import context_length
+from outrider.models.hf import check_path, check_tree_args, context_length, hidden_layer_indices
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")  # the RoPE variants that are fixed tables
@@ -296,6 +300,8 @@ class NativeLlama:
         self._arange = torch.arange(capacity, device=self.device)  # builds causal masks by comparison
         self._no_logits = torch.empty(0, self.vocab_size, device=self.device)
         self._length = 0
+        self._capture: tuple[int, ...] = ()
+        self.hidden: Tensor | None = None
 
     @classmethod
     def from_hf(
@@ -354,7 +360,7 @@ class NativeLlama:
         self,
         ids: Tensor,  # (n,) long
         num_logits: int | None = None,
-        attn_mask: Tensor | None = None,  # (n, n) bool: [i, j] = new token i sees new token j
+        attn_mask: Tensor | None = None,  # (n, n) bool: [i, j] = new token i sees new token j; or (n, length + n)
         positions: Tensor | None = None,  # (n,) long; default length .. length + n - 1
     ) -> Tensor:
         """Append ids to the cache; return float32 logits (m, V) of the last m positions (m = n when
@@ -367,16 +373,15 @@ class NativeLlama:
         m = n if num_logits is None else num_logits
         if not 0 <= m <= n:
             raise ValueError(f"num_logits={num_logits} must lie in [0, {n}] (the number of new tokens)")
+        check_tree_args(n, attn_mask, positions, start)
         if positions is None:
             cos, sin = self._cos[start:end], self._sin[start:end]  # (n, 1, hd) views
         else:
-            if positions.shape != (n,):
-                raise ValueError(f"positions has shape {tuple(positions.shape)}; expected ({n},)")
             cos, sin = self._cos[positions], self._sin[positions]
         is_causal = False
-        if attn_mask is not None:
-            if attn_mask.shape != (n, n):
-                raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}; expected ({n}, {n})")
+        if attn_mask is not None and attn_mask.shape[1] == end:
+            mask = attn_mask.to(self.device)  # (n, end): what each new token sees of cache and new tokens
+        elif attn_mask is not None:
             mask = torch.ones(n, end, dtype=torch.bool, device=self.device)  # (n, end): all see the cache
             mask[:, start:] = attn_mask
         elif n == 1:
@@ -386,21 +391,66 @@ class NativeLlama:
         else:
             mask = self._arange[:end] <= self._arange[start:end, None]  # (n, end) bottom-right causal
 
-        x = self._decoder_layers(F.embedding(ids.to(self.device), self.embed), cos, sin, mask, is_causal, start)
+        x = F.embedding(ids.to(self.device), self.embed)  # (n, D)
+        normed = None
+        if self._capture:
+            x, normed = self._capturing_layers(x, cos, sin, mask, is_causal, start)
+        else:
+            x = self._decoder_layers(x, cos, sin, mask, is_causal, start)
         self._length = end
 
         if m == 0:
             return self._no_logits
-        h = rms_norm(x[n - m :], self.norm, self.eps)  # the norm is per position: only the m that need it
+        if normed is not None:
+            h = normed[n - m :]
+        else:
+            h = rms_norm(x[n - m :], self.norm, self.eps)  # the norm is per position: only the m that need it
         return self._linear(h, self.lm_head, self.lm_head_bias).float()
 
-    def _layers(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool, start: int) -> Tensor:
-        """The decoder layers over x (n, D), writing keys and values at [start, start + n)."""
+    def capture_hidden(self, layers: Sequence[int]) -> None:
+        """Record these layers' hidden states in `hidden` (len(layers), n, D) on every later forward:
+        0 = embedding output, i = output of decoder layer i, len(self.layers) = after the final norm
+        (transformers' output_hidden_states indices). Empty stops; `hidden` is then None."""
+        self._capture = hidden_layer_indices(layers, len(self.layers))
+        self.hidden = None
+
+    def _capturing_layers(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool, start: int
+    ) -> tuple[Tensor, Tensor | None]:
+        """The decoder layers over x (n, D) in segments [0, i1), [i1, i2), ..., [ik, L) that end at the
+        captured layers, storing `hidden`. Returns the last layer's output and, when the final norm
+        is captured, its normed value (n, D) (None otherwise) so the logits reuse it."""
+        num_layers = len(self.layers)
+        states = {0: x}  # captured index -> (n, D)
+        lo = 0
+        for hi in sorted({i for i in self._capture if 0 < i < num_layers}) + [num_layers]:
+            x = self._decoder_layers(x, cos, sin, mask, is_causal, start, lo, hi)
+            states[hi] = x
+            lo = hi
+        normed = None
+        if num_layers in self._capture:
+            normed = states[num_layers] = rms_norm(x, self.norm, self.eps)
+        self.hidden = torch.stack([states[i] for i in self._capture])  # (len(layers), n, D)
+        return x, normed
+
+    def _layers(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        is_causal: bool,
+        start: int,
+        lo: int = 0,
+        hi: int | None = None,
+    ) -> Tensor:
+        """The decoder layers [lo, hi) (default all) over x (n, D), writing keys and values at
+        [start, start + n)."""
         n = x.shape[0]
         end = start + n
         H, Hkv, hd, eps, linear = self.n_heads, self.n_kv_heads, self.head_dim, self.eps, self._linear
         q_end, k_end = H * hd, (H + Hkv) * hd
-        for w, k_cache, v_cache in zip(self.layers, self._k, self._v):
+        for w, k_cache, v_cache in zip(self.layers[lo:hi], self._k[lo:hi], self._v[lo:hi]):
             qkv = linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv)  # (n, (H + 2 Hkv) hd)
             q = qkv[:, :q_end].view(n, H, hd)
             k = qkv[:, q_end:k_end].view(n, Hkv, hd)
@@ -431,11 +481,7 @@ class NativeLlama:
         at offsets `path` (root to leaf, increasing), moved to [start, start + len(path)), and
         drop the rest. Their keys were rotated at depth positions start + i, which is where they
         land, so the cache then equals that of the path fed as a chain."""
-        n = self._length - start
-        if start < 0 or n < 0:
-            raise ValueError(f"start={start} is not within the cache (holding {self._length} tokens)")
-        if any(b <= a for a, b in zip(path, path[1:])) or (path and not 0 <= path[0] <= path[-1] < n):
-            raise ValueError(f"path={path} must be increasing offsets into the {n} tokens appended at {start}")
+        check_path(start, path, self._length)
         idx = torch.tensor(path, dtype=torch.long, device=self.device) + start
         for k_cache, v_cache in zip(self._k, self._v):
             k_cache[:, start : start + len(path)] = k_cache[:, idx]  # advanced indexing copies first
@@ -444,3 +490,4 @@ class NativeLlama:
 
     def reset(self) -> None:
         self._length = 0
+        self.hidden = None
