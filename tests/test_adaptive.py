@@ -77,7 +77,7 @@ def calibrated(t_draft: float = 0.1, t_verify: float = 1.0) -> AdaptiveK:
     """Sure tokens (confidence 0.95) are always accepted, unsure ones (0.15) never."""
     ak = AdaptiveK(k_max=8, costs=CostModel(c=t_draft / t_verify))
     for _ in range(31):  # 31: the next step is not one that explores a token past the rule
-        ak.observe(3, 2, [(0.95, True), (0.95, True), (0.15, False)])
+        ak.observe(3, 2, [(0.95, True, 0), (0.95, True, 0), (0.15, False, 0)])
     return ak
 
 
@@ -85,6 +85,7 @@ def test_acceptance_is_calibrated_per_confidence():
     ak = calibrated()
     assert ak.acceptance_at(0.95) > 0.95 and ak.acceptance_at(0.15) < 0.05
     assert ak.acceptance_at(0.55) == pytest.approx(0.55)  # never seen: the prior, "as sure as it says"
+    assert ak.acceptance_at(0.95, rank=1) == pytest.approx(0.95)  # later siblings are counted apart
 
 
 def test_drafting_goes_on_while_the_drafter_is_sure():

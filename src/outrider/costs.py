@@ -73,18 +73,13 @@ def _round(x: float, grid: float) -> float:
     return round(round(x / grid) * grid, 4)
 
 
-def _median_forward_s(
-    model: CausalModel, n: int, context: int, repeats: int, clock: Callable[[], float]
-) -> float:
-    """Median seconds of a forward over n tokens after `context` cached tokens (rolled back after)."""
-    ids = torch.zeros(n, dtype=torch.long, device=model.device)
-    times = []
-    for _ in range(repeats + 1):  # the first run warms this size up and is dropped
-        t0 = clock()
-        model.forward(ids)
-        times.append(clock() - t0)
-        model.rollback(context)
-    return statistics.median(times[1:])
+def _forward_s(model: CausalModel, ids: torch.Tensor, context: int, clock: Callable[[], float]) -> float:
+    """Seconds of one forward over ids after `context` cached tokens (rolled back after)."""
+    t0 = clock()
+    model.forward(ids)
+    elapsed = clock() - t0
+    model.rollback(context)
+    return elapsed
 
 
 @torch.inference_mode()
@@ -92,27 +87,41 @@ def calibrate(
     target: CausalModel,
     draft: CausalModel | None = None,
     sizes: tuple[int, ...] = CALIBRATION_SIZES,
-    repeats: int = 5,
+    repeats: int = 7,
     context: int = 64,
     clock: Callable[[], float] = time.perf_counter,
 ) -> CostModel:
     """Measure v(n) of the target at `sizes` (capped by its context) and c for a draft model (0 for
-    drafters without one), after `context` tokens of cache; the caches are reset afterwards."""
+    drafters without one), after `context` tokens of cache; the caches are reset afterwards.
+
+    Sizes are measured in interleaved rounds (drift hits all alike; the first rounds only warm up),
+    and with a draft model each target forward follows a draft forward, as in decoding: the draft
+    evicts part of the target's weights from the CPU's cache, which a target measured alone keeps."""
     limit = (target.max_length or 10**9) - context
-    sizes = tuple(n for n in sizes if n <= limit) or (1,)
-    ids = torch.zeros(context, dtype=torch.long, device=target.device)
-    target.reset()
-    target.forward(ids, num_logits=0)
-    base = _median_forward_s(target, 1, context, repeats, clock)
+    sizes = tuple(sorted({1, *(n for n in sizes if n <= limit)}))
+    ids = torch.zeros(max(sizes), dtype=torch.long, device=target.device)
+    models = [target] + ([draft] if draft is not None else [])
+    for m in models:
+        m.reset()
+        m.forward(torch.zeros(context, dtype=torch.long, device=m.device), num_logits=0)
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    draft_times: list[float] = []
+    draft_ids = torch.zeros(1, dtype=torch.long, device=draft.device) if draft is not None else None
+    warmup = 2
+    for r in range(warmup + repeats):
+        for n in sizes:
+            if draft is not None:
+                t = _forward_s(draft, draft_ids, context, clock)
+                if r >= warmup and n == 1:
+                    draft_times.append(t)
+            t = _forward_s(target, ids[:n], context, clock)
+            if r >= warmup:
+                times[n].append(t)
+    for m in models:
+        m.reset()
+    base = statistics.median(times[1])
     verify = {1: 1.0}
-    for n in sizes:
-        if n > 1:
-            verify[n] = max(_round(_median_forward_s(target, n, context, repeats, clock) / base, V_GRID), 1.0)
-    target.reset()
-    c = 0.0
-    if draft is not None:
-        draft.reset()
-        draft.forward(ids.to(draft.device), num_logits=0)
-        c = _round(_median_forward_s(draft, 1, context, repeats, clock) / base, C_GRID)
-        draft.reset()
+    for n in sizes[1:]:
+        verify[n] = max(_round(statistics.median(times[n]) / base, V_GRID), 1.0)
+    c = _round(statistics.median(draft_times) / base, C_GRID) if draft_times else 0.0
     return CostModel(c, verify)

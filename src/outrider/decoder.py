@@ -31,6 +31,10 @@ from outrider.verify import verify_greedy, verify_speculative, verify_tree_greed
 FinishReason = Literal["length", "eos", "stop"]
 AUTO_K_MAX = 8  # the longest draft k="auto" considers
 AUTO_TREE_SIZE = 24  # the largest tree k="auto" considers (a CPU verifies 25 tokens for ~1.5 steps)
+# Greedy runs that teach k="auto" how often the draft is right at each confidence, once per decoder
+# (deterministic: no clock, no sampling), before any request: plain text and code.
+CALIBRATION_PROMPTS = ("The history of the city began", "def main(argv):\n    ")
+CALIBRATION_TOKENS = 64
 
 
 @dataclass
@@ -167,6 +171,7 @@ class SpeculativeDecoder:
         self.adaptive = adaptive
         self.tokenizer = target.tokenizer
         self.clock = time.perf_counter  # timings for the stats only: no decision reads it
+        self._learning = False  # True during calibrate_acceptance: requests then add to one history
 
     @classmethod
     def from_pretrained(
@@ -239,7 +244,33 @@ class SpeculativeDecoder:
             if costs is None:
                 costs = _calibrated(loaded_target, loaded_draft)
             adaptive = AdaptiveK(k_max=AUTO_K_MAX, costs=costs)
-        return cls(loaded_target, drafter, k=k, method=method, adaptive=adaptive)
+        decoder = cls(loaded_target, drafter, k=k, method=method, adaptive=adaptive)
+        if adaptive is not None:
+            decoder.calibrate_acceptance()
+        return decoder
+
+    def calibrate_acceptance(self, prompts: Sequence[str | Sequence[int]] = CALIBRATION_PROMPTS,
+                             max_new_tokens: int = CALIBRATION_TOKENS) -> None:
+        """Learn k="auto"'s prior (acceptance per draft position and per draft confidence) from
+        greedy runs on fixed prompts, and keep it for every later request (AdaptiveK.keep_as_prior).
+        Deterministic, so decoders built alike start alike. Text prompts need a tokenizer (they are
+        skipped without one)."""
+        if self.adaptive is None:
+            return
+        self.adaptive.reset()
+        self._learning = True
+        try:
+            for prompt in prompts:
+                if isinstance(prompt, str) and self.tokenizer is None:
+                    continue
+                n = len(self.encode(prompt))
+                limit = self.target.model.max_length
+                new = max_new_tokens if limit is None else min(max_new_tokens, limit - n)
+                if new >= 1:
+                    self.generate(prompt, max_new_tokens=new)
+        finally:
+            self._learning = False
+        self.adaptive.keep_as_prior()
 
     @property
     def costs(self) -> CostModel:
@@ -360,8 +391,8 @@ class SpeculativeDecoder:
             # The last prompt token is fed with the first draft, so every step scores d+1 tokens.
             target.forward(state.seq[: state.n_prompt - 1].to(target.device), num_logits=0)
         self.drafter.begin(state.seq[: state.n_prompt])
-        if self.adaptive is not None:
-            self.adaptive.reset()  # each request decides from its own history only (contract 3)
+        if self.adaptive is not None and not self._learning:
+            self.adaptive.reset()  # each request decides from the prior and its own history (contract 3)
         state.stats.prompt_tokens = state.n_prompt
         state.stats.prefill_s += self.clock() - t0
 
@@ -467,17 +498,23 @@ def _depth_of(parents: torch.Tensor) -> int:
     return max(depth, default=0)
 
 
-def _tried(draft: Draft, path: list[int]) -> list[tuple[float, bool]] | None:
-    """(confidence, kept) of the nodes verification tried: the children of the root and of every
-    accepted node (for a chain: the first accepted + 1 tokens)."""
+def _tried(draft: Draft, path: list[int]) -> list[tuple[float, bool, int]] | None:
+    """(confidence, kept, rank among siblings) of the nodes verification tried: the children of the
+    root and of every accepted node (for a chain: the first accepted + 1 tokens)."""
     if not draft.confidences:
         return None
     conf = draft.confidences
     if draft.is_chain:
-        return [(conf[i], i < len(path)) for i in range(min(len(path) + 1, len(conf)))]
+        return [(conf[i], i < len(path), 0) for i in range(min(len(path) + 1, len(conf)))]
     on_path = set(path)
     tried_parents = {-1, *path}
-    return [(conf[i], i in on_path) for i, p in enumerate(draft.parents.tolist()) if p in tried_parents]
+    out, siblings = [], {}
+    for i, p in enumerate(draft.parents.tolist()):
+        rank = siblings.get(p, 0)
+        siblings[p] = rank + 1
+        if p in tried_parents:
+            out.append((conf[i], i in on_path, rank))
+    return out
 
 
 class _TextTracker:

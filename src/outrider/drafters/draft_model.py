@@ -190,6 +190,8 @@ class DraftModel:
                 break
             if adaptive is not None and not self._worth_growing(tree, reach, frontier, forwards, adaptive):
                 break
+            if greedy and len(tree) >= k and max(reach[f] for f in frontier) <= sorted(reach, reverse=True)[k - 1]:
+                break  # a child's reach is at most its parent's: no new node could enter the best k
             logits = self._feed(tree, frontier, depth - 1)  # (len(frontier), V)
             forwards += 1
             start = len(tree)
@@ -213,8 +215,11 @@ class DraftModel:
         """Estimated probability that each node is accepted: the product along its path of the
         calibrated acceptance of its confidence (without a policy: of the confidence itself)."""
         out: list[float] = []
-        for i, (p, c) in enumerate(zip(tree.parents, tree.conf)):
-            a = adaptive.acceptance_at(c) if adaptive is not None else c
+        siblings: dict[int, int] = {}
+        for p, c in zip(tree.parents, tree.conf):
+            rank = siblings.get(p, 0)
+            siblings[p] = rank + 1
+            a = adaptive.acceptance_at(c, rank) if adaptive is not None else c
             out.append((out[p] if p >= 0 else 1.0) * a)
         return out
 
