@@ -206,3 +206,32 @@ def test_prompt_lookup_offers_several_matches_as_branches():
     assert tokens == [7, 5, 9, 6, 8, 1, 1, 1] and parents == [-1, -1, 0, 1, 0, 2, 3, 4]
     tokens, parents = merge_branches(found, budget=4)  # depth by depth: every branch starts
     assert tokens == [7, 5, 9, 6] and parents == [-1, -1, 0, 1]
+
+
+# ---- sampling through the decoder: the committed tokens follow the target exactly -------------
+
+@pytest.mark.parametrize("drafter", ["draft_model-tree", "prompt_lookup-tree", "suffix"])
+def test_tree_drafters_sample_losslessly_through_the_decoder(drafter):
+    """The first 3 sampled tokens (6-token vocabulary, all 216 outcomes enumerated) follow the
+    target's exact distribution: sampled children (draft_model), deterministic ones (lookup, suffix)."""
+    from outrider.drafters.suffix import SuffixDrafter
+    from test_lossless import N, P_REJECT, PROMPT as LOSSLESS_PROMPT, SETTINGS, chi_square_p_value, \
+        exact_distribution, sample_decoder, sample_exact
+
+    params = SETTINGS[0]
+    target = FakeModel(vocab_size=6, seed=0, scale=1.0)
+    if drafter == "draft_model-tree":
+        d, k = DraftModel(FakeModel(vocab_size=6, seed=1, scale=1.0), 6, k=6, width=2), 6
+    elif drafter == "prompt_lookup-tree":
+        d, k = PromptLookup(max_ngram=2, k=6, width=3), 6
+    else:
+        d, k = SuffixDrafter(k=6), 6
+    dec = SpeculativeDecoder(loaded(target), d, k=k)
+    counts = sample_decoder(dec, params)
+    target_dist = exact_distribution(target, params)
+    assert chi_square_p_value(counts, target_dist, N) > P_REJECT
+    stats = dec.generate(LOSSLESS_PROMPT, max_new_tokens=3, temperature=1.0, seed=0).stats
+    assert stats.drafted > 0
+    # Power at the same sample size: the draft's own law is rejected.
+    other = sample_exact(exact_distribution(FakeModel(vocab_size=6, seed=1, scale=1.0), params), seed=0)
+    assert chi_square_p_value(other, target_dist, N) < P_REJECT

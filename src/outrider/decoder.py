@@ -378,6 +378,10 @@ class SpeculativeDecoder:
         self._prefill(state)
         while True:
             chunk = self._step(state)
+            if chunk.finish_reason is not None:
+                finish = getattr(self.drafter, "finish", None)
+                if finish is not None:  # drafters that learn from whole outputs (suffix) see the last step
+                    finish(state.seq[: state.n])
             if chunk.token_ids or chunk.finish_reason is not None:
                 yield chunk
             if chunk.finish_reason is not None:

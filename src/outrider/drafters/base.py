@@ -88,6 +88,9 @@ class Drafter(Protocol):
         they are now committed, followed by one recovered or bonus token."""
         ...
 
+    # Optional: `finish(tokens)` with the final committed sequence (n,) when a generation ends, for
+    # drafters that learn from whole outputs (suffix); the decoder calls it when it is defined.
+
 
 class DrafterClass(Protocol):
     name: ClassVar[str]
