@@ -23,6 +23,7 @@ FIELDS = {
     "question_id", "category", "turn", "method", "repeat", "k", "prompt_tokens", "prompt_truncated",
     "new_tokens", "wall_s", "tokens_per_s", "steps", "drafted", "accepted", "drafted_at", "accepted_at",
     "draft_s", "target_s", "tau", "alpha", "matches_autoregressive", "output_ids", "output_text", "costs",
+    "draft_forwards",
 }
 
 
@@ -254,7 +255,8 @@ def test_tree_variants_sweep_with_the_cost_models_prediction(model_dirs, tmp_pat
     steps = sum(r["steps"] for r in recs)
     costs = CostModel.from_json(json.dumps(recs[0]["costs"]))
     size = sum(r["drafted"] for r in recs) / steps
-    depth = sum(sum(r["drafted_at"]) for r in recs) / steps
+    depth = sum(r["draft_forwards"] for r in recs) / steps
+    assert depth >= sum(sum(r["drafted_at"]) for r in recs) / steps  # a tree grows at least as deep as it keeps
     tau = sum(r["new_tokens"] for r in recs) / steps
     assert sweep["draft_model@w=2"]["predicted"][1] == pytest.approx(tau / (depth * costs.c + costs.v(round(size) + 1)))
     assert predicted_speedup(recs) == sweep["draft_model@w=2"]["predicted"][1]

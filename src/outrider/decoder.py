@@ -451,7 +451,8 @@ class SpeculativeDecoder:
         new = seq[n : n + accepted + 1].tolist()
         chunk = self._commit(state, new, accepted)
         committed = len(chunk.token_ids)
-        state.stats.record_step(d, min(accepted, committed), committed, depth)
+        state.stats.record_step(d, min(accepted, committed), committed, depth,
+                                draft.forwards if draft is not None else 0)
         state.stats.draft_s += tb - ta
         state.stats.target_s += tc - tb
         state.stats.decode_s += clock() - ta

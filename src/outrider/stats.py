@@ -17,6 +17,7 @@ class SpecStats:
     new_tokens: int = 0  # tokens committed (== len(result.token_ids))
     drafted: int = 0  # drafted tokens (tree nodes)
     accepted: int = 0
+    draft_forwards: int = 0  # draft-model forwards spent drafting (0 for model-free drafters)
     # drafted_at[i] / accepted_at[i]: steps whose draft reached depth i + 1 (a chain: drafted a
     # token at position i) / whose accepted path did.
     drafted_at: list[int] = field(default_factory=list)
@@ -27,10 +28,13 @@ class SpecStats:
     draft_s: float = 0.0  # time inside the drafter (part of decode_s)
     target_s: float = 0.0  # time inside target forwards during decode (part of decode_s)
 
-    def record_step(self, drafted: int, accepted: int, committed: int, depth: int | None = None) -> None:
+    def record_step(
+        self, drafted: int, accepted: int, committed: int, depth: int | None = None, draft_forwards: int = 0
+    ) -> None:
         """One step: `drafted` nodes (tree size) reaching `depth` (None: a chain, depth = drafted)."""
         depth = drafted if depth is None else depth
         self.steps += 1
+        self.draft_forwards += draft_forwards
         self.drafted += drafted
         self.accepted += accepted
         self.new_tokens += committed
@@ -75,7 +79,7 @@ class SpecStats:
     def merge(self, other: SpecStats) -> SpecStats:
         """Sum of two runs' counts and times (for aggregating over prompts)."""
         out = SpecStats()
-        for name in ("steps", "new_tokens", "drafted", "accepted", "prompt_tokens"):
+        for name in ("steps", "new_tokens", "drafted", "accepted", "draft_forwards", "prompt_tokens"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("prefill_s", "decode_s", "draft_s", "target_s"):
             setattr(out, name, getattr(self, name) + getattr(other, name))

@@ -89,8 +89,9 @@ def expected_speedup(alpha: float, k: int, c: float) -> float:
 
 def predicted_speedup(records: Sequence[Record]) -> float | None:
     """The cost model's prediction from measured counts: tau / (d·c + v(n + 1)), with n the mean
-    draft size (tree nodes) per step, d the mean draft depth per step (draft forwards, for a draft
-    model) and c, v(n) the costs the method calibrated (costs.py). None without counts or costs."""
+    draft size (tree nodes) per step, d the mean draft-model forwards per step (a tree's growth may
+    go deeper than the nodes it keeps) and c, v(n) the costs the method calibrated (costs.py).
+    None without counts or costs."""
     from outrider.costs import CostModel
 
     counted = [r for r in records if r.get("steps") and r.get("costs")]
@@ -99,7 +100,7 @@ def predicted_speedup(records: Sequence[Record]) -> float | None:
     costs = CostModel(counted[0]["costs"]["c"], {int(n): v for n, v in counted[0]["costs"]["verify"].items()})
     steps = sum(r["steps"] for r in counted)
     size = sum(r["drafted"] for r in counted) / steps
-    depth = sum(sum(r["drafted_at"]) for r in counted) / steps
+    depth = sum(r.get("draft_forwards") or 0 for r in counted) / steps
     tau = sum(r["new_tokens"] for r in counted) / steps
     return tau / (depth * costs.c + costs.v(round(size) + 1))
 

@@ -256,6 +256,7 @@ class Bench:
             "drafted": s.drafted if s else None,
             "accepted": s.accepted if s else None,
             "drafted_at": s.drafted_at if s else None,
+            "draft_forwards": s.draft_forwards if s else None,
             "accepted_at": s.accepted_at if s else None,
             "draft_s": s.draft_s if s else None,  # time inside the drafter
             "target_s": s.target_s if s else None,  # time inside target forwards during decode

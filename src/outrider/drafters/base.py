@@ -55,6 +55,7 @@ class Draft:
     # drafters that set stops_on_confidence; adaptive k calibrates acceptance against it.
     confidences: list[float] | None = None
     parents: torch.Tensor | None = None  # (d,) long, topological (parents[i] < i); None: a chain
+    forwards: int = 0  # draft-model forwards this proposal took (the d of the cost model; 0: model-free)
 
     @property
     def size(self) -> int:

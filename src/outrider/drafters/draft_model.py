@@ -80,21 +80,27 @@ class DraftModel:
     default_k: ClassVar[int] = 3
 
     def __init__(
-        self, model: CausalModel, target_vocab_size: int, k: int = 4, width: int = 1, depth: int | None = None
+        self, model: CausalModel, target_vocab_size: int, k: int = 4, width: int = 1, depth: int | None = None,
+        expand: int | None = None,
     ) -> None:
         """k: draft length of a chain, or most nodes of a tree. width: children per expanded node
-        (1: a chain). depth: deepest tree level (default min(k, TREE_DEPTH))."""
+        (1: a chain). depth: deepest tree level (default min(k, TREE_DEPTH)). expand: nodes expanded
+        per depth, each costing a row of one draft forward (default width; 1 grows the draft's
+        best chain with its runners-up as leaves: no more draft work than a chain)."""
         if k < 1:
             raise ValueError(f"k={k} is invalid: propose at least 1 token per step")
         if width < 1:
             raise ValueError(f"width={width} is invalid: use 1 for a chain or more for a tree")
         if depth is not None and depth < 1:
             raise ValueError(f"depth={depth} is invalid: use a tree depth >= 1")
+        if expand is not None and expand < 1:
+            raise ValueError(f"expand={expand} is invalid: expand at least 1 node per depth")
         self.model = model
         self.vocab_size = target_vocab_size
         self.k = k
         self.width = width
         self.depth = depth if depth is not None else min(k, TREE_DEPTH)
+        self.expand = expand if expand is not None else width
         self._base = 0  # draft cache length (committed tokens) when the last draft was proposed
         self._fed = 0  # chain: draft tokens fed to the model during the last proposal
         self._fed_nodes: list[int] = []  # tree: nodes fed, in cache order after _base
@@ -150,7 +156,7 @@ class DraftModel:
                 break
             logits = self._logits(self.model.forward(x.view(1), num_logits=1)[-1])
         self._fed = len(tokens) - 1
-        return Draft(torch.stack(tokens), torch.stack(probs) if probs else None, confidences)
+        return Draft(torch.stack(tokens), torch.stack(probs) if probs else None, confidences, forwards=len(tokens))
 
     def _children(self, tree: _Tree, parent: int, logits: torch.Tensor, step: DraftStep, room: int) -> None:
         """Add up to min(width, room) children of `parent` drawn from the draft's logits (V,)."""
@@ -185,7 +191,7 @@ class DraftModel:
         forwards = 1
         for depth in range(2, self.depth + 1):
             expandable = [i for i in layer if not tree.leaf_only[i]]
-            frontier = sorted(expandable, key=lambda i: (-tree.scores[i], i))[: self.width]
+            frontier = sorted(expandable, key=lambda i: (-tree.scores[i], i))[: self.expand]
             if not frontier or len(tree) >= room:
                 break
             if adaptive is not None and not self._worth_growing(tree, reach, frontier, forwards, adaptive):
@@ -208,7 +214,7 @@ class DraftModel:
             if adaptive is not None:
                 size = min(size, max(1, adaptive.tree_size([reach[i] for i in order[:size]], forwards)))
             keep = sorted(order[:size])
-        return self._draft(tree, keep)
+        return self._draft(tree, keep, forwards)
 
     @staticmethod
     def _reach(tree: _Tree, adaptive) -> list[float]:
@@ -258,7 +264,7 @@ class DraftModel:
         self._fed_nodes.extend(frontier)
         return self._logits(logits)
 
-    def _draft(self, tree: _Tree, keep: list[int]) -> Draft:
+    def _draft(self, tree: _Tree, keep: list[int], forwards: int) -> Draft:
         """The kept nodes (ascending, closed under parents) renumbered 0..len-1 as a Draft."""
         new_index = {old: new for new, old in enumerate(keep)}
         self._fed_nodes = [new_index.get(old, -1) for old in self._fed_nodes]  # -1: fed, then cut
@@ -267,7 +273,7 @@ class DraftModel:
         parents = torch.tensor([new_index[tree.parents[i]] if tree.parents[i] >= 0 else -1 for i in keep],
                                dtype=torch.long, device=dev)
         probs = torch.stack([tree.q_rows[i] for i in keep]) if tree.q_rows else None
-        return Draft(tokens, probs, [tree.conf[i] for i in keep], parents)
+        return Draft(tokens, probs, [tree.conf[i] for i in keep], parents, forwards)
 
     def update(self, path: list[int]) -> None:
         if self._fed_nodes:
