@@ -184,6 +184,17 @@ def test_malformed_dataset_line_names_line_and_field(tmp_path):
         load_spec_bench(path)
     with pytest.raises(ValueError, match="categories \\['b'\\]"):
         select(builtin_code(), ["b"])
+    path.write_text(good + "\n" + json.dumps({"question_id": 4, "category": "a", "turns": ["x", "y"], "raw": True}))
+    with pytest.raises(ValueError, match=r"line 2: field 'raw' must be true \(for a one-turn prompt\)"):
+        load_spec_bench(path)
+
+
+def test_the_unseen_code_set_is_fed_raw():
+    """benchmarks/unseen_code.jsonl: completion prompts written after the pair and never tuned on,
+    fed as plain text (no chat template), like the built-in code set."""
+    qs = load_spec_bench(Path(__file__).resolve().parent.parent / "benchmarks" / "unseen_code.jsonl")
+    assert len(qs) == 12 and all(q.raw and len(q.turns) == 1 for q in qs)
+    assert not {q.turns[0] for q in qs} & {q.turns[0] for q in builtin_code()}
 
 
 def test_unknown_method_lists_known_ones(tmp_path):

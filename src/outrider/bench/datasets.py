@@ -45,7 +45,8 @@ def builtin_code() -> list[Question]:
 
 
 def load_spec_bench(path: str | Path) -> list[Question]:
-    """Read a Spec-Bench question.jsonl: one object per line with question_id, category, turns."""
+    """Read a Spec-Bench question.jsonl: one object per line with question_id, category, turns (and
+    optionally "raw": true for a one-turn completion prompt fed as is, with no chat template)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"dataset {str(path)!r} does not exist: pass a Spec-Bench question.jsonl")
@@ -72,10 +73,13 @@ def load_spec_bench(path: str | Path) -> list[Question]:
                 raise ValueError(f"{where}: field 'category' must be a non-empty string, got {cat!r}")
             if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t for t in turns):
                 raise ValueError(f"{where}: field 'turns' must be a non-empty list of non-empty strings")
+            raw = obj.get("raw", False)
+            if not isinstance(raw, bool) or (raw and len(turns) != 1):
+                raise ValueError(f"{where}: field 'raw' must be true (for a one-turn prompt) or false, got {raw!r}")
             if str(qid) in seen:
                 raise ValueError(f"{where}: field 'question_id' {qid!r} repeats an earlier line")
             seen.add(str(qid))
-            out.append(Question(str(qid), cat, tuple(turns)))
+            out.append(Question(str(qid), cat, tuple(turns), raw=raw))
     if not out:
         raise ValueError(f"dataset {str(path)!r} holds no questions")
     return out

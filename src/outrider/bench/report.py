@@ -75,7 +75,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             "size: mean drafted nodes per step. theoretical (chains): (1 - α^(k+1)) / ((1 - α)(k·c + 1)) with α "
             "and c measured over all fixed k of the method (c = drafter time per drafted token / target time "
             "per step); it assumes each position is accepted independently with probability α. predicted: the "
-            "cost model's tau / (d·c + v(size + 1)) from the measured tau, mean draft depth d and the costs c, "
+            "cost model's tau / (d·c + v(size + 1)) from the measured tau, mean draft-model forwards per step d and the costs c, "
             "v(n) calibrated at load (costs.py). Both leave out prefill and the loop's own time.",
             "",
             "| method | k | size | speedup | theoretical | predicted | tau | alpha | c |",
