@@ -20,6 +20,19 @@ def test_stream_matches_generate(model_dirs):
     assert [f for c in chunks for f in c.drafted] == res.drafted
     assert all(len(c.pieces) == len(c.token_ids) == len(c.drafted) for c in chunks)
     assert stats.new_tokens == len(res.token_ids) and stats.steps == len(chunks)
+    # Only the last chunk says why generation ended, and it agrees with generate().
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    assert chunks[-1].finish_reason == res.finish_reason and res.finish_reason in ("length", "eos")
+
+
+def test_a_request_object_gives_what_keyword_arguments_give(model_dirs):
+    from outrider.decoder import GenerationRequest
+
+    dec = make(model_dirs)
+    request = GenerationRequest("for i in", max_new_tokens=12, temperature=0.8, top_k=20, seed=3)
+    assert dec.generate(request).token_ids == dec.generate("for i in", max_new_tokens=12, temperature=0.8,
+                                                           top_k=20, seed=3).token_ids
+    assert [t for c in dec.stream(request) for t in c.token_ids] == dec.generate(request).token_ids
 
 
 def test_each_chunk_is_accepted_drafts_then_one_target_token(model_dirs):
