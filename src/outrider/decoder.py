@@ -147,6 +147,7 @@ class _Sequence:
         self.generator = generator
         self.stats = stats
         self.text = text
+        self.hidden: torch.Tensor | None = None  # (L, m, D) states not yet handed to the drafter
 
     @property
     def remaining(self) -> int:
@@ -171,6 +172,10 @@ class SpeculativeDecoder:
         self.adaptive = adaptive
         self.tokenizer = target.tokenizer
         self.clock = time.perf_counter  # timings for the stats only: no decision reads it
+        # Self-drafting heads read the target's hidden states: capture the layers they name.
+        self.hidden_layers = tuple(getattr(drafter, "hidden_layers", ()) or ())
+        if self.hidden_layers:
+            target.model.capture_hidden(self.hidden_layers)
         self._learning = False  # True during calibrate_acceptance: requests then add to one history
 
     @classmethod
@@ -394,6 +399,8 @@ class SpeculativeDecoder:
         if state.n_prompt > 1:
             # The last prompt token is fed with the first draft, so every step scores d+1 tokens.
             target.forward(state.seq[: state.n_prompt - 1].to(target.device), num_logits=0)
+            if self.hidden_layers:
+                state.hidden = target.hidden
         self.drafter.begin(state.seq[: state.n_prompt])
         if self.adaptive is not None and not self._learning:
             self.adaptive.reset()  # each request decides from the prior and its own history (contract 3)
@@ -410,7 +417,8 @@ class SpeculativeDecoder:
         else:
             k = min(self.k, state.remaining - 1)  # an upper bound; adaptive drafters stop earlier
         ta = clock()
-        draft = drafter.propose(DraftStep(seq[:n], k, params, state.generator, adaptive)) if k > 0 else None
+        hidden, state.hidden = state.hidden, None
+        draft = drafter.propose(DraftStep(seq[:n], k, params, state.generator, adaptive, hidden)) if k > 0 else None
         tb = clock()
         d = draft.size if draft is not None else 0
         root = seq[n - 1 : n].to(target.device)
@@ -441,6 +449,10 @@ class SpeculativeDecoder:
             depth = d
         tc = clock()
         accepted = len(path)
+        if self.hidden_layers:
+            # The root and the accepted nodes are committed now: rows 0 and 1 + path of the forward.
+            rows = torch.tensor([0] + [i + 1 for i in path], device=target.device)
+            state.hidden = _join(hidden if k == 0 else None, target.hidden.index_select(1, rows))
         if accepted:
             seq[n : n + accepted] = draft.tokens[path].cpu()
         seq[n + accepted] = next_token
@@ -487,13 +499,22 @@ _CALIBRATED: dict[tuple, CostModel] = {}
 def _calibrated(target: LoadedModel, draft: LoadedModel | None) -> CostModel:
     """Costs measured once per process for the same models on the same device and threads: fresh
     decoders of one process then draft alike, so their seeded outputs agree (contract 3)."""
+    def identity(m: LoadedModel) -> str:
+        # A folder names its weights; a model object passed in (named after its class) does not.
+        return m.name if Path(m.name).exists() else f"{m.name}@{id(m.model)}"
+
     key = tuple(
-        (m.name, str(m.model.device), str(getattr(m.model, "dtype", "")), m.model.vocab_size)
+        (identity(m), str(m.model.device), str(getattr(m.model, "dtype", "")), m.model.vocab_size)
         for m in (target, draft) if m is not None
     ) + (torch.get_num_threads(),)
     if key not in _CALIBRATED:
         _CALIBRATED[key] = calibrate(target.model, draft.model if draft is not None else None)
     return _CALIBRATED[key]
+
+
+def _join(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    """Hidden states (L, m, D) in sequence order: a's tokens, then b's."""
+    return b if a is None else torch.cat([a, b], dim=1)
 
 
 def _depth_of(parents: torch.Tensor) -> int:

@@ -31,6 +31,11 @@ class DraftStep:
     # With k="auto": the policy that drafters reporting confidences consult, token by token
     # (keep_drafting: False ends a chain early) or for a tree's size (tree_size). None: use k.
     adaptive: AdaptiveK | None = None
+    # For drafters with `hidden_layers` (self-drafting heads): the target's hidden states of those
+    # layers, (L, m, D), for the m committed tokens whose states were computed since the last
+    # proposal (the prompt's but its last token at the first), in sequence order. The last
+    # committed token's state is not known yet: the target computes it with the next draft.
+    hidden: torch.Tensor | None = None
 
 
 @dataclass
@@ -91,6 +96,8 @@ class Drafter(Protocol):
 
     # Optional: `finish(tokens)` with the final committed sequence (n,) when a generation ends, for
     # drafters that learn from whole outputs (suffix); the decoder calls it when it is defined.
+    # Optional: `hidden_layers` (tuple of target layer indices, see models/base.py): the decoder
+    # then makes the target capture them and passes them in DraftStep.hidden.
 
 
 class DrafterClass(Protocol):
