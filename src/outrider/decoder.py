@@ -215,10 +215,16 @@ class SpeculativeDecoder:
             _check_positive("k", k)
         if width is not None:
             _check_positive("width", width)
-        if draft is not None and not cls_.uses_draft_model:
+        uses_head = getattr(cls_, "uses_head", False)
+        if draft is not None and not cls_.uses_draft_model and not uses_head:
             raise ValueError(
                 f"method {method!r} uses no draft model, but draft={draft!r} was given: drop the "
                 "draft or use method='draft_model'"
+            )
+        if uses_head and not isinstance(draft, (str, Path)):
+            raise ValueError(
+                f"method {method!r} needs draft=<folder of a head trained by `outrider train drafter "
+                f"--method {method}`>, got {draft!r}"
             )
         if target is None:
             target = _default_target()
@@ -242,7 +248,8 @@ class SpeculativeDecoder:
                 tokenizer=draft_tokenizer if draft_tokenizer is not None else tokenizer,
             )
             _check_same_vocabulary(loaded_target, loaded_draft)
-        drafter = cls_.build(BuildContext(loaded_target, loaded_draft, k, width))
+        head_path = Path(draft).expanduser() if uses_head else None
+        drafter = cls_.build(BuildContext(loaded_target, loaded_draft, k, width, head_path))
         k = k or getattr(drafter, "k", cls_.default_k)
         adaptive = None
         if auto and k:

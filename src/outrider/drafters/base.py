@@ -9,6 +9,7 @@ so state such as a KV cache keeps exactly the committed tokens). `begin` starts 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -79,6 +80,7 @@ class BuildContext:
     draft: LoadedModel | None
     k: int | None
     width: int | None = None  # children per expanded tree node (1: a chain; None: the drafter's default)
+    draft_path: Path | None = None  # a trained head's folder, for drafters with uses_head (eagle)
 
 
 @runtime_checkable

@@ -1,0 +1,332 @@
+"""EAGLE-style self-drafting head (Li et al. 2024, 2025): a small network that reads the target's
+own hidden states and drafts the next tokens.
+
+Words: a *feature* f_j is the target's hidden states of token j at a low, a middle and a high
+layer, fused by one linear layer (EAGLE-3). The head reads *pairs* (f_j, embedding of token j+1)
+and predicts token j+2: one decoder layer of the target's family over the pairs (with its own KV
+cache), a final norm, and an output layer over a **reduced draft vocabulary** (the N most frequent
+target tokens; `d2t` maps draft index -> target id). Drafting further than one token, the head's
+own output at the last pair stands in for the feature the target has not computed yet (training
+unrolls the head the same way, so it learns from what it sees when drafting).
+
+The token embeddings are the target's own, frozen and shared, never saved with the head.
+Lossless under sampling: q is the head's distribution over the full vocabulary, zero outside the
+reduced one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from outrider.drafters.base import BuildContext, Draft, DraftStep, empty_draft, register
+from outrider.sampling import probs_from_logits, sample
+
+CONFIG_NAME = "eagle_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class EagleConfig:
+    """The head's shape and what it was trained for."""
+
+    target: str  # the target's name (folder) when trained; shown when a head is refused
+    target_fingerprint: str  # identifies the target's weights (see `fingerprint`)
+    target_layers: tuple[int, ...]  # hidden-state indices read (models/base.py), low to high
+    target_hidden: int  # the target's hidden size D_t
+    vocab_size: int  # the target's vocabulary width V
+    draft_vocab: int  # N: the reduced vocabulary
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_positions: int = 4096
+    method: str = "eagle"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> EagleConfig:
+        data = json.loads(text)
+        data["target_layers"] = tuple(data["target_layers"])
+        return cls(**data)
+
+
+def fingerprint(embed: Tensor) -> str:
+    """A short identity of a target: its vocabulary and hidden size and a checksum of a few
+    embedding rows (the head shares these embeddings, so they must be the same weights)."""
+    rows = embed[:: max(1, embed.shape[0] // 64)].float()
+    return f"{embed.shape[0]}x{embed.shape[1]}:{float(rows.abs().sum()):.4e}:{float(rows.sum()):.4e}"
+
+
+def default_layers(num_hidden_layers: int) -> tuple[int, int, int]:
+    """EAGLE-3's low, middle and high layers: outputs of layers 2, L/2 and L-1 (never the final,
+    normed one, which the target's own output layer reads)."""
+    low = min(2, num_hidden_layers)
+    return (low, max(low, num_hidden_layers // 2), max(low, num_hidden_layers - 1))
+
+
+def _rope(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin (T, 1, head_dim) for positions (T,), sin carrying rotate_half's sign."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    freqs = positions.float()[:, None] * inv[None]  # (T, hd/2)
+    emb = torch.cat([freqs, freqs], -1)
+    sin = emb.sin()
+    sin[:, : head_dim // 2] = -sin[:, : head_dim // 2]
+    return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]
+
+
+def _apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
+
+
+def _rms(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
+
+
+class EagleHead(nn.Module):
+    """The trainable head. Shapes: D_t target hidden, D head hidden, N draft vocabulary."""
+
+    def __init__(self, cfg: EagleConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D, H, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        self.fuse = nn.Linear(len(cfg.target_layers) * cfg.target_hidden, D, bias=False)
+        self.inp = nn.Linear(D + cfg.target_hidden, D, bias=False)  # [feature; token embedding]
+        self.attn_norm = nn.Parameter(torch.ones(D))
+        self.wqkv = nn.Linear(D, 3 * H * hd, bias=False)
+        self.wo = nn.Linear(H * hd, D, bias=False)
+        self.mlp_norm = nn.Parameter(torch.ones(D))
+        self.w_gate_up = nn.Linear(D, 2 * cfg.intermediate_size, bias=False)
+        self.w_down = nn.Linear(cfg.intermediate_size, D, bias=False)
+        self.norm = nn.Parameter(torch.ones(D))
+        self.lm_head = nn.Linear(D, cfg.draft_vocab, bias=False)
+        self.register_buffer("d2t", torch.arange(cfg.draft_vocab), persistent=True)  # (N,) target ids
+
+    def fuse_features(self, hidden: Tensor) -> Tensor:
+        """Target hidden states (L, ..., D_t) of the chosen layers -> features (..., D)."""
+        return self.fuse(torch.cat(list(hidden.unbind(0)), dim=-1))
+
+    def block(self, x: Tensor, cos: Tensor, sin: Tensor, past_k: Tensor | None, past_v: Tensor | None,
+              mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """The decoder layer over x (B, T, D) after cached keys/values (B, H, S, hd) (or none).
+        mask (T, S + T) bool or None for causal attention among the T new pairs. Returns the
+        output (B, T, D) and this call's keys and values (B, H, T, hd)."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        H, hd = cfg.num_heads, cfg.head_dim
+        q, k, v = self.wqkv(_rms(x, self.attn_norm, cfg.rms_norm_eps)).view(B, T, 3, H, hd).unbind(2)
+        q, k = _apply_rope(q, cos, sin).transpose(1, 2), _apply_rope(k, cos, sin).transpose(1, 2)  # (B, H, T, hd)
+        v = v.transpose(1, 2)
+        keys = k if past_k is None else torch.cat([past_k, k], dim=2)
+        values = v if past_v is None else torch.cat([past_v, v], dim=2)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and past_k is None)
+        x = x + self.wo(y.transpose(1, 2).reshape(B, T, H * hd))
+        gate, up = self.w_gate_up(_rms(x, self.mlp_norm, cfg.rms_norm_eps)).chunk(2, dim=-1)
+        return x + self.w_down(F.silu(gate) * up), k, v
+
+    def pairs(self, features: Tensor, token_embeds: Tensor) -> Tensor:
+        """Input of the layer: [feature_j; embedding of token j+1] (..., D + D_t) -> (..., D)."""
+        return self.inp(torch.cat([features, token_embeds], dim=-1))
+
+    def logits(self, out: Tensor) -> Tensor:
+        """Layer output (..., D) -> logits over the reduced vocabulary (..., N)."""
+        return self.lm_head(_rms(out, self.norm, self.cfg.rms_norm_eps))
+
+    # ---- saving ----------------------------------------------------------------------------
+
+    def save(self, out: Path) -> None:
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        tmp = out / (WEIGHTS_NAME + ".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(out / WEIGHTS_NAME)
+        (out / CONFIG_NAME).write_text(self.cfg.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype | None = None, device: torch.device | None = None) -> EagleHead:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise ValueError(
+                f"{str(path)!r} is not an EAGLE head folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}): train one "
+                "with `outrider train drafter --method eagle`"
+            )
+        try:
+            cfg = EagleConfig.from_json((path / CONFIG_NAME).read_text())
+            state = load_file(str(path / WEIGHTS_NAME))
+        except Exception as e:  # json, dataclass or safetensors errors: name the folder either way
+            raise ValueError(f"the EAGLE head in {str(path)!r} is unreadable ({e}): retrain or re-copy it") from e
+        head = cls(cfg)
+        head.load_state_dict(state)
+        return head.to(device=device, dtype=dtype).eval()
+
+
+def target_embedding(model: object) -> Tensor:
+    """The (V, D_t) token embedding of a backend (native or transformers)."""
+    embed = getattr(model, "embed", None)
+    if isinstance(embed, Tensor):
+        return embed
+    hf = getattr(model, "model", None)
+    if hf is not None and hasattr(hf, "get_input_embeddings"):
+        return hf.get_input_embeddings().weight.detach()
+    raise ValueError(f"cannot read the token embeddings of {type(model).__name__}: use backend 'native' or 'hf'")
+
+
+@register("eagle")
+class EagleDrafter:
+    uses_draft_model: ClassVar[bool] = False
+    uses_head: ClassVar[bool] = True  # `draft` is a head folder written by `outrider train drafter`
+    stops_on_confidence: ClassVar[bool] = True
+    default_k: ClassVar[int] = 4
+
+    def __init__(self, head: EagleHead, embed: Tensor, target_vocab_size: int, k: int = 4) -> None:
+        if k < 1:
+            raise ValueError(f"k={k} is invalid: propose at least 1 token per step")
+        cfg = head.cfg
+        if cfg.vocab_size != target_vocab_size or embed.shape != (cfg.vocab_size, cfg.target_hidden):
+            raise ValueError(
+                f"the EAGLE head was trained for {cfg.target!r} (vocabulary {cfg.vocab_size}, hidden "
+                f"{cfg.target_hidden}), not for this target (embeddings {tuple(embed.shape)}): train a head "
+                "for this target with `outrider train drafter`"
+            )
+        self.head = head.eval()
+        self.embed = embed
+        self.vocab_size = target_vocab_size
+        self.k = k
+        self.hidden_layers = cfg.target_layers
+        self.device = embed.device
+        self.dtype = next(head.parameters()).dtype
+        H, hd, cap = cfg.num_heads, cfg.head_dim, cfg.max_positions
+        self._k_cache = torch.zeros(1, H, cap, hd, dtype=self.dtype, device=self.device)
+        self._v_cache = torch.zeros(1, H, cap, hd, dtype=self.dtype, device=self.device)
+        self._cos, self._sin = _rope(torch.arange(cap, device=self.device), hd, cfg.rope_theta, self.dtype)
+        self._pairs = 0  # pairs with the target's own features in the cache
+        self._last_out: Tensor | None = None  # (D,) head output at the last such pair
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> EagleDrafter:
+        if ctx.draft_path is None:
+            raise ValueError("method 'eagle' needs a head: pass draft=<folder written by `outrider train drafter`>")
+        model = ctx.target.model
+        embed = target_embedding(model)
+        head = EagleHead.load(ctx.draft_path, dtype=embed.dtype, device=embed.device)
+        if head.cfg.target_fingerprint != fingerprint(embed):
+            raise ValueError(
+                f"the EAGLE head in {str(ctx.draft_path)!r} was trained for target {head.cfg.target!r}, not for "
+                f"{ctx.target.name!r} (their embeddings differ): train a head for this target with "
+                "`outrider train drafter`"
+            )
+        return cls(head, embed, model.vocab_size, k=ctx.k or cls.default_k)
+
+    def begin(self, prompt: Tensor) -> None:
+        self._pairs = 0
+        self._last_out = None
+
+    @torch.inference_mode()
+    def _run(self, x: Tensor, start: int) -> Tensor:
+        """Feed pair inputs x (T, D) at positions start.. (after the cache); returns outputs (T, D)."""
+        T = x.shape[0]
+        end = start + T
+        if end > self.head.cfg.max_positions:
+            raise ValueError(f"the EAGLE head holds {self.head.cfg.max_positions} positions; the sequence needs {end}")
+        cos, sin = self._cos[start:end], self._sin[start:end]
+        past_k, past_v = self._k_cache[:, :, :start], self._v_cache[:, :, :start]
+        mask = None
+        if start > 0 and T > 1:
+            ar = torch.arange(end, device=self.device)
+            mask = ar[None, :] <= ar[start:end, None]  # (T, end) causal after the cache
+        elif start > 0:
+            mask = torch.ones(1, end, dtype=torch.bool, device=self.device)
+        out, k, v = self.head.block(x[None], cos, sin, past_k if start else None, past_v if start else None, mask)
+        self._k_cache[:, :, start:end] = k
+        self._v_cache[:, :, start:end] = v
+        return out[0]
+
+    def _q(self, out: Tensor, step: DraftStep) -> tuple[Tensor, Tensor]:
+        """Head output (D,) -> (draft token id, q over the full vocabulary (V,) or None)."""
+        logits = self.head.logits(out).float()  # (N,)
+        d2t = self.head.d2t
+        if step.sampling.greedy:
+            i = logits.argmax(-1)
+            return d2t[i], logits.softmax(-1)[i]
+        q_small = probs_from_logits(logits, step.sampling)
+        i = sample(q_small, step.generator)
+        q = torch.zeros(self.vocab_size, dtype=q_small.dtype, device=q_small.device)
+        q[d2t] = q_small  # zero outside the reduced vocabulary: still a distribution over V
+        return d2t[i], q
+
+    @torch.inference_mode()
+    def propose(self, step: DraftStep) -> Draft:
+        n = step.tokens.shape[0]
+        k = min(step.k, self.k, self.head.cfg.max_positions - n)
+        if step.hidden is not None and step.hidden.shape[1]:
+            feats = self.head.fuse_features(step.hidden.to(self.dtype))  # (m, D)
+            m = feats.shape[0]
+            j0 = self._pairs
+            nxt = step.tokens[j0 + 1 : j0 + 1 + m].to(self.device)  # token j+1 of each pair j
+            out = self._run(self.head.pairs(feats, F.embedding(nxt, self.embed)), j0)
+            self._pairs += m
+            self._last_out = out[-1]
+        if k < 1 or self._last_out is None:
+            return empty_draft(self.device)
+        keep_drafting = step.adaptive.keep_drafting if step.adaptive is not None else None
+        tokens, probs, confidences = [], [], []
+        out = self._last_out
+        for i in range(k):
+            x, q = self._q(out, step)
+            tokens.append(x)
+            if step.sampling.greedy:
+                confidences.append(float(q))
+            else:
+                probs.append(q)
+                confidences.append(float(q[x]))
+            if i + 1 == k or (keep_drafting is not None and not keep_drafting(confidences)):
+                break
+            # The next pair: this output stands in for the feature of the token just drafted.
+            pair = self.head.pairs(out[None], F.embedding(x.view(1), self.embed))
+            out = self._run(pair, self._pairs + i)[-1]
+        return Draft(torch.stack(tokens), torch.stack(probs) if probs else None, confidences, forwards=len(tokens))
+
+    def update(self, path: list[int]) -> None:
+        pass  # drafted pairs sit past self._pairs in the cache and are overwritten next step
+
+
+def new_head(
+    target_config: object, embed: Tensor, name: str, d2t: Tensor, layers: tuple[int, ...] | None = None,
+    seed: int = 0, max_positions: int | None = None,
+) -> EagleHead:
+    """A freshly initialised head for a target (its transformers config and embeddings (V, D_t)),
+    predicting the target ids `d2t` (N,); hidden and MLP sizes follow the target's."""
+    D_t = embed.shape[1]
+    heads = getattr(target_config, "num_attention_heads", None) or max(1, D_t // 64)
+    head_dim = getattr(target_config, "head_dim", None) or D_t // heads
+    inter = getattr(target_config, "intermediate_size", None) or 4 * D_t
+    n_layers = getattr(target_config, "num_hidden_layers", None) or getattr(target_config, "n_layer")
+    context = getattr(target_config, "max_position_embeddings", None) or getattr(target_config, "n_positions", 4096)
+    cfg = EagleConfig(
+        target=name, target_fingerprint=fingerprint(embed), target_layers=layers or default_layers(n_layers),
+        target_hidden=D_t, vocab_size=embed.shape[0], draft_vocab=int(d2t.shape[0]), hidden_size=D_t,
+        intermediate_size=inter, num_heads=heads, head_dim=head_dim,
+        rms_norm_eps=float(getattr(target_config, "rms_norm_eps", 1e-6) or 1e-6),
+        max_positions=max_positions or int(context),
+    )
+    torch.manual_seed(seed)
+    head = EagleHead(cfg)
+    for lin in (head.fuse, head.inp, head.wqkv, head.wo, head.w_gate_up, head.w_down, head.lm_head):
+        nn.init.normal_(lin.weight, std=1.0 / math.sqrt(lin.weight.shape[1]))
+    head.d2t.copy_(d2t)
+    return head

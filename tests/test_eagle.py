@@ -1,0 +1,119 @@
+"""The EAGLE head drafter: exact under greedy, lossless under sampling (a random, untrained head
+drafts badly, which is what these contracts must survive), saved and loaded, and refused for
+another target."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from outrider import SpeculativeDecoder
+from outrider.drafters.eagle import EagleDrafter, EagleHead, fingerprint, new_head, target_embedding
+from outrider.models import load_model
+from outrider.sampling import SamplingParams, probs_from_logits
+
+PROMPT = [5, 17, 3, 42, 8, 5, 17, 3]
+
+
+def eagle_decoder(model, backend="auto", k=4, draft_vocab=None, seed=0, adaptive=None):
+    target = load_model(model, backend=backend)
+    embed = target_embedding(target.model)
+    V = embed.shape[0]
+    d2t = torch.arange(V) if draft_vocab is None else torch.randperm(V, generator=torch.Generator().manual_seed(1))[:draft_vocab]
+    head = new_head(model.config, embed, "tiny", d2t, seed=seed, max_positions=256).to(embed.dtype)
+    return SpeculativeDecoder(target, EagleDrafter(head, embed, V, k=k), k=k, adaptive=adaptive)
+
+
+def greedy(model, prompt, n):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("backend", ["native", "hf"])
+@pytest.mark.parametrize("draft_vocab", [None, 40])
+def test_eagle_is_exact_under_greedy(backend, draft_vocab):
+    model = tiny_model("llama")
+    dec = eagle_decoder(model, backend, draft_vocab=draft_vocab)
+    for prompt in (PROMPT, [1], PROMPT * 3):
+        res = dec.generate(prompt, max_new_tokens=30)
+        assert res.token_ids == greedy(model, prompt, 30)
+        assert res.stats.drafted > 0
+
+
+def test_the_first_draft_reads_the_newest_pair():
+    """The head's state after prefill comes from the pair (feature of the second-last prompt token,
+    embedding of the last one): changing only the last prompt token changes it."""
+    model = tiny_model("llama")
+    dec = eagle_decoder(model, "native")
+    a = dec.drafter
+    out = []
+    for last in (7, 9):
+        dec.generate(PROMPT + [last], max_new_tokens=2)
+        out.append(a._last_out.clone())
+    assert not torch.allclose(out[0], out[1])
+
+
+V, H, N = 6, 3, 12000
+
+
+def exact(model, params):
+    out = {}
+    with torch.no_grad():
+        for seq in itertools.product(range(V), repeat=H):
+            logits = model(torch.tensor([PROMPT_SMALL + list(seq)])).logits[0].float()
+            prob = 1.0
+            for i, t in enumerate(seq):
+                prob *= float(probs_from_logits(logits[len(PROMPT_SMALL) - 1 + i], params)[t])
+            out[seq] = prob
+    return out
+
+
+PROMPT_SMALL = [1, 2, 3, 1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_p=0.8)], ids=["t1", "t0.7-topp0.8"])
+def test_eagle_samples_losslessly(params):
+    from test_lossless import P_REJECT, chi_square_p_value, sample_exact
+
+    model = tiny_model("llama", vocab_size=V)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(0.5)  # softer logits than tiny_model's: most outcomes are likely
+    dec = eagle_decoder(model, "native", k=3, draft_vocab=4)
+    counts: dict = {}
+    for seed in range(N):
+        ids = tuple(dec.generate(PROMPT_SMALL, max_new_tokens=H, temperature=params.temperature,
+                                 top_p=params.top_p, seed=seed).token_ids)
+        counts[ids] = counts.get(ids, 0) + 1
+    dist = exact(model, params)
+    assert chi_square_p_value(counts, dist, N) > P_REJECT
+    assert dec.generate(PROMPT_SMALL, max_new_tokens=H, temperature=1.0, seed=0).stats.drafted > 0
+    # Power: a 20% mixture of another model's law is rejected at the same sample size.
+    other = tiny_model("llama", vocab_size=V, seed=3)
+    with torch.no_grad():
+        other.get_output_embeddings().weight.mul_(0.5)
+    odist = exact(other, params)
+    mixed = {s: 0.8 * dist[s] + 0.2 * odist[s] for s in dist}
+    assert chi_square_p_value(sample_exact(mixed, seed=0), dist, N) < P_REJECT
+
+
+def test_save_load_and_refuse_another_target(tmp_path):
+    model = tiny_model("llama")
+    embed = target_embedding(load_model(model).model)
+    head = new_head(model.config, embed, "tiny-a", torch.arange(50), max_positions=256)
+    head.save(tmp_path / "head")
+    loaded = EagleHead.load(tmp_path / "head")
+    assert loaded.cfg == head.cfg and torch.equal(loaded.d2t, head.d2t)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), head.state_dict().values()))
+    dec = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle", k=3)
+    assert dec.generate(PROMPT, max_new_tokens=10).token_ids == greedy(model, PROMPT, 10)
+    other = tiny_model("llama", seed=5)
+    with pytest.raises(ValueError, match=r"trained for target 'tiny-a'"):
+        SpeculativeDecoder.from_pretrained(other, draft=tmp_path / "head", method="eagle")
+    with pytest.raises(ValueError, match="is not an EAGLE head folder"):
+        SpeculativeDecoder.from_pretrained(model, draft=tmp_path, method="eagle")
+    assert fingerprint(embed) == head.cfg.target_fingerprint
