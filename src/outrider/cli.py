@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     from outrider.train.recipe import build_parser as demo_pair_parser
 
     demo_pair_parser(train_sub.add_parser("demo-pair", help="train the embedded target + draft pair"))
+    from outrider.train.eagle import build_parser as drafter_parser
+
+    drafter_parser(train_sub.add_parser("drafter", help="train a self-drafting head (eagle) for any target"))
     return parser
 
 
@@ -127,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
             from outrider.bench import run_from_args as bench_run
 
             return bench_run(args)
+        if args.command == "train" and args.recipe == "drafter":
+            from outrider.train.eagle import run_from_args as train_drafter
+
+            return train_drafter(args)
         if args.command == "train":
             from outrider.train.recipe import run_from_args
 

@@ -85,14 +85,15 @@ def _forward_s(model: CausalModel, ids: torch.Tensor, context: int, clock: Calla
 @torch.inference_mode()
 def calibrate(
     target: CausalModel,
-    draft: CausalModel | None = None,
+    draft: CausalModel | Callable[[], object] | None = None,
     sizes: tuple[int, ...] = CALIBRATION_SIZES,
     repeats: int = 7,
     context: int = 64,
     clock: Callable[[], float] = time.perf_counter,
 ) -> CostModel:
-    """Measure v(n) of the target at `sizes` (capped by its context) and c for a draft model (0 for
-    drafters without one), after `context` tokens of cache; the caches are reset afterwards.
+    """Measure v(n) of the target at `sizes` (capped by its context) and c for a draft model, or for
+    a drafter's own one-step probe (a callable: a self-drafting head), 0 for drafters without one,
+    after `context` tokens of cache; the caches are reset afterwards.
 
     Sizes are measured in interleaved rounds (drift hits all alike; the first rounds only warm up),
     and with a draft model each target forward follows a draft forward, as in decoding: the draft
@@ -100,6 +101,9 @@ def calibrate(
     limit = (target.max_length or 10**9) - context
     sizes = tuple(sorted({1, *(n for n in sizes if n <= limit)}))
     ids = torch.zeros(max(sizes), dtype=torch.long, device=target.device)
+    probe = draft if callable(draft) and not hasattr(draft, "forward") else None
+    if probe is not None:
+        draft = None
     models = [target] + ([draft] if draft is not None else [])
     for m in models:
         m.reset()
@@ -114,6 +118,11 @@ def calibrate(
                 t = _forward_s(draft, draft_ids, context, clock)
                 if r >= warmup and n == 1:
                     draft_times.append(t)
+            elif probe is not None:
+                t0 = clock()
+                probe()
+                if r >= warmup and n == 1:
+                    draft_times.append(clock() - t0)
             t = _forward_s(target, ids[:n], context, clock)
             if r >= warmup:
                 times[n].append(t)

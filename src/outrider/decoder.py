@@ -221,15 +221,17 @@ class SpeculativeDecoder:
                 f"method {method!r} uses no draft model, but draft={draft!r} was given: drop the "
                 "draft or use method='draft_model'"
             )
+        if target is None:
+            target = _default_target()
+            if cls_.uses_draft_model and draft is None:
+                draft = embedded_pair_dir() / "draft"
+            if uses_head and draft is None:
+                draft = embedded_pair_dir() / method  # the head trained for the embedded target
         if uses_head and not isinstance(draft, (str, Path)):
             raise ValueError(
                 f"method {method!r} needs draft=<folder of a head trained by `outrider train drafter "
                 f"--method {method}`>, got {draft!r}"
             )
-        if target is None:
-            target = _default_target()
-            if cls_.uses_draft_model and draft is None:
-                draft = embedded_pair_dir() / "draft"
         if isinstance(costs, (str, Path)):
             costs = CostModel.load(costs)
         loaded_target = load_model(target, dtype=dtype, device=device, backend=backend, tokenizer=tokenizer)
@@ -254,7 +256,8 @@ class SpeculativeDecoder:
         adaptive = None
         if auto and k:
             if costs is None:
-                costs = _calibrated(loaded_target, loaded_draft)
+                probe = getattr(drafter, "probe", None)  # a head's one draft step, timed like a draft forward
+                costs = _calibrated(loaded_target, loaded_draft, probe, str(head_path) if head_path else None)
             adaptive = AdaptiveK(k_max=AUTO_K_MAX, costs=costs)
         decoder = cls(loaded_target, drafter, k=k, method=method, adaptive=adaptive)
         if adaptive is not None:
@@ -503,7 +506,8 @@ class SpeculativeDecoder:
 _CALIBRATED: dict[tuple, CostModel] = {}
 
 
-def _calibrated(target: LoadedModel, draft: LoadedModel | None) -> CostModel:
+def _calibrated(target: LoadedModel, draft: LoadedModel | None, probe: Any = None,
+                probe_name: str | None = None) -> CostModel:
     """Costs measured once per process for the same models on the same device and threads: fresh
     decoders of one process then draft alike, so their seeded outputs agree (contract 3)."""
     def identity(m: LoadedModel) -> str:
@@ -513,9 +517,9 @@ def _calibrated(target: LoadedModel, draft: LoadedModel | None) -> CostModel:
     key = tuple(
         (identity(m), str(m.model.device), str(getattr(m.model, "dtype", "")), m.model.vocab_size)
         for m in (target, draft) if m is not None
-    ) + (torch.get_num_threads(),)
+    ) + (probe_name, torch.get_num_threads())
     if key not in _CALIBRATED:
-        _CALIBRATED[key] = calibrate(target.model, draft.model if draft is not None else None)
+        _CALIBRATED[key] = calibrate(target.model, draft.model if draft is not None else probe)
     return _CALIBRATED[key]
 
 

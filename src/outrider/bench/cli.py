@@ -53,6 +53,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         "theoretical curve")
     parser.add_argument("--target", default=None, help="target folder (default: the embedded demo pair)")
     parser.add_argument("--draft", default=None, help="draft folder, for draft_model and hf-assisted")
+    parser.add_argument("--head", default=None, help="EAGLE head folder for method eagle (default: the embedded one)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
     parser.add_argument("--backend", default="auto", help="outrider backend: auto, native, hf or compiled")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -65,7 +66,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         out=args.out, dataset=args.dataset, categories=args.categories,
         limit_per_category=args.limit_per_category, methods=args.methods, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, repeats=args.repeats, k=args.k, target=args.target, draft=args.draft,
-        dtype=args.dtype, backend=args.backend, device=args.device, threads=args.threads, sweep=args.sweep,
+        head=args.head, dtype=args.dtype, backend=args.backend, device=args.device, threads=args.threads, sweep=args.sweep,
         progress=not args.no_progress,
     )
 

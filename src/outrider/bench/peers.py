@@ -84,12 +84,14 @@ class Method(Protocol):
 
 class OutriderMethod:
     def __init__(self, name: str, target: Any, draft: Any, k: int | None, dtype: str | None,
-                 backend: str, device: str | None) -> None:
+                 backend: str, device: str | None, head: Any = None) -> None:
         from outrider.decoder import SpeculativeDecoder
 
         label, (name, options) = name, split_options(name)
         k = options.get("k", k)
         uses_draft = REGISTRY[name].uses_draft_model
+        if getattr(REGISTRY[name], "uses_head", False):
+            uses_draft, draft = True, head  # the head folder takes the draft's place
         drafts = REGISTRY[name].default_k > 0
         self.name = label
         self.decoder = SpeculativeDecoder.from_pretrained(

@@ -27,7 +27,7 @@ RESULTS = "results.jsonl"
 CONFIG = "config.json"
 WARMUP_TOKENS = 16
 # Options that change what a record means: a rerun into the same --out must keep them.
-_FIXED = ("dataset", "max_new_tokens", "temperature", "k", "target", "draft", "dtype", "backend")
+_FIXED = ("dataset", "max_new_tokens", "temperature", "k", "target", "draft", "head", "dtype", "backend")
 
 
 @dataclass
@@ -43,6 +43,7 @@ class BenchConfig:
     k: int | str | None = None  # draft length, or "auto" (chosen per step); None: each method's default
     target: str | None = None  # None: the embedded pair
     draft: str | None = None
+    head: str | None = None  # a self-drafting head (eagle) trained for the target; None: the embedded one
     dtype: str | None = None
     backend: str = "auto"
     device: str | None = None
@@ -157,7 +158,8 @@ def load_methods(cfg: BenchConfig, names: list[str]) -> dict[str, Method]:
                 hf_target = load_hf(target_dir, cfg.dtype, cfg.device)
             out[name] = HFPeer(name, hf_target, draft_dir, cfg.k, cfg.dtype)
         else:
-            out[name] = OutriderMethod(name, cfg.target, cfg.draft, cfg.k, cfg.dtype, cfg.backend, cfg.device)
+            out[name] = OutriderMethod(name, cfg.target, cfg.draft, cfg.k, cfg.dtype, cfg.backend, cfg.device,
+                                       head=cfg.head)
     return out
 
 

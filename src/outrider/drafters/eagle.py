@@ -304,6 +304,15 @@ class EagleDrafter:
     def update(self, path: list[int]) -> None:
         pass  # drafted pairs sit past self._pairs in the cache and are overwritten next step
 
+    @torch.inference_mode()
+    def probe(self) -> None:
+        """One draft step on a scratch pair (for cost calibration; the committed pairs are kept)."""
+        D = self.head.cfg.hidden_size
+        pair = self.head.pairs(torch.zeros(1, D, dtype=self.dtype, device=self.device),
+                               F.embedding(torch.zeros(1, dtype=torch.long, device=self.device), self.embed))
+        at = min(self._pairs + 64, self.head.cfg.max_positions - 1)
+        self.head.logits(self._run(pair, at)[-1]).argmax(-1)
+
 
 def new_head(
     target_config: object, embed: Tensor, name: str, d2t: Tensor, layers: tuple[int, ...] | None = None,

@@ -1,0 +1,330 @@
+"""`outrider train drafter --method eagle`: an EAGLE head trained online on the target it serves.
+
+1. Data, by self-distillation: the target's own continuations (batched generation, half greedy,
+   half sampled at temperature 0.8) of prompts cut from the Python standard library (split by
+   file: held-out files give the evaluation set) or from a user's JSONL file of prompts.
+2. The reduced draft vocabulary: the N most frequent tokens of that data (`d2t`).
+3. Training, online: each batch runs the frozen target once for its hidden states and logits (no
+   feature store), then the head, unrolled `unroll` steps (EAGLE-3's training-time test): step 1
+   reads the target's features; step s reads the head's own outputs of step s-1 in place of the
+   features, and attends the way drafting does (the true-feature pairs before its chain, then its
+   chain). The loss at each step is KL(p || q) on the reduced vocabulary, p the target's
+   distribution of the token the pair predicts.
+4. Held-out evaluation per unroll step (the acceptance of a greedy chain at that depth, given the
+   earlier ones accepted), the head's files, and a report (md + json).
+Runs are seeded, checkpointed (train/loop.py) and resumable; `--minutes` bounds training time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from outrider.drafters.eagle import EagleHead, _rope, default_layers, new_head
+from outrider.train.config import Budget, TrainSettings
+from outrider.train.loop import LoopResult, autocast, train
+
+
+@dataclass(frozen=True)
+class EagleRecipe:
+    """Options of one run. Larger data and unroll cost time; a larger draft vocabulary costs every
+    draft step (its output layer) but covers more of what the target says."""
+
+    target: str
+    out: str
+    minutes: float = 60.0  # training time (data generation and evaluation not counted)
+    prompts: int = 1536  # training prompts (self-distillation sequences)
+    heldout_prompts: int = 64
+    prompt_len: int = 48
+    gen_len: int = 144
+    draft_vocab: int = 2048
+    unroll: int = 3  # training-time test steps (draft depths trained on the head's own outputs)
+    batch_size: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+    prompts_file: str | None = None  # JSONL of {"prompt": ...} or {"text": ...}; None: stdlib code
+    gen_batch: int = 64
+
+    def check(self) -> None:
+        for name in ("prompts", "heldout_prompts", "prompt_len", "gen_len", "draft_vocab", "unroll", "batch_size",
+                     "gen_batch"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r} is invalid: use an integer >= 1")
+        if not self.minutes > 0:
+            raise ValueError(f"minutes={self.minutes!r} is invalid: use a positive number of minutes")
+
+
+def _prompt_windows(tokenizer: Any, recipe: EagleRecipe, heldout: bool, n: int, seed: int) -> list[list[int]]:
+    """n prompts of prompt_len tokens: random windows of stdlib files (train or held-out split), or
+    the user's prompts (the last `heldout_prompts` of the file are held out)."""
+    if recipe.prompts_file is not None:
+        rows = []
+        for lineno, line in enumerate(Path(recipe.prompts_file).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"{recipe.prompts_file}: line {lineno} needs a non-empty 'prompt' or 'text'")
+            rows.append(list(tokenizer(text)["input_ids"])[: recipe.prompt_len])
+        cut = len(rows) - min(recipe.heldout_prompts, len(rows) // 5)
+        return (rows[cut:] if heldout else rows[:cut])[:n]
+    from outrider.train.corpus import split_files
+    from outrider.train.data import tokenize_files
+
+    split = split_files()
+    files = split.heldout if heldout else split.train
+    stream = tokenize_files(tokenizer, files)
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(stream) - recipe.prompt_len - 1, size=n)
+    return [stream[s : s + recipe.prompt_len].astype(np.int64).tolist() for s in starts]
+
+
+@torch.inference_mode()
+def self_distill(model: Any, prompts: list[list[int]], gen_len: int, batch: int, seed: int) -> torch.Tensor:
+    """The target's continuations of equal-length prompts: (S, P + gen_len) long. Even batches are
+    greedy, odd ones sampled at temperature 0.8 (the head should also see text off the greedy path)."""
+    rows = []
+    torch.manual_seed(seed)
+    for b, i in enumerate(range(0, len(prompts), batch)):
+        ids = torch.tensor(prompts[i : i + batch], dtype=torch.long)
+        kw = dict(do_sample=False) if b % 2 == 0 else dict(do_sample=True, temperature=0.8, top_k=0, top_p=1.0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_len, min_new_tokens=gen_len,
+                             pad_token_id=0, **kw)
+        rows.append(out[:, : ids.shape[1] + gen_len])
+    return torch.cat(rows)
+
+
+def frequent_tokens(sequences: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
+    """d2t: the n most frequent token ids in the sequences (ties: lower id first), ascending."""
+    counts = torch.bincount(sequences.flatten(), minlength=vocab).double()
+    counts -= torch.arange(vocab, dtype=torch.float64) * 1e-9  # stable tie-break
+    return torch.topk(counts, min(n, vocab)).indices.sort().values
+
+
+class RowSampler:
+    """Seeded random rows of a (S, L) tensor: the loop's sampler interface (generator, batch_size,
+    next_batch) over whole self-distilled sequences."""
+
+    def __init__(self, rows: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.rows = rows
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> torch.Tensor:
+        pick = torch.randint(0, self.rows.shape[0], (self.batch_size,), generator=self.generator)
+        return self.rows[pick]
+
+
+def unroll_mask(T: int, s: int, device: torch.device) -> torch.Tensor:
+    """(T, s*T) bool: at unroll step s, pair j sees the true-feature pairs 0..j-s+1 (step 1's keys)
+    and then its own chain: step r's key at pair j-s+r for r = 2..s (the last is itself)."""
+    j = torch.arange(T, device=device)
+    mask = torch.zeros(T, s * T, dtype=torch.bool, device=device)
+    mask[:, :T] = torch.arange(T, device=device)[None, :] <= (j - s + 1)[:, None]
+    for r in range(2, s + 1):
+        col = j - s + r
+        ok = col >= 0
+        mask[j[ok], (r - 1) * T + col[ok]] = True
+    mask[j, (s - 1) * T + j] = True  # itself, always (rows too early for a chain are not scored)
+    return mask
+
+
+def target_pass(target: Any, batch: torch.Tensor, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen target over batch (B, T): hidden states (L, B, T, D_t) of `layers` and logits
+    (B, T, V)."""
+    with torch.no_grad():
+        out = target(input_ids=batch, output_hidden_states=True, use_cache=False)
+        hidden = torch.stack([out.hidden_states[i] for i in layers])
+    return hidden, out.logits
+
+
+def unrolled_losses(head: EagleHead, embed: torch.Tensor, batch: torch.Tensor, hidden: torch.Tensor,
+                    logits: torch.Tensor, unroll: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per unroll step: the KL loss and the top-1 agreement with the target on the reduced
+    vocabulary, over the pairs that step can score. batch (B, T); pairs j = 0..T-2."""
+    B, T = batch.shape
+    P = T - 1
+    d2t = head.d2t
+    feats = head.fuse_features(hidden[:, :, :P])  # (B, P, D)
+    tok = F.embedding(batch[:, 1:], embed)  # (B, P, D_t): token j+1 of pair j
+    log_p = F.log_softmax(logits[:, 1:, :].float()[..., d2t], dim=-1)  # (B, P, N): p of token j+2
+    target_top = log_p.argmax(-1)
+    cos, sin = _rope(torch.arange(P, device=batch.device), head.cfg.head_dim, head.cfg.rope_theta, feats.dtype)
+    keys, values, losses, agree = [], [], [], []
+    x_feat = feats
+    for s in range(1, unroll + 1):
+        x = head.pairs(x_feat, tok)
+        mask = None if s == 1 else unroll_mask(P, s, batch.device)
+        past_k = torch.cat(keys, 2) if keys else None
+        past_v = torch.cat(values, 2) if values else None
+        out, k, v = head.block(x, cos, sin, past_k, past_v, mask)
+        keys.append(k)
+        values.append(v)
+        log_q = F.log_softmax(head.logits(out).float(), dim=-1)  # (B, P, N)
+        valid = slice(s - 1, P)
+        kl = (log_p[:, valid].exp() * (log_p[:, valid] - log_q[:, valid])).sum(-1).mean()
+        losses.append(kl)
+        agree.append((log_q[:, valid].argmax(-1) == target_top[:, valid]).float().mean())
+        # Next step: pair j reads the head's own output at pair j-1 in place of the feature.
+        x_feat = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
+    return losses, agree
+
+
+def make_loss(target: Any, embed: torch.Tensor, layers: tuple[int, ...], unroll: int):
+    def loss_fn(head: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        hidden, logits = target_pass(target, batch, layers)
+        losses, _ = unrolled_losses(head, embed, batch, hidden, logits, unroll)
+        return sum(losses) / len(losses)
+
+    return loss_fn
+
+
+@torch.no_grad()
+def evaluate(head: EagleHead, target: Any, embed: torch.Tensor, rows: torch.Tensor, unroll: int,
+             batch: int = 16) -> list[float]:
+    """Held-out top-1 agreement per unroll step: the acceptance of a greedy chain's token at that
+    depth, given the earlier ones were accepted (the target's argmax, on the reduced vocabulary)."""
+    head.eval()
+    sums = [0.0] * unroll
+    count = 0
+    for i in range(0, rows.shape[0], batch):
+        b = rows[i : i + batch]
+        with autocast(b.device):
+            hidden, logits = target_pass(target, b, head.cfg.target_layers)
+            _, agree = unrolled_losses(head, embed, b, hidden, logits, unroll)
+        for s, a in enumerate(agree):
+            sums[s] += float(a) * b.shape[0]
+        count += b.shape[0]
+    head.train()
+    return [round(x / count, 4) for x in sums]
+
+
+def build_parser(parser: Any) -> Any:
+    parser.add_argument("--target", required=True, help="target model folder (the model the head will serve)")
+    parser.add_argument("--method", default="eagle", choices=["eagle"], help="the drafter to train")
+    parser.add_argument("--out", required=True, help="folder for the head (config + weights) and its report")
+    parser.add_argument("--minutes", type=float, default=EagleRecipe.minutes, help="training time budget")
+    parser.add_argument("--prompts", type=int, default=EagleRecipe.prompts, help="self-distillation sequences")
+    parser.add_argument("--prompts-file", default=None, help="JSONL of {\"prompt\": ...} (default: stdlib code)")
+    parser.add_argument("--gen-len", type=int, default=EagleRecipe.gen_len, help="tokens the target writes per prompt")
+    parser.add_argument("--draft-vocab", type=int, default=EagleRecipe.draft_vocab, help="reduced vocabulary size")
+    parser.add_argument("--unroll", type=int, default=EagleRecipe.unroll, help="training-time test steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return parser
+
+
+def run_from_args(args: Any) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads} is invalid: use an integer >= 1")
+        torch.set_num_threads(args.threads)
+    recipe = EagleRecipe(target=args.target, out=args.out, minutes=args.minutes, prompts=args.prompts,
+                         prompts_file=args.prompts_file, gen_len=args.gen_len, draft_vocab=args.draft_vocab,
+                         unroll=args.unroll, seed=args.seed)
+    report = train_eagle(recipe)
+    print(format_report(report))
+    print(f"Written to {args.out}/ (use it with --method eagle --draft {args.out})")
+    return 0
+
+
+def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict[str, Any]:
+    """Run the recipe end to end (resuming a stopped run in recipe.out); returns the report."""
+    from outrider.models import load_transformers_model
+
+    recipe.check()
+    device = device or torch.device("cpu")
+    out = Path(recipe.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    target = load_transformers_model(Path(recipe.target), torch.float32).to(device).eval().requires_grad_(False)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.target)
+    embed = target.get_input_embeddings().weight.detach()
+    layers = default_layers(target.config.num_hidden_layers)
+
+    data_path = work / "data.pt"
+    if data_path.exists():
+        data = torch.load(data_path)
+    else:
+        t0 = time.monotonic()
+        train_rows = self_distill(target, _prompt_windows(tokenizer, recipe, False, recipe.prompts, recipe.seed),
+                                  recipe.gen_len, recipe.gen_batch, recipe.seed)
+        held_rows = self_distill(target, _prompt_windows(tokenizer, recipe, True, recipe.heldout_prompts,
+                                                         recipe.seed + 1), recipe.gen_len, recipe.gen_batch,
+                                 recipe.seed + 1)
+        data = {"train": train_rows, "heldout": held_rows, "generate_s": time.monotonic() - t0}
+        torch.save(data, work / "data.tmp.pt")
+        (work / "data.tmp.pt").replace(data_path)
+    d2t = frequent_tokens(data["train"], recipe.draft_vocab, embed.shape[0])
+    coverage = float(torch.isin(data["heldout"][:, recipe.prompt_len :], d2t).float().mean())
+
+    head = new_head(target.config, embed, str(recipe.target), d2t, layers, seed=recipe.seed).to(device)
+    seq_len = data["train"].shape[1]
+    settings = TrainSettings(seq_len=seq_len, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=20,
+                             weight_decay=0.0, checkpoint_minutes=5.0)
+    sampler = RowSampler(data["train"], recipe.batch_size, recipe.seed)
+    result: LoopResult = train(head, make_loss(target, embed, layers, recipe.unroll), sampler, settings,
+                               Budget(tokens=None, minutes=recipe.minutes), work / "head.ckpt", device, "eagle")
+    acceptance = evaluate(head, target, embed, data["heldout"].to(device), recipe.unroll)
+    export = EagleHead(head.cfg)
+    export.load_state_dict(head.state_dict())
+    export.to(torch.bfloat16).save(out)  # bf16: half the file, the dtype the CPU drafts fastest in
+    size_mb = (out / "model.safetensors").stat().st_size / 1e6
+    report = {
+        "command": "outrider train drafter --method eagle",
+        "recipe": asdict(recipe),
+        "target": recipe.target,
+        "target_layers": list(layers),
+        "data": {
+            "train_sequences": int(data["train"].shape[0]), "heldout_sequences": int(data["heldout"].shape[0]),
+            "tokens_per_sequence": seq_len, "generate_s": round(float(data["generate_s"]), 1),
+            "source": recipe.prompts_file or "Python standard library (train files; held-out files for evaluation)",
+        },
+        "draft_vocab": int(d2t.shape[0]),
+        "heldout_coverage": round(coverage, 4),
+        "parameters": sum(p.numel() for p in head.parameters()),
+        "size_mb": round(size_mb, 2),
+        "steps": result.progress.step,
+        "tokens_seen": result.progress.tokens_seen,
+        "train_minutes": round(result.progress.elapsed_s / 60, 2),
+        "wall_minutes": round((time.monotonic() - t_start) / 60, 2),
+        "loss_history": result.progress.loss_history[-10:],
+        "heldout_acceptance_by_depth": acceptance,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(format_report(report))
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [
+        "# EAGLE head: training report",
+        "",
+        f"Target `{r['target']}`, layers {r['target_layers']} fused; draft vocabulary {r['draft_vocab']} tokens "
+        f"(held-out coverage {r['heldout_coverage']:.1%}); {r['parameters']} parameters, {r['size_mb']} MB (bf16).",
+        "",
+        f"Data: {r['data']['train_sequences']} self-distilled sequences of {r['data']['tokens_per_sequence']} tokens "
+        f"({r['data']['source']}), generated in {r['data']['generate_s']} s; {r['data']['heldout_sequences']} "
+        "held-out sequences.",
+        "",
+        f"Training: {r['steps']} steps, {r['tokens_seen']} tokens, {r['train_minutes']} min "
+        f"({r['wall_minutes']} min with data and evaluation).",
+        "",
+        "| draft depth | held-out acceptance (top-1 agreement, given the earlier depths accepted) |",
+        "|---:|---:|",
+        *(f"| {i + 1} | {a:.3f} |" for i, a in enumerate(r["heldout_acceptance_by_depth"])),
+        "",
+    ]
+    return "\n".join(lines)
