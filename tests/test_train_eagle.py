@@ -10,7 +10,8 @@ import torch
 
 from conftest import tiny_model
 from outrider import SpeculativeDecoder
-from outrider.train.eagle import EagleRecipe, frequent_tokens, train_eagle, unroll_mask
+from outrider.train.eagle import EagleRecipe, train_eagle, unroll_mask
+from outrider.train.selfdistill import frequent_tokens
 
 
 def test_unroll_mask_follows_the_drafting_chain():

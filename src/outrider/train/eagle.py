@@ -23,13 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from outrider.drafters.eagle import EagleHead, _rope, default_layers, new_head
 from outrider.train.config import Budget, TrainSettings
 from outrider.train.loop import LoopResult, autocast, train
+from outrider.train.selfdistill import RowSampler, frequent_tokens, load_or_generate
 
 
 @dataclass(frozen=True)
@@ -60,68 +60,6 @@ class EagleRecipe:
                 raise ValueError(f"{name}={value!r} is invalid: use an integer >= 1")
         if not self.minutes > 0:
             raise ValueError(f"minutes={self.minutes!r} is invalid: use a positive number of minutes")
-
-
-def _prompt_windows(tokenizer: Any, recipe: EagleRecipe, heldout: bool, n: int, seed: int) -> list[list[int]]:
-    """n prompts of prompt_len tokens: random windows of stdlib files (train or held-out split), or
-    the user's prompts (the last `heldout_prompts` of the file are held out)."""
-    if recipe.prompts_file is not None:
-        rows = []
-        for lineno, line in enumerate(Path(recipe.prompts_file).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
-            if not isinstance(text, str) or not text:
-                raise ValueError(f"{recipe.prompts_file}: line {lineno} needs a non-empty 'prompt' or 'text'")
-            rows.append(list(tokenizer(text)["input_ids"])[: recipe.prompt_len])
-        cut = len(rows) - min(recipe.heldout_prompts, len(rows) // 5)
-        return (rows[cut:] if heldout else rows[:cut])[:n]
-    from outrider.train.corpus import split_files
-    from outrider.train.data import tokenize_files
-
-    split = split_files()
-    files = split.heldout if heldout else split.train
-    stream = tokenize_files(tokenizer, files)
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, len(stream) - recipe.prompt_len - 1, size=n)
-    return [stream[s : s + recipe.prompt_len].astype(np.int64).tolist() for s in starts]
-
-
-@torch.inference_mode()
-def self_distill(model: Any, prompts: list[list[int]], gen_len: int, batch: int, seed: int) -> torch.Tensor:
-    """The target's continuations of equal-length prompts: (S, P + gen_len) long. Even batches are
-    greedy, odd ones sampled at temperature 0.8 (the head should also see text off the greedy path)."""
-    rows = []
-    torch.manual_seed(seed)
-    for b, i in enumerate(range(0, len(prompts), batch)):
-        ids = torch.tensor(prompts[i : i + batch], dtype=torch.long)
-        kw = dict(do_sample=False) if b % 2 == 0 else dict(do_sample=True, temperature=0.8, top_k=0, top_p=1.0)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_len, min_new_tokens=gen_len,
-                             pad_token_id=0, **kw)
-        rows.append(out[:, : ids.shape[1] + gen_len])
-    return torch.cat(rows)
-
-
-def frequent_tokens(sequences: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
-    """d2t: the n most frequent token ids in the sequences (ties: lower id first), ascending."""
-    counts = torch.bincount(sequences.flatten(), minlength=vocab).double()
-    counts -= torch.arange(vocab, dtype=torch.float64) * 1e-9  # stable tie-break
-    return torch.topk(counts, min(n, vocab)).indices.sort().values
-
-
-class RowSampler:
-    """Seeded random rows of a (S, L) tensor: the loop's sampler interface (generator, batch_size,
-    next_batch) over whole self-distilled sequences."""
-
-    def __init__(self, rows: torch.Tensor, batch_size: int, seed: int) -> None:
-        self.rows = rows
-        self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next_batch(self) -> torch.Tensor:
-        pick = torch.randint(0, self.rows.shape[0], (self.batch_size,), generator=self.generator)
-        return self.rows[pick]
 
 
 def unroll_mask(T: int, s: int, device: torch.device) -> torch.Tensor:
@@ -210,7 +148,7 @@ def evaluate(head: EagleHead, target: Any, embed: torch.Tensor, rows: torch.Tens
 
 def build_parser(parser: Any) -> Any:
     parser.add_argument("--target", required=True, help="target model folder (the model the head will serve)")
-    parser.add_argument("--method", default="eagle", choices=["eagle"], help="the drafter to train")
+    parser.add_argument("--method", default="eagle", choices=["eagle", "medusa"], help="the drafter to train")
     parser.add_argument("--out", required=True, help="folder for the head (config + weights) and its report")
     parser.add_argument("--minutes", type=float, default=EagleRecipe.minutes, help="training time budget")
     parser.add_argument("--prompts", type=int, default=EagleRecipe.prompts, help="self-distillation sequences")
@@ -231,9 +169,15 @@ def run_from_args(args: Any) -> int:
     recipe = EagleRecipe(target=args.target, out=args.out, minutes=args.minutes, prompts=args.prompts,
                          prompts_file=args.prompts_file, gen_len=args.gen_len, draft_vocab=args.draft_vocab,
                          unroll=args.unroll, seed=args.seed)
-    report = train_eagle(recipe)
-    print(format_report(report))
-    print(f"Written to {args.out}/ (use it with --method eagle --draft {args.out})")
+    if args.method == "medusa":
+        from outrider.train.medusa import train_medusa
+
+        report = train_medusa(recipe)
+        print((Path(args.out) / "report.md").read_text())
+    else:
+        report = train_eagle(recipe)
+        print(format_report(report))
+    print(f"Written to {args.out}/ (use it with --method {args.method} --draft {args.out})")
     return 0
 
 
@@ -254,19 +198,7 @@ def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict
     embed = target.get_input_embeddings().weight.detach()
     layers = default_layers(target.config.num_hidden_layers)
 
-    data_path = work / "data.pt"
-    if data_path.exists():
-        data = torch.load(data_path)
-    else:
-        t0 = time.monotonic()
-        train_rows = self_distill(target, _prompt_windows(tokenizer, recipe, False, recipe.prompts, recipe.seed),
-                                  recipe.gen_len, recipe.gen_batch, recipe.seed)
-        held_rows = self_distill(target, _prompt_windows(tokenizer, recipe, True, recipe.heldout_prompts,
-                                                         recipe.seed + 1), recipe.gen_len, recipe.gen_batch,
-                                 recipe.seed + 1)
-        data = {"train": train_rows, "heldout": held_rows, "generate_s": time.monotonic() - t0}
-        torch.save(data, work / "data.tmp.pt")
-        (work / "data.tmp.pt").replace(data_path)
+    data = load_or_generate(target, tokenizer, recipe, work / "data.pt")
     d2t = frequent_tokens(data["train"], recipe.draft_vocab, embed.shape[0])
     coverage = float(torch.isin(data["heldout"][:, recipe.prompt_len :], d2t).float().mean())
 

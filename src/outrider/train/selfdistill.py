@@ -1,0 +1,96 @@
+"""Self-distillation data for drafters: the target's own continuations of a prompt set.
+
+Speculative decoding accepts what the target would have said, so a drafter learns best from text
+the target wrote itself. Prompts are cut from the Python standard library (split by file: the
+held-out files give the evaluation set; Spec-Bench is a test set and never used) or read from a
+user's JSONL file; the target continues them in batches, half greedily and half sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def prompt_windows(tokenizer: Any, recipe: EagleRecipe, heldout: bool, n: int, seed: int) -> list[list[int]]:
+    """n prompts of prompt_len tokens: random windows of stdlib files (train or held-out split), or
+    the user's prompts (the last `heldout_prompts` of the file are held out)."""
+    if recipe.prompts_file is not None:
+        rows = []
+        for lineno, line in enumerate(Path(recipe.prompts_file).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"{recipe.prompts_file}: line {lineno} needs a non-empty 'prompt' or 'text'")
+            rows.append(list(tokenizer(text)["input_ids"])[: recipe.prompt_len])
+        cut = len(rows) - min(recipe.heldout_prompts, len(rows) // 5)
+        return (rows[cut:] if heldout else rows[:cut])[:n]
+    from outrider.train.corpus import split_files
+    from outrider.train.data import tokenize_files
+
+    split = split_files()
+    files = split.heldout if heldout else split.train
+    stream = tokenize_files(tokenizer, files)
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, len(stream) - recipe.prompt_len - 1, size=n)
+    return [stream[s : s + recipe.prompt_len].astype(np.int64).tolist() for s in starts]
+
+
+@torch.inference_mode()
+def self_distill(model: Any, prompts: list[list[int]], gen_len: int, batch: int, seed: int) -> torch.Tensor:
+    """The target's continuations of equal-length prompts: (S, P + gen_len) long. Even batches are
+    greedy, odd ones sampled at temperature 0.8 (the head should also see text off the greedy path)."""
+    rows = []
+    torch.manual_seed(seed)
+    for b, i in enumerate(range(0, len(prompts), batch)):
+        ids = torch.tensor(prompts[i : i + batch], dtype=torch.long)
+        kw = dict(do_sample=False) if b % 2 == 0 else dict(do_sample=True, temperature=0.8, top_k=0, top_p=1.0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_len, min_new_tokens=gen_len,
+                             pad_token_id=0, **kw)
+        rows.append(out[:, : ids.shape[1] + gen_len])
+    return torch.cat(rows)
+
+
+def frequent_tokens(sequences: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
+    """d2t: the n most frequent token ids in the sequences (ties: lower id first), ascending."""
+    counts = torch.bincount(sequences.flatten(), minlength=vocab).double()
+    counts -= torch.arange(vocab, dtype=torch.float64) * 1e-9  # stable tie-break
+    return torch.topk(counts, min(n, vocab)).indices.sort().values
+
+
+class RowSampler:
+    """Seeded random rows of a (S, L) tensor: the loop's sampler interface (generator, batch_size,
+    next_batch) over whole self-distilled sequences."""
+
+    def __init__(self, rows: torch.Tensor, batch_size: int, seed: int) -> None:
+        self.rows = rows
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> torch.Tensor:
+        pick = torch.randint(0, self.rows.shape[0], (self.batch_size,), generator=self.generator)
+        return self.rows[pick]
+
+
+def load_or_generate(target: Any, tokenizer: Any, recipe: Any, path: Path) -> dict[str, Any]:
+    """{"train": (S, L), "heldout": (S', L), "generate_s"}: read from `path` when an earlier run
+    saved it there (a resumed run trains on the same data), else generated and saved atomically."""
+    if path.exists():
+        return torch.load(path)
+    t0 = time.monotonic()
+    train_rows = self_distill(target, prompt_windows(tokenizer, recipe, False, recipe.prompts, recipe.seed),
+                              recipe.gen_len, recipe.gen_batch, recipe.seed)
+    held_rows = self_distill(target, prompt_windows(tokenizer, recipe, True, recipe.heldout_prompts, recipe.seed + 1),
+                             recipe.gen_len, recipe.gen_batch, recipe.seed + 1)
+    data = {"train": train_rows, "heldout": held_rows, "generate_s": time.monotonic() - t0}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(data, tmp)
+    tmp.replace(path)
+    return data
