@@ -18,13 +18,13 @@ from outrider.sampling import SamplingParams, probs_from_logits
 PROMPT = [5, 17, 3, 42, 8, 5, 17, 3]
 
 
-def eagle_decoder(model, backend="auto", k=4, draft_vocab=None, seed=0, adaptive=None):
+def eagle_decoder(model, backend="auto", k=4, draft_vocab=None, seed=0, adaptive=None, width=1):
     target = load_model(model, backend=backend)
     embed = target_embedding(target.model)
     V = embed.shape[0]
     d2t = torch.arange(V) if draft_vocab is None else torch.randperm(V, generator=torch.Generator().manual_seed(1))[:draft_vocab]
     head = new_head(model.config, embed, "tiny", d2t, seed=seed, max_positions=256).to(embed.dtype)
-    return SpeculativeDecoder(target, EagleDrafter(head, embed, V, k=k), k=k, adaptive=adaptive)
+    return SpeculativeDecoder(target, EagleDrafter(head, embed, V, k=k, width=width), k=k, adaptive=adaptive)
 
 
 def greedy(model, prompt, n):
@@ -35,9 +35,10 @@ def greedy(model, prompt, n):
 
 @pytest.mark.parametrize("backend", ["native", "hf"])
 @pytest.mark.parametrize("draft_vocab", [None, 40])
-def test_eagle_is_exact_under_greedy(backend, draft_vocab):
+@pytest.mark.parametrize("width, k", [(1, 4), (3, 10)])
+def test_eagle_is_exact_under_greedy(backend, draft_vocab, width, k):
     model = tiny_model("llama")
-    dec = eagle_decoder(model, backend, draft_vocab=draft_vocab)
+    dec = eagle_decoder(model, backend, draft_vocab=draft_vocab, width=width, k=k)
     for prompt in (PROMPT, [1], PROMPT * 3):
         res = dec.generate(prompt, max_new_tokens=30)
         assert res.token_ids == greedy(model, prompt, 30)
@@ -76,14 +77,15 @@ PROMPT_SMALL = [1, 2, 3, 1, 2]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_p=0.8)], ids=["t1", "t0.7-topp0.8"])
-def test_eagle_samples_losslessly(params):
+@pytest.mark.parametrize("params, width", [(SamplingParams(1.0), 1), (SamplingParams(0.7, top_p=0.8), 1),
+                                           (SamplingParams(1.0), 2)], ids=["t1", "t0.7-topp0.8", "t1-tree"])
+def test_eagle_samples_losslessly(params, width):
     from test_lossless import P_REJECT, chi_square_p_value, sample_exact
 
     model = tiny_model("llama", vocab_size=V)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(0.5)  # softer logits than tiny_model's: most outcomes are likely
-    dec = eagle_decoder(model, "native", k=3, draft_vocab=4)
+    dec = eagle_decoder(model, "native", k=3 * width, draft_vocab=4, width=width)
     counts: dict = {}
     for seed in range(N):
         ids = tuple(dec.generate(PROMPT_SMALL, max_new_tokens=H, temperature=params.temperature,

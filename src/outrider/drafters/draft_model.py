@@ -137,6 +137,13 @@ class DraftModel:
             return self._propose_tree(step, logits, k)
         return self._propose_chain(step, logits, k)
 
+    def grow_tree(self, step: DraftStep, root_logits: torch.Tensor, k: int) -> Draft:
+        """A tree of at most k nodes after the committed tokens already in the model (its length),
+        from the distribution of the root's children (root_logits (V,)). Other drafters that look
+        like a causal model over their own positions (an EAGLE head) grow their trees with this."""
+        self._base, self._fed, self._fed_nodes = self.model.length, 0, []
+        return self._propose_tree(step, root_logits, k)
+
     def _propose_chain(self, step: DraftStep, logits: torch.Tensor, k: int) -> Draft:
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []

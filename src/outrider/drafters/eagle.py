@@ -193,7 +193,7 @@ class EagleDrafter:
     stops_on_confidence: ClassVar[bool] = True
     default_k: ClassVar[int] = 4
 
-    def __init__(self, head: EagleHead, embed: Tensor, target_vocab_size: int, k: int = 4) -> None:
+    def __init__(self, head: EagleHead, embed: Tensor, target_vocab_size: int, k: int = 4, width: int = 1) -> None:
         if k < 1:
             raise ValueError(f"k={k} is invalid: propose at least 1 token per step")
         cfg = head.cfg
@@ -216,6 +216,13 @@ class EagleDrafter:
         self._cos, self._sin = _rope(torch.arange(cap, device=self.device), hd, cfg.rope_theta, self.dtype)
         self._pairs = 0  # pairs with the target's own features in the cache
         self._last_out: Tensor | None = None  # (D,) head output at the last such pair
+        self._outs = torch.zeros(cap, cfg.hidden_size, dtype=self.dtype, device=self.device)  # output per slot
+        self.width = width
+        self._grower = None
+        if width > 1:  # EAGLE-2 trees: the draft model's tree growth over this head's pair positions
+            from outrider.drafters.draft_model import DraftModel
+
+            self._grower = DraftModel(_PairModel(self), target_vocab_size, k=k, width=width)
 
     @classmethod
     def build(cls, ctx: BuildContext) -> EagleDrafter:
@@ -230,30 +237,35 @@ class EagleDrafter:
                 f"{ctx.target.name!r} (their embeddings differ): train a head for this target with "
                 "`outrider train drafter`"
             )
-        return cls(head, embed, model.vocab_size, k=ctx.k or cls.default_k)
+        width = ctx.width or 1
+        return cls(head, embed, model.vocab_size, k=ctx.k or cls.default_k * width, width=width)
 
     def begin(self, prompt: Tensor) -> None:
         self._pairs = 0
         self._last_out = None
+        if self._grower is not None:
+            self._grower.model.reset()
 
     @torch.inference_mode()
-    def _run(self, x: Tensor, start: int) -> Tensor:
-        """Feed pair inputs x (T, D) at positions start.. (after the cache); returns outputs (T, D)."""
+    def _run(self, x: Tensor, start: int, mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+        """Feed pair inputs x (T, D) at cache slots start.. ; returns outputs (T, D). mask (T, start + T)
+        bool (None: causal) and positions (T,) (None: the slots) serve trees."""
         T = x.shape[0]
         end = start + T
         if end > self.head.cfg.max_positions:
             raise ValueError(f"the EAGLE head holds {self.head.cfg.max_positions} positions; the sequence needs {end}")
-        cos, sin = self._cos[start:end], self._sin[start:end]
+        if positions is None:
+            cos, sin = self._cos[start:end], self._sin[start:end]
+        else:
+            cos, sin = self._cos[positions], self._sin[positions]
         past_k, past_v = self._k_cache[:, :, :start], self._v_cache[:, :, :start]
-        mask = None
-        if start > 0 and T > 1:
+        if mask is None and start > 0:
             ar = torch.arange(end, device=self.device)
             mask = ar[None, :] <= ar[start:end, None]  # (T, end) causal after the cache
-        elif start > 0:
-            mask = torch.ones(1, end, dtype=torch.bool, device=self.device)
         out, k, v = self.head.block(x[None], cos, sin, past_k if start else None, past_v if start else None, mask)
         self._k_cache[:, :, start:end] = k
         self._v_cache[:, :, start:end] = v
+        self._outs[start:end] = out[0]
         return out[0]
 
     def _q(self, out: Tensor, step: DraftStep) -> tuple[Tensor, Tensor]:
@@ -283,6 +295,11 @@ class EagleDrafter:
             self._last_out = out[-1]
         if k < 1 or self._last_out is None:
             return empty_draft(self.device)
+        if self._grower is not None and k > 1:
+            logits = self.head.logits(self._last_out).float()  # (N,)
+            full = logits.new_full((self.vocab_size,), float("-inf"))
+            full[self.head.d2t] = logits
+            return self._grower.grow_tree(step, full, k)
         keep_drafting = step.adaptive.keep_drafting if step.adaptive is not None else None
         tokens, probs, confidences = [], [], []
         out = self._last_out
@@ -302,8 +319,53 @@ class EagleDrafter:
         return Draft(torch.stack(tokens), torch.stack(probs) if probs else None, confidences, forwards=len(tokens))
 
     def update(self, path: list[int]) -> None:
-        pass  # drafted pairs sit past self._pairs in the cache and are overwritten next step
+        # Drafted pairs sit past self._pairs in the cache and are overwritten next step.
+        if self._grower is not None:
+            self._grower.model.reset()
 
+
+class _PairModel:
+    """The head seen as a causal model over its pair slots, for the draft model's tree growth: a
+    token fed at a slot is paired with the head's output at its parent's slot (the last slot its
+    mask sees), as drafting does. Its length is the count of true-feature pairs plus what the
+    tree growth fed; keeping a path keeps nothing drafted (the target's features replace it)."""
+
+    def __init__(self, eagle: EagleDrafter) -> None:
+        self.eagle = eagle
+        self.vocab_size = eagle.vocab_size
+        self.max_length = eagle.head.cfg.max_positions
+        self.device = eagle.device
+        self.hidden = None
+        self._extra = 0
+
+    @property
+    def length(self) -> int:
+        return self.eagle._pairs + self._extra
+
+    def forward(self, ids: Tensor, num_logits: int | None = None, attn_mask: Tensor | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        e = self.eagle
+        start = self.length
+        assert attn_mask is not None and attn_mask.shape == (ids.shape[0], start + ids.shape[0]), "tree feeds only"
+        seen = attn_mask[:, :start].to(self.device)
+        parent_slot = (seen * torch.arange(1, start + 1, device=self.device)).argmax(-1)  # last visible slot
+        feats = e._outs[parent_slot]  # (T, D)
+        x = e.head.pairs(feats, F.embedding(ids.to(self.device), e.embed))
+        out = e._run(x, start, attn_mask.to(self.device), positions)
+        self._extra += ids.shape[0]
+        small = e.head.logits(out).float()  # (T, N)
+        full = small.new_full((ids.shape[0], self.vocab_size), float("-inf"))
+        full[:, e.head.d2t] = small
+        return full
+
+    def keep_path(self, start: int, path: list[int]) -> None:
+        self._extra = 0
+
+    def rollback(self, length: int) -> None:
+        self._extra = 0
+
+    def reset(self) -> None:
+        self._extra = 0
     @torch.inference_mode()
     def probe(self) -> None:
         """One draft step on a scratch pair (for cost calibration; the committed pairs are kept)."""
