@@ -12,9 +12,9 @@ def test_demo_streams_and_prints_a_measured_table(model_dirs):
     prompts = ("def f(x):\n", "x = 1\n")
     rows = run_demo(str(target), str(draft), k=3, max_new_tokens=12, dtype="float32", prompts=prompts, out=out)
     text = out.getvalue()
-    assert [r.method for r in rows] == ["autoregressive", "draft_model", "prompt_lookup"]
+    assert [r.method for r in rows] == ["autoregressive", "draft_model", "prompt_lookup", "suffix"]
     assert "speedup" in text and "bracketed" in text  # not a terminal: drafted tokens marked with [ ]
-    for method in ("autoregressive", "draft_model", "prompt_lookup"):
+    for method in ("autoregressive", "draft_model", "prompt_lookup", "suffix"):
         assert method in text
     # Greedy float32: every method reproduces the autoregressive output.
     assert all(r.same_as_autoregressive for r in rows)

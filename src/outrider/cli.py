@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", default=None, help="float32, bfloat16 (default: as stored)")
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.add_argument("--no-stream", action="store_true", help="only print the measured table")
+    demo.add_argument("--head", default=None, help="an EAGLE head for the target (default: the embedded one)")
 
     from outrider.bench import build_parser as bench_parser
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             from outrider.demo import run_demo
 
             run_demo(args.target, args.draft, k=args.k, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                     show=not args.no_stream)
+                     show=not args.no_stream, head=args.head)
             return 0
         if args.command == "bench":
             from outrider.bench import run_from_args as bench_run

@@ -21,7 +21,7 @@ DEMO_PROMPTS = (
     "import os\n\n\ndef list_python_files(root):\n",
     "def read_config(path):\n    with open(path) as f:\n",
 )
-METHODS = ("autoregressive", "draft_model", "prompt_lookup")
+METHODS = ("autoregressive", "draft_model", "prompt_lookup", "suffix")  # and eagle where a head is at hand
 
 
 @dataclass
@@ -35,14 +35,25 @@ class DemoRow:
         return self.stats.tokens_per_s
 
 
+def eagle_head(target: str | Path | None, head: str | Path | None) -> Path | None:
+    """The EAGLE head to show: the one given, else the embedded target's own if it is shipped."""
+    if head is not None:
+        return Path(head)
+    from outrider.decoder import embedded_pair_dir
+
+    shipped = embedded_pair_dir() / "eagle"
+    return shipped if target is None and (shipped / "eagle_config.json").is_file() else None
+
+
 def load_decoders(target: str | Path | None, draft: str | Path | None, k: int | None,
-                  dtype: str | None) -> dict[str, SpeculativeDecoder]:
+                  dtype: str | None, head: str | Path | None = None) -> dict[str, SpeculativeDecoder]:
     """One decoder per method; the target is loaded once per method (each needs its own cache)."""
     out = {}
-    for method in METHODS:
+    head_dir = eagle_head(target, head)
+    for method in METHODS + (("eagle",) if head_dir is not None else ()):
         out[method] = SpeculativeDecoder.from_pretrained(
-            target, draft=draft if method == "draft_model" else None, method=method,
-            k=k if method == "draft_model" else None, dtype=dtype,
+            target, draft=draft if method == "draft_model" else head_dir if method == "eagle" else None,
+            method=method, k=k if method == "draft_model" else None, dtype=dtype,
         )
     return out
 
@@ -85,9 +96,10 @@ def run_demo(
     prompts: tuple[str, ...] = DEMO_PROMPTS,
     show: bool = True,
     out: TextIO | None = None,
+    head: str | Path | None = None,
 ) -> list[DemoRow]:
     out = out or sys.stdout
-    decoders = load_decoders(target, draft, k, dtype)
+    decoders = load_decoders(target, draft, k, dtype, head)
     spec = decoders["draft_model"]
     model_name = spec.target.name
     print(f"outrider demo: target {model_name}", file=out)
