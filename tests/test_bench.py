@@ -319,3 +319,23 @@ def test_interrupt_keeps_finished_records_and_summary(model_dirs, tmp_path, monk
     assert run_from_args(args) == 130
     assert len(_lines(tmp_path / "results.jsonl")) == 1
     assert json.loads((tmp_path / "summary.json").read_text())["summary"]["methods"] == ["autoregressive"]
+
+
+def test_bench_runs_a_self_drafting_head(model_dirs, tmp_path):
+    """`--methods eagle --head DIR`: the head trained for the target drafts in the bench like any
+    method (here an untrained one: the contract is exactness, not speed)."""
+    import torch
+
+    from outrider.drafters.eagle import new_head
+    from outrider.models import load_transformers_model
+
+    target, draft = model_dirs
+    model = load_transformers_model(target, torch.float32)
+    embed = model.get_input_embeddings().weight.detach()
+    new_head(model.config, embed, str(target), torch.arange(embed.shape[0]), max_positions=256).save(tmp_path / "head")
+    cfg = BenchConfig(out=str(tmp_path / "out"), limit_per_category=1, methods=["eagle"], max_new_tokens=6,
+                      target=str(target), draft=str(draft), head=str(tmp_path / "head"), dtype="float32",
+                      progress=False)
+    report = run_bench(cfg)
+    o = report["summary"]["overall"]["eagle"]
+    assert o["match_rate"] == 1.0 and o["tau"] >= 1.0

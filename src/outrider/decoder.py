@@ -295,7 +295,8 @@ class SpeculativeDecoder:
             return self.adaptive.costs
         draft_model = getattr(self.drafter, "model", None)
         draft = LoadedModel(draft_model, None, (), f"draft@{id(draft_model)}") if draft_model is not None else None
-        return _calibrated(self.target, draft)
+        probe = getattr(self.drafter, "probe", None)  # a self-drafting head's one step
+        return _calibrated(self.target, draft, probe, f"probe@{id(self.drafter)}" if probe else None)
 
     # ---- input handling -------------------------------------------------------------------
 
