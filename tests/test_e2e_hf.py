@@ -49,7 +49,8 @@ def test_tree_drafts_equal_transformers_generate(pair, method, width, k, backend
         res = dec.generate(prompt, max_new_tokens=24)
         assert res.token_ids == hf_greedy(target, prompt, 24), (method, width, k, prompt)
         trees += res.stats.drafted > sum(res.stats.drafted_at)  # more nodes than depth: branched
-    assert method != "draft_model" or trees >= 1
+    # A fixed-size draft_model tree branches; with k="auto" the measured costs may rightly choose a chain.
+    assert method != "draft_model" or k == "auto" or trees >= 1
 
 
 def test_draft_equal_to_target_accepts_everything(pair):

@@ -74,12 +74,19 @@ class GenerationRequest:
     stop: str | Sequence[str] | None = None
 
     def __post_init__(self) -> None:
+        """Every value a user (or an HTTP client) sends is checked here, once, by name: the CLI
+        and the server build requests, so they inherit these checks."""
+        check_prompt(self.prompt)
         _check_positive("max_new_tokens", self.max_new_tokens)
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed={self.seed!r} is invalid: use an integer or None")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed={self.seed!r} is invalid: use an integer in [0, 2**63) or None")
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            raise ValueError(f"stop={self.stop!r} is invalid: use a string or a list of strings")
         stops = self.stops
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"stop={self.stop!r} is invalid: stop strings must be non-empty strings")
+        SamplingParams(self.temperature, self.top_k, self.top_p)  # checks temperature, top_k, top_p
 
     @property
     def sampling(self) -> SamplingParams:
@@ -88,6 +95,24 @@ class GenerationRequest:
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+def check_prompt(prompt: object) -> None:
+    """A prompt is text or a flat sequence of integer token ids (not bools, floats, bytes or lists)."""
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, (list, tuple, range)) and not (
+        isinstance(prompt, torch.Tensor) and prompt.dim() == 1 and not prompt.is_floating_point()
+    ):
+        raise ValueError(
+            f"prompt={prompt!r:.80} is invalid: pass text (str) or a list of integer token ids"
+        )
+    items = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+    bad = [t for t in items if not isinstance(t, int) or isinstance(t, bool)]
+    if bad:
+        raise ValueError(
+            f"prompt token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__}): pass a flat list of ints"
+        )
 
 
 def embedded_pair_dir() -> Path:
@@ -311,7 +336,8 @@ class SpeculativeDecoder:
                 raise ValueError("prompt is empty: give at least one token of context")
             ids = list(self.tokenizer(prompt)["input_ids"])
         else:
-            ids = [int(t) for t in prompt]
+            check_prompt(prompt)
+            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
         if not ids:
             raise ValueError("prompt is empty: give at least one token of context")
         vocab = self.target.model.vocab_size

@@ -7,9 +7,15 @@ would silently break losslessness).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+
+def _is_real(x: object) -> bool:
+    """A real number a user meant as one: int or float, not bool (nan passes; check it apart)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -21,15 +27,19 @@ class SamplingParams:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        # bool is an int to Python, and nan compares False with everything: reject both by name.
+        t = self.temperature
+        if not _is_real(t) or not math.isfinite(t) or t < 0:
             raise ValueError(
-                f"temperature={self.temperature!r} is invalid: use 0 for greedy decoding or a "
-                "positive number for sampling"
+                f"temperature={t!r} is invalid: use 0 for greedy decoding or a finite positive "
+                "number for sampling"
             )
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k={self.top_k!r} is invalid: use a positive integer or None")
-        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p={self.top_p!r} is invalid: use a number in (0, 1] or None")
+        k = self.top_k
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ValueError(f"top_k={k!r} is invalid: use a positive integer or None")
+        p = self.top_p
+        if p is not None and (not _is_real(p) or not 0.0 < p <= 1.0):
+            raise ValueError(f"top_p={p!r} is invalid: use a number in (0, 1] or None")
 
     @property
     def greedy(self) -> bool:
