@@ -130,3 +130,52 @@ def test_stop_strings_must_be_non_empty(model_dirs):
 def test_fake_decoder_rejects_negative_k():
     with pytest.raises(ValueError, match="k=-1"):
         fake_decoder(FakeModel(), FakeModel(), k=-1)
+
+
+# ---- model loading faults (issue 14): each names the file or folder --------------------------------
+
+def test_truncated_config_names_the_folder(tmp_path, model_dirs):
+    import shutil
+
+    target, _ = model_dirs
+    broken = tmp_path / "target"
+    shutil.copytree(target, broken)
+    text = (broken / "config.json").read_text()
+    (broken / "config.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=str(broken)):
+        SpeculativeDecoder.from_pretrained(str(broken), method="autoregressive")
+
+
+def test_tokenizer_larger_than_the_weights_is_refused(tmp_path, tokenizer):
+    from conftest import tiny_model
+
+    small = tiny_model("llama", vocab_size=64)  # the tokenizer has 300 tokens
+    small.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"has 300 tokens but the model scores only 64"):
+        SpeculativeDecoder.from_pretrained(str(tmp_path / "m"), method="autoregressive")
+
+
+def test_a_draft_of_another_family_with_another_vocabulary_is_refused(tmp_path, model_dirs):
+    from conftest import tiny_model
+
+    target, _ = model_dirs
+    gpt2 = tiny_model("gpt2", vocab_size=50)
+    gpt2.save_pretrained(tmp_path / "draft")
+    with pytest.raises(ValueError, match="vocabulary"):
+        SpeculativeDecoder.from_pretrained(str(target), draft=str(tmp_path / "draft"))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--temperature", "nan"], "temperature=nan"),
+    (["--top-p", "inf"], "top_p=inf"),
+    (["--seed", "-4"], "seed=-4"),
+    (["--max-new-tokens", "0"], "max_new_tokens=0"),
+])
+def test_cli_refuses_bad_values_with_status_2_and_no_traceback(model_dirs, capsys, argv, needle):
+    from outrider.cli import main
+
+    target, draft = model_dirs
+    code = main(["generate", "--target", str(target), "--draft", str(draft), "--prompt", "def f", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err

@@ -150,6 +150,12 @@ def load_model(
         tokenizer = _load_tokenizer(Path(tokenizer))
     if torch_dtype is not None or hf_model.device != dev:
         hf_model = hf_model.to(device=dev, dtype=torch_dtype)
+    out_rows = hf_model.get_output_embeddings().weight.shape[0]
+    if tokenizer is not None and len(tokenizer) > out_rows:
+        raise ValueError(
+            f"the tokenizer of {name!r} has {len(tokenizer)} tokens but the model scores only {out_rows}: the "
+            "tokenizer files do not belong to these weights (pass the model's own tokenizer)"
+        )
     return LoadedModel(_backend(hf_model, backend), tokenizer, eos_ids_of(hf_model, tokenizer), name)
 
 
