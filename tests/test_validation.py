@@ -93,3 +93,33 @@ def test_prompts_that_are_not_text_or_token_ids_are_refused(prompt, needle):
 def test_a_tensor_of_token_ids_is_a_prompt():
     dec = decoder()
     assert dec.generate(torch.tensor([1, 2, 3]), max_new_tokens=4).token_ids == dec.generate([1, 2, 3], max_new_tokens=4).token_ids
+
+
+numbers = st.one_of(st.integers(-3, 40).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
+                    st.sampled_from(["nan", "inf", "-inf", "1e400", "0x10", "", " ", "True", "1,2", "abc"]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(["--temperature", "--top-p", "--top-k", "--max-new-tokens", "--seed",
+                                        "--k", "--prompt-ids"]), numbers, max_size=3))
+def test_cli_exits_0_or_2_with_a_message_never_a_traceback(model_dirs, capsys, options):
+    """The same property through `outrider generate`: any values give a result (status 0) or a
+    message with status 2 (argparse's own or outrider's), never a traceback."""
+    from outrider.cli import main
+
+    target, _ = model_dirs
+    argv = ["generate", "--target", str(target), "--method", "prompt_lookup", "--json"]
+    argv += ["--prompt-ids", options.pop("--prompt-ids")] if "--prompt-ids" in options else ["--prompt", "def f"]
+    for flag, value in options.items():
+        argv += [flag, value]
+    argv += [] if "--max-new-tokens" in options else ["--max-new-tokens", "4"]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse refuses what it cannot parse, with usage and status 2
+        code = e.code
+    captured = capsys.readouterr()
+    assert code in (0, 2), (argv, code, captured.err)
+    assert "Traceback" not in captured.err
+    if code == 2:
+        assert "error" in captured.err
