@@ -25,7 +25,7 @@ from outrider.models import LoadedModel, load_model
 from outrider.costs import CostModel, calibrate
 from outrider.sampling import SamplingParams, probs_from_logits
 from outrider.stats import SpecStats
-from outrider.tree import verify_mask, verify_positions
+from outrider.tree import depths, verify_mask, verify_positions
 from outrider.verify import verify_greedy, verify_speculative, verify_tree_greedy, verify_tree_speculative
 
 FinishReason = Literal["length", "eos", "stop"]
@@ -471,7 +471,7 @@ class SpeculativeDecoder:
                 p = probs_from_logits(logits, params)
                 path, next_token = verify_tree_speculative(draft.tokens, parents, draft.probs, p, state.generator)
             target.keep_path(n - 1, [0] + [i + 1 for i in path])
-            depth = _depth_of(parents)
+            depth = int(depths(parents).max())
         else:
             ids = torch.cat([root, draft.tokens]) if d else root
             logits = target.forward(ids)  # (d+1, V)
@@ -553,13 +553,6 @@ def _calibrated(target: LoadedModel, draft: LoadedModel | None, probe: Any = Non
 def _join(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
     """Hidden states (L, m, D) in sequence order: a's tokens, then b's."""
     return b if a is None else torch.cat([a, b], dim=1)
-
-
-def _depth_of(parents: torch.Tensor) -> int:
-    depth: list[int] = []
-    for p in parents.tolist():
-        depth.append(1 if p < 0 else depth[p] + 1)
-    return max(depth, default=0)
 
 
 def _tried(draft: Draft, path: list[int]) -> list[tuple[float, bool, int]] | None:

@@ -14,17 +14,6 @@ import torch
 from torch import Tensor
 
 
-def chain_parents(n: int, device: torch.device | str = "cpu") -> Tensor:
-    """(n,) long: [-1, 0, 1, ..., n-2], the parents of a chain of n nodes."""
-    return torch.arange(-1, n - 1, device=device)
-
-
-def is_chain(parents: Tensor) -> bool:
-    """Whether parents (n,) describe a chain (every node follows the one before it)."""
-    n = parents.shape[0]
-    return bool((parents == torch.arange(-1, n - 1, device=parents.device)).all())
-
-
 def check_parents(parents: Tensor) -> None:
     """Raise ValueError unless parents (n,) is a topologically ordered forest under the root."""
     n = parents.shape[0]
@@ -80,11 +69,3 @@ def path_to(parents: list[int], node: int) -> list[int]:
         path.append(node)
         node = parents[node]
     return path[::-1]
-
-
-def children_lists(parents: list[int]) -> list[list[int]]:
-    """children[i + 1] = the nodes whose parent is i, in node order; children[0] = the root's."""
-    children: list[list[int]] = [[] for _ in range(len(parents) + 1)]
-    for i, p in enumerate(parents):
-        children[p + 1].append(i)
-    return children

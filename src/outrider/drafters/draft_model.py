@@ -64,12 +64,6 @@ class _Tree:
             self.q_rows.append(q_row)
         self.leaf_only.append(leaf_only)
 
-    def depth(self, i: int) -> int:
-        d = 0
-        while i >= 0:
-            d, i = d + 1, self.parents[i]
-        return d
-
 
 @register("draft_model")
 class DraftModel:
