@@ -271,7 +271,7 @@ def test_tree_variants_sweep_with_the_cost_models_prediction(model_dirs, tmp_pat
     tau = sum(r["new_tokens"] for r in recs) / steps
     assert sweep["draft_model@w=2"]["predicted"][1] == pytest.approx(tau / (depth * costs.c + costs.v(round(size) + 1)))
     assert predicted_speedup(recs) == sweep["draft_model@w=2"]["predicted"][1]
-    assert sweep["draft_model@w=2"]["size"][1] > sweep["draft_model"]["size"][1] * 0 + 1.0  # trees: several nodes
+    assert sweep["draft_model@w=2"]["size"][1] > 1.0  # trees: several nodes per step
     assert sweep["draft_model@w=2"]["theoretical"] == [None, None]  # the chain formula does not apply to trees
     assert (out / "speedup_and_tau_vs_tree_size.png").read_bytes()[:4] == b"\x89PNG"
     assert "| draft_model@w=2 | 6 |" in (out / "summary.md").read_text()

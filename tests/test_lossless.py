@@ -59,13 +59,52 @@ def chi_square_p_value(counts: dict[tuple[int, ...], int], expected: dict[tuple[
     return float(chi2.sf(stat, len(obs) - 1))
 
 
-def sample_decoder(dec: SpeculativeDecoder, params: SamplingParams) -> dict[tuple[int, ...], int]:
+def sample_decoder(dec: SpeculativeDecoder, params: SamplingParams, prompt: list[int] = PROMPT) -> dict[tuple[int, ...], int]:
     counts: dict[tuple[int, ...], int] = {}
     for seed in range(N):
-        ids = tuple(dec.generate(PROMPT, max_new_tokens=H, temperature=params.temperature, top_k=params.top_k,
+        ids = tuple(dec.generate(prompt, max_new_tokens=H, temperature=params.temperature, top_k=params.top_k,
                                  top_p=params.top_p, seed=seed).token_ids)
         counts[ids] = counts.get(ids, 0) + 1
     return counts
+
+
+# ---- the same test on a tiny real Llama (drafters that read a real target's hidden states) -----------
+
+LLAMA_PROMPT = [1, 2, 3, 1, 2]
+
+
+def soft_tiny_llama(seed: int = 0):
+    """A transformers Llama over the 6-token vocabulary, logits softer than tiny_model's so that
+    most of the V^H outcomes are likely enough to be counted."""
+    from conftest import tiny_model
+
+    model = tiny_model("llama", vocab_size=V, seed=seed)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(0.5)
+    return model
+
+
+def llama_distribution(model, params: SamplingParams) -> dict[tuple[int, ...], float]:
+    """The exact law of the first H sampled tokens after LLAMA_PROMPT, enumerated."""
+    out = {}
+    with torch.no_grad():
+        for seq in itertools.product(range(V), repeat=H):
+            logits = model(torch.tensor([LLAMA_PROMPT + list(seq)])).logits[0].float()
+            prob = 1.0
+            for i, t in enumerate(seq):
+                prob *= float(probs_from_logits(logits[len(LLAMA_PROMPT) - 1 + i], params)[t])
+            out[seq] = prob
+    return out
+
+
+def assert_samples_like_the_llama(dec: SpeculativeDecoder, model, params: SamplingParams) -> None:
+    """dec's samples pass the chi-square test against `model`'s exact law, and the same test at the
+    same sample size rejects a 20% mixture of another model's law (its power)."""
+    dist = llama_distribution(model, params)
+    assert chi_square_p_value(sample_decoder(dec, params, LLAMA_PROMPT), dist, N) > P_REJECT
+    odist = llama_distribution(soft_tiny_llama(seed=3), params)
+    mixed = {s: 0.8 * dist[s] + 0.2 * odist[s] for s in dist}
+    assert chi_square_p_value(sample_exact(mixed, seed=0), dist, N) < P_REJECT
 
 
 def sample_exact(dist: dict[tuple[int, ...], float], seed: int) -> dict[tuple[int, ...], int]:

@@ -3,18 +3,17 @@ cut by stored acceptance, saved and loaded, refused for another target; trained 
 
 from __future__ import annotations
 
-import itertools
-import json
 
 import pytest
 import torch
 
 from conftest import tiny_model
+from test_e2e_hf import hf_greedy as greedy
 from outrider import SpeculativeDecoder
-from outrider.drafters.eagle import target_embedding
+from outrider.drafters.heads import target_embedding
 from outrider.drafters.medusa import MedusaDrafter, MedusaHeads, new_heads
 from outrider.models import load_model
-from outrider.sampling import SamplingParams, probs_from_logits
+from outrider.sampling import SamplingParams
 
 PROMPT = [5, 17, 3, 42, 8, 5, 17, 3]
 
@@ -30,12 +29,6 @@ def random_heads(model, backend="native", draft_vocab=None, seed=0):
         for block in heads.blocks:
             block.weight.normal_(std=0.3)
     return target, heads.to(embed.dtype)
-
-
-def greedy(model, prompt, n):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
-                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("backend", ["native", "hf"])
@@ -62,45 +55,14 @@ def test_tree_is_the_best_nodes_of_the_product_by_stored_acceptance():
     assert list(zip(parents, depth, rank)) == [(-1, 0, 0), (0, 1, 0), (0, 1, 1), (1, 2, 0), (2, 2, 0)]
 
 
-V, H, N = 6, 3, 12000
-PROMPT_SMALL = [1, 2, 3, 1, 2]
-
-
-def exact(model, params):
-    out = {}
-    with torch.no_grad():
-        for seq in itertools.product(range(V), repeat=H):
-            logits = model(torch.tensor([PROMPT_SMALL + list(seq)])).logits[0].float()
-            prob = 1.0
-            for i, t in enumerate(seq):
-                prob *= float(probs_from_logits(logits[len(PROMPT_SMALL) - 1 + i], params)[t])
-            out[seq] = prob
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_p=0.8)], ids=["t1", "t0.7-topp0.8"])
 def test_medusa_samples_losslessly(params):
-    from test_lossless import P_REJECT, chi_square_p_value, sample_exact
+    from test_lossless import V, assert_samples_like_the_llama, soft_tiny_llama
 
-    model = tiny_model("llama", vocab_size=V)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(0.5)
+    model = soft_tiny_llama()
     target, heads = random_heads(model, draft_vocab=4)
-    dec = SpeculativeDecoder(target, MedusaDrafter(heads, V, k=6), k=6)
-    counts: dict = {}
-    for seed in range(N):
-        ids = tuple(dec.generate(PROMPT_SMALL, max_new_tokens=H, temperature=params.temperature,
-                                 top_p=params.top_p, seed=seed).token_ids)
-        counts[ids] = counts.get(ids, 0) + 1
-    dist = exact(model, params)
-    assert chi_square_p_value(counts, dist, N) > P_REJECT
-    other = tiny_model("llama", vocab_size=V, seed=3)
-    with torch.no_grad():
-        other.get_output_embeddings().weight.mul_(0.5)
-    odist = exact(other, params)
-    mixed = {s: 0.8 * dist[s] + 0.2 * odist[s] for s in dist}
-    assert chi_square_p_value(sample_exact(mixed, seed=0), dist, N) < P_REJECT
+    assert_samples_like_the_llama(SpeculativeDecoder(target, MedusaDrafter(heads, V, k=6), k=6), model, params)
 
 
 def test_save_load_and_refuse_another_target(tmp_path):
@@ -119,17 +81,10 @@ def test_save_load_and_refuse_another_target(tmp_path):
 
 @pytest.mark.slow
 def test_train_medusa_end_to_end(tmp_path, tokenizer):
-    from outrider.train.eagle import EagleRecipe
     from outrider.train.medusa import train_medusa
+    from test_train_eagle import tiny_recipe
 
-    target = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=2, eos_token_id=tokenizer.eos_token_id)
-    target.save_pretrained(tmp_path / "target")
-    tokenizer.save_pretrained(tmp_path / "target")
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"x = {i} + y\n"}) + "\n" for i in range(40)))
-    recipe = EagleRecipe(target=str(tmp_path / "target"), out=str(tmp_path / "heads"), minutes=0.05, prompts=24,
-                         heldout_prompts=8, prompt_len=6, gen_len=12, draft_vocab=64, gen_batch=8,
-                         prompts_file=str(prompts))
+    recipe = tiny_recipe(tmp_path, tokenizer, 2, "x = {i} + y\n", "heads", 6, 12)
     report = train_medusa(recipe)
     assert report["steps"] > 0 and len(report["heldout_rank_acceptance"]) == 4
     heads = MedusaHeads.load(tmp_path / "heads")

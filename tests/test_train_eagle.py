@@ -27,16 +27,22 @@ def test_frequent_tokens_are_the_reduced_vocabulary():
     assert frequent_tokens(seqs, 3, 10).tolist() == [2, 5, 7]  # 7 x4, 5 x4, 2 x3; ascending ids
 
 
-@pytest.mark.slow
-def test_train_drafter_end_to_end(tmp_path, tokenizer):
-    target = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=4, eos_token_id=tokenizer.eos_token_id)
+def tiny_recipe(tmp_path, tokenizer, layers: int, prompt: str, out: str, prompt_len: int, gen_len: int) -> EagleRecipe:
+    """A saved tiny Llama target with the tiny tokenizer, 40 prompts (`prompt` formatted with i) in a
+    JSONL file, and a recipe training for 3 s on 24 of them."""
+    target = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=layers, eos_token_id=tokenizer.eos_token_id)
     target.save_pretrained(tmp_path / "target")
     tokenizer.save_pretrained(tmp_path / "target")
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"def f{i}(a, b):\n    return a + {i}"}) + "\n" for i in range(40)))
-    recipe = EagleRecipe(target=str(tmp_path / "target"), out=str(tmp_path / "head"), minutes=0.05, prompts=24,
-                         heldout_prompts=8, prompt_len=8, gen_len=16, draft_vocab=64, gen_batch=8,
-                         prompts_file=str(prompts))
+    prompts.write_text("".join(json.dumps({"prompt": prompt.format(i=i)}) + "\n" for i in range(40)))
+    return EagleRecipe(target=str(tmp_path / "target"), out=str(tmp_path / out), minutes=0.05, prompts=24,
+                       heldout_prompts=8, prompt_len=prompt_len, gen_len=gen_len, draft_vocab=64, gen_batch=8,
+                       prompts_file=str(prompts))
+
+
+@pytest.mark.slow
+def test_train_drafter_end_to_end(tmp_path, tokenizer):
+    recipe = tiny_recipe(tmp_path, tokenizer, 4, "def f{i}(a, b):\n    return a + {i}", "head", 8, 16)
     report = train_eagle(recipe)
     assert report["steps"] > 0 and report["draft_vocab"] == 64 and len(report["heldout_acceptance_by_depth"]) == 3
     assert all(0.0 <= a <= 1.0 for a in report["heldout_acceptance_by_depth"])

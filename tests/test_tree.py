@@ -18,6 +18,7 @@ from outrider.sampling import SamplingParams, probs_from_logits
 from outrider.tree import ancestor_mask, check_parents, depths, path_to, verify_mask, verify_positions
 from outrider.verify import verify_tree_greedy, verify_tree_speculative
 from test_loop_fake import greedy_reference
+from test_verify import logits_preferring
 
 # A tree:   root -> 0 -> 2 -> 4
 #               |      \-> 3
@@ -38,12 +39,6 @@ def test_tree_helpers():
         check_parents(torch.tensor([-1, 0, 2]))
 
 
-def logits_choosing(best: list[int], vocab: int = 8) -> torch.Tensor:
-    out = torch.zeros(len(best), vocab)
-    out[torch.arange(len(best)), torch.tensor(best)] = 5.0
-    return out
-
-
 @pytest.mark.parametrize(
     "tokens, best, expected",
     [
@@ -58,7 +53,7 @@ def logits_choosing(best: list[int], vocab: int = 8) -> torch.Tensor:
     ],
 )
 def test_greedy_tree_follows_the_argmax_path(tokens, best, expected):
-    v = verify_tree_greedy(torch.tensor(tokens), PARENTS, logits_choosing(best))
+    v = verify_tree_greedy(torch.tensor(tokens), PARENTS, logits_preferring(best, vocab=8))
     assert (v.path, v.next_token) == expected
 
 

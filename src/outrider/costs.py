@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -53,13 +53,20 @@ class CostModel:
         slope = max(self.verify[b] - self.verify[a], 0.0) / (b - a)
         return self.verify[b] + slope * (n - b)
 
+    def to_dict(self) -> dict:
+        """JSON-ready: {"c": c, "verify": {"n": v(n)}} (a bench record carries it)."""
+        return {"c": self.c, "verify": {str(n): v for n, v in sorted(self.verify.items())}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CostModel:
+        return cls(float(data["c"]), {int(n): float(v) for n, v in data["verify"].items()})
+
     def to_json(self) -> str:
-        return json.dumps({"c": self.c, "verify": {str(n): v for n, v in sorted(self.verify.items())}})
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str) -> CostModel:
-        data = json.loads(text)
-        return cls(float(data["c"]), {int(n): float(v) for n, v in data["verify"].items()})
+        return cls.from_dict(json.loads(text))
 
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
@@ -85,14 +92,15 @@ def _forward_s(model: CausalModel, ids: torch.Tensor, context: int, clock: Calla
 @torch.inference_mode()
 def calibrate(
     target: CausalModel,
-    draft: CausalModel | Callable[[], object] | None = None,
+    draft: CausalModel | None = None,
     sizes: tuple[int, ...] = CALIBRATION_SIZES,
     repeats: int = 7,
     context: int = 64,
     clock: Callable[[], float] = time.perf_counter,
+    probe: Callable[[], object] | None = None,
 ) -> CostModel:
     """Measure v(n) of the target at `sizes` (capped by its context) and c for a draft model, or for
-    a drafter's own one-step probe (a callable: a self-drafting head), 0 for drafters without one,
+    a drafter's own one-step `probe` (a self-drafting head), 0 for drafters with neither,
     after `context` tokens of cache; the caches are reset afterwards.
 
     Sizes are measured in interleaved rounds (drift hits all alike; the first rounds only warm up),
@@ -101,9 +109,6 @@ def calibrate(
     limit = (target.max_length or 10**9) - context
     sizes = tuple(sorted({1, *(n for n in sizes if n <= limit)}))
     ids = torch.zeros(max(sizes), dtype=torch.long, device=target.device)
-    probe = draft if callable(draft) and not hasattr(draft, "forward") else None
-    if probe is not None:
-        draft = None
     models = [target] + ([draft] if draft is not None else [])
     for m in models:
         m.reset()

@@ -25,7 +25,7 @@ from outrider.models import LoadedModel, load_model
 from outrider.costs import CostModel, calibrate
 from outrider.sampling import SamplingParams, probs_from_logits
 from outrider.stats import SpecStats
-from outrider.tree import depths, verify_mask, verify_positions
+from outrider.tree import verify_mask, verify_positions
 from outrider.verify import verify_greedy, verify_speculative, verify_tree_greedy, verify_tree_speculative
 
 FinishReason = Literal["length", "eos", "stop"]
@@ -463,15 +463,16 @@ class SpeculativeDecoder:
             # A tree: [root] + nodes in one forward, each node seeing the root and its ancestors.
             ids = torch.cat([root, draft.tokens])
             parents = draft.parents
+            positions = verify_positions(parents, n - 1)  # (d+1,): n - 1 + depth
             logits = target.forward(ids, attn_mask=verify_mask(parents).to(target.device),
-                                    positions=verify_positions(parents, n - 1).to(target.device))  # (d+1, V)
+                                    positions=positions.to(target.device))  # (d+1, V)
             if params.greedy:
                 path, next_token = verify_tree_greedy(draft.tokens, parents, logits)
             else:
                 p = probs_from_logits(logits, params)
                 path, next_token = verify_tree_speculative(draft.tokens, parents, draft.probs, p, state.generator)
             target.keep_path(n - 1, [0] + [i + 1 for i in path])
-            depth = int(depths(parents).max())
+            depth = int(positions.max()) - (n - 1)
         else:
             ids = torch.cat([root, draft.tokens]) if d else root
             logits = target.forward(ids)  # (d+1, V)
@@ -546,7 +547,7 @@ def _calibrated(target: LoadedModel, draft: LoadedModel | None, probe: Any = Non
         for m in (target, draft) if m is not None
     ) + (probe_name, torch.get_num_threads())
     if key not in _CALIBRATED:
-        _CALIBRATED[key] = calibrate(target.model, draft.model if draft is not None else probe)
+        _CALIBRATED[key] = calibrate(target.model, draft.model if draft is not None else None, probe=probe)
     return _CALIBRATED[key]
 
 

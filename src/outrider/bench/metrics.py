@@ -97,7 +97,7 @@ def predicted_speedup(records: Sequence[Record]) -> float | None:
     counted = [r for r in records if r.get("steps") and r.get("costs")]
     if not counted:
         return None
-    costs = CostModel(counted[0]["costs"]["c"], {int(n): v for n, v in counted[0]["costs"]["verify"].items()})
+    costs = CostModel.from_dict(counted[0]["costs"])
     steps = sum(r["steps"] for r in counted)
     size = sum(r["drafted"] for r in counted) / steps
     depth = sum(r.get("draft_forwards") or 0 for r in counted) / steps

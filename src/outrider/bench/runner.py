@@ -248,7 +248,7 @@ class Bench:
             "method": method.name,
             "repeat": rep,
             "k": getattr(method, "k", None),
-            "costs": json.loads(method.costs.to_json()) if getattr(method, "costs", None) else None,
+            "costs": method.costs.to_dict() if getattr(method, "costs", None) else None,
             "prompt_tokens": len(ids),
             "prompt_truncated": truncated,
             "new_tokens": len(res.token_ids),

@@ -142,18 +142,21 @@ class DraftModel:
         tokens: list[torch.Tensor] = []
         probs: list[torch.Tensor] = []
         keep_drafting = step.adaptive.keep_drafting if step.adaptive is not None else None
-        confidences: list[float] = []
+        # Confidences feed k="auto" only: without it, no softmax and no host sync per token.
+        confidences: list[float] | None = [] if keep_drafting is not None else None
         for i in range(k):
             if step.sampling.greedy:
                 x = logits.argmax(-1)
-                confidences.append(float(logits.softmax(-1)[x]))
+                if confidences is not None:
+                    confidences.append(float(logits.softmax(-1)[x]))
             else:
                 q = probs_from_logits(logits, step.sampling)
                 x = sample(q, step.generator)
                 probs.append(q)
-                confidences.append(float(q[x]))
+                if confidences is not None:
+                    confidences.append(float(q[x]))
             tokens.append(x)
-            if i + 1 == k or (keep_drafting is not None and not keep_drafting(confidences)):
+            if i + 1 == k or (confidences is not None and not keep_drafting(confidences)):
                 break
             logits = self._logits(self.model.forward(x.view(1), num_logits=1)[-1])
         self._fed = len(tokens) - 1

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, empty_draft, register
+from outrider.drafters.heads import fingerprint, load_head, save_head, target_embedding
 from outrider.sampling import probs_from_logits, sample
 
 CONFIG_NAME = "eagle_config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -60,13 +60,6 @@ class EagleConfig:
         data = json.loads(text)
         data["target_layers"] = tuple(data["target_layers"])
         return cls(**data)
-
-
-def fingerprint(embed: Tensor) -> str:
-    """A short identity of a target: its vocabulary and hidden size and a checksum of a few
-    embedding rows (the head shares these embeddings, so they must be the same weights)."""
-    rows = embed[:: max(1, embed.shape[0] // 64)].float()
-    return f"{embed.shape[0]}x{embed.shape[1]}:{float(rows.abs().sum()):.4e}:{float(rows.sum()):.4e}"
 
 
 def default_layers(num_hidden_layers: int) -> tuple[int, int, int]:
@@ -146,44 +139,12 @@ class EagleHead(nn.Module):
     # ---- saving ----------------------------------------------------------------------------
 
     def save(self, out: Path) -> None:
-        from safetensors.torch import save_file
-
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        tmp = out / (WEIGHTS_NAME + ".tmp")
-        save_file(tensors, str(tmp))
-        tmp.replace(out / WEIGHTS_NAME)
-        (out / CONFIG_NAME).write_text(self.cfg.to_json() + "\n")
+        save_head(self, self.cfg.to_json(), out, CONFIG_NAME)
 
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype | None = None, device: torch.device | None = None) -> EagleHead:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise ValueError(
-                f"{str(path)!r} is not an EAGLE head folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}): train one "
-                "with `outrider train drafter --method eagle`"
-            )
-        try:
-            cfg = EagleConfig.from_json((path / CONFIG_NAME).read_text())
-            state = load_file(str(path / WEIGHTS_NAME))
-        except Exception as e:  # json, dataclass or safetensors errors: name the folder either way
-            raise ValueError(f"the EAGLE head in {str(path)!r} is unreadable ({e}): retrain or re-copy it") from e
-        head = cls(cfg)
-        head.load_state_dict(state)
-        return head.to(device=device, dtype=dtype).eval()
-
-
-def target_embedding(model: object) -> Tensor:
-    """The (V, D_t) token embedding of a backend (native or transformers)."""
-    embed = getattr(model, "embed", None)
-    if isinstance(embed, Tensor):
-        return embed
-    hf = getattr(model, "model", None)
-    if hf is not None and hasattr(hf, "get_input_embeddings"):
-        return hf.get_input_embeddings().weight.detach()
-    raise ValueError(f"cannot read the token embeddings of {type(model).__name__}: use backend 'native' or 'hf'")
+        return load_head(path, CONFIG_NAME, "an EAGLE head", "eagle", lambda text: cls(EagleConfig.from_json(text)),
+                         dtype, device)
 
 
 @register("eagle")
@@ -294,18 +255,20 @@ class EagleDrafter:
         """Head outputs (..., D) -> reduced-vocabulary logits (..., N) (EagleHead.logits)."""
         return self._linear(_rms(out, self.head.norm, self.head.cfg.rms_norm_eps), self._w[5])
 
-    def _q(self, out: Tensor, step: DraftStep) -> tuple[Tensor, Tensor]:
-        """Head output (D,) -> (draft token id, q over the full vocabulary (V,) or None)."""
+    def _q(self, out: Tensor, step: DraftStep, confident: bool) -> tuple[Tensor, Tensor | None, float | None]:
+        """Head output (D,) -> (draft token id, q over the full vocabulary (V,) when sampling, and
+        q of the token when `confident` asks for it: k="auto" reads it; otherwise it costs a
+        softmax and a host sync per token for nothing)."""
         logits = self._logits(out[None])[0].float()  # (N,)
         d2t = self.head.d2t
         if step.sampling.greedy:
             i = logits.argmax(-1)
-            return d2t[i], logits.softmax(-1)[i]
+            return d2t[i], None, float(logits.softmax(-1)[i]) if confident else None
         q_small = probs_from_logits(logits, step.sampling)
         i = sample(q_small, step.generator)
         q = torch.zeros(self.vocab_size, dtype=q_small.dtype, device=q_small.device)
         q[d2t] = q_small  # zero outside the reduced vocabulary: still a distribution over V
-        return d2t[i], q
+        return d2t[i], q, float(q_small[i]) if confident else None
 
     @torch.inference_mode()
     def propose(self, step: DraftStep) -> Draft:
@@ -327,17 +290,17 @@ class EagleDrafter:
             full[self.head.d2t] = logits
             return self._grower.grow_tree(step, full, k)
         keep_drafting = step.adaptive.keep_drafting if step.adaptive is not None else None
-        tokens, probs, confidences = [], [], []
+        tokens, probs = [], []
+        confidences: list[float] | None = [] if keep_drafting is not None else None
         out = self._last_out
         for i in range(k):
-            x, q = self._q(out, step)
+            x, q, confidence = self._q(out, step, confidences is not None)
             tokens.append(x)
-            if step.sampling.greedy:
-                confidences.append(float(q))
-            else:
+            if q is not None:
                 probs.append(q)
-                confidences.append(float(q[x]))
-            if i + 1 == k or (keep_drafting is not None and not keep_drafting(confidences)):
+            if confidences is not None:
+                confidences.append(confidence)
+            if i + 1 == k or (confidences is not None and not keep_drafting(confidences)):
                 break
             # The next pair: this output stands in for the feature of the token just drafted.
             out = self._run(self._pair(out[None], x.view(1)), self._pairs + i)[-1]

@@ -26,10 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, empty_draft, register
-from outrider.drafters.eagle import fingerprint, target_embedding
+from outrider.drafters.heads import fingerprint, load_head, save_head, target_embedding
 
 CONFIG_NAME = "medusa_config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -72,30 +71,12 @@ class MedusaHeads(nn.Module):
         return torch.stack([out(h + F.silu(block(h))) for block, out in zip(self.blocks, self.out)])
 
     def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / (WEIGHTS_NAME + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp))
-        tmp.replace(path / WEIGHTS_NAME)
-        (path / CONFIG_NAME).write_text(self.cfg.to_json() + "\n")
+        save_head(self, self.cfg.to_json(), path, CONFIG_NAME)
 
     @classmethod
     def load(cls, path: str | Path, dtype: torch.dtype | None = None, device: torch.device | None = None) -> MedusaHeads:
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
-            raise ValueError(
-                f"{str(path)!r} is not a Medusa heads folder (needs {CONFIG_NAME} and {WEIGHTS_NAME}): train one "
-                "with `outrider train drafter --method medusa`"
-            )
-        try:
-            heads = cls(MedusaConfig.from_json((path / CONFIG_NAME).read_text()))
-            heads.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
-        except Exception as e:  # json, dataclass or safetensors errors: name the folder either way
-            raise ValueError(f"the Medusa heads in {str(path)!r} are unreadable ({e}): retrain or re-copy them") from e
-        return heads.to(device=device, dtype=dtype).eval()
+        return load_head(path, CONFIG_NAME, "a Medusa heads", "medusa",
+                         lambda text: cls(MedusaConfig.from_json(text)), dtype, device)
 
 
 def new_heads(target_config: object, embed: Tensor, lm_head: Tensor, name: str, d2t: Tensor, num_heads: int = 4,

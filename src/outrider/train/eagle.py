@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from outrider.drafters.eagle import EagleHead, _rope, default_layers, new_head
-from outrider.train.config import Budget, TrainSettings
+from outrider.train.config import Budget
 from outrider.train.loop import LoopResult, autocast, train
-from outrider.train.selfdistill import RowSampler, frequent_tokens, load_or_generate
+from outrider.train.selfdistill import RowSampler, head_settings, start_run
 
 
 @dataclass(frozen=True)
@@ -183,32 +183,18 @@ def run_from_args(args: Any) -> int:
 
 def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict[str, Any]:
     """Run the recipe end to end (resuming a stopped run in recipe.out); returns the report."""
-    from outrider.models import load_transformers_model
-
-    recipe.check()
     device = device or torch.device("cpu")
-    out = Path(recipe.out)
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    t_start = time.monotonic()
-    target = load_transformers_model(Path(recipe.target), torch.float32).to(device).eval().requires_grad_(False)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(recipe.target)
-    embed = target.get_input_embeddings().weight.detach()
+    run = start_run(recipe, device)
+    target, embed, data, d2t, out = run.target, run.embed, run.data, run.d2t, run.out
     layers = default_layers(target.config.num_hidden_layers)
-
-    data = load_or_generate(target, tokenizer, recipe, work / "data.pt")
-    d2t = frequent_tokens(data["train"], recipe.draft_vocab, embed.shape[0])
     coverage = float(torch.isin(data["heldout"][:, recipe.prompt_len :], d2t).float().mean())
 
     head = new_head(target.config, embed, str(recipe.target), d2t, layers, seed=recipe.seed).to(device)
-    seq_len = data["train"].shape[1]
-    settings = TrainSettings(seq_len=seq_len, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=20,
-                             weight_decay=0.0, checkpoint_minutes=5.0)
+    settings = head_settings(recipe, data)
+    seq_len = settings.seq_len
     sampler = RowSampler(data["train"], recipe.batch_size, recipe.seed)
     result: LoopResult = train(head, make_loss(target, embed, layers, recipe.unroll), sampler, settings,
-                               Budget(tokens=None, minutes=recipe.minutes), work / "head.ckpt", device, "eagle")
+                               Budget(tokens=None, minutes=recipe.minutes), run.work / "head.ckpt", device, "eagle")
     acceptance = evaluate(head, target, embed, data["heldout"].to(device), recipe.unroll)
     export = EagleHead(head.cfg)
     export.load_state_dict(head.state_dict())
@@ -231,7 +217,7 @@ def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict
         "steps": result.progress.step,
         "tokens_seen": result.progress.tokens_seen,
         "train_minutes": round(result.progress.elapsed_s / 60, 2),
-        "wall_minutes": round((time.monotonic() - t_start) / 60, 2),
+        "wall_minutes": round((time.monotonic() - run.started) / 60, 2),
         "loss_history": result.progress.loss_history[-10:],
         "heldout_acceptance_by_depth": acceptance,
     }

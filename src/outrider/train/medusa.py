@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
-from pathlib import Path
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from outrider.drafters.medusa import MedusaHeads, new_heads
-from outrider.train.config import Budget, TrainSettings
+from outrider.train.config import Budget
 from outrider.train.eagle import EagleRecipe, target_pass
 from outrider.train.loop import autocast, train
-from outrider.train.selfdistill import RowSampler, frequent_tokens, load_or_generate
+from outrider.train.selfdistill import RowSampler, head_settings, start_run
 
 NUM_HEADS = 4
 
@@ -62,21 +61,9 @@ def rank_acceptance(heads: MedusaHeads, target: Any, rows: torch.Tensor, batch: 
 
 
 def train_medusa(recipe: EagleRecipe, device: torch.device | None = None) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    from outrider.models import load_transformers_model
-
-    recipe.check()
     device = device or torch.device("cpu")
-    out = Path(recipe.out)
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    t_start = time.monotonic()
-    target = load_transformers_model(Path(recipe.target), torch.float32).to(device).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.target)
-    embed = target.get_input_embeddings().weight.detach()
-    data = load_or_generate(target, tokenizer, recipe, work / "data.pt")
-    d2t = frequent_tokens(data["train"], recipe.draft_vocab, embed.shape[0])
+    run = start_run(recipe, device)
+    target, embed, data, d2t, out = run.target, run.embed, run.data, run.d2t, run.out
     lm_head = target.get_output_embeddings().weight.detach()
     heads = new_heads(target.config, embed, lm_head, str(recipe.target), d2t, NUM_HEADS).to(device)
     layer = heads.cfg.target_layer
@@ -86,13 +73,10 @@ def train_medusa(recipe: EagleRecipe, device: torch.device | None = None) -> dic
         losses = head_losses(model, hidden[0], logits)
         return sum(losses) / len(losses)
 
-    settings = TrainSettings(seq_len=data["train"].shape[1], batch_size=recipe.batch_size, lr=recipe.lr,
-                             warmup_steps=20, weight_decay=0.0, checkpoint_minutes=5.0)
+    settings = head_settings(recipe, data)
     result = train(heads, loss_fn, RowSampler(data["train"], recipe.batch_size, recipe.seed), settings,
-                   Budget(tokens=None, minutes=recipe.minutes), work / "heads.ckpt", device, "medusa")
+                   Budget(tokens=None, minutes=recipe.minutes), run.work / "heads.ckpt", device, "medusa")
     acceptance = rank_acceptance(heads.eval(), target, data["heldout"].to(device))
-    from dataclasses import replace
-
     final = MedusaHeads(replace(heads.cfg, acceptance=tuple(tuple(r) for r in acceptance)))
     final.load_state_dict(heads.state_dict())
     final.to(torch.bfloat16).save(out)
@@ -110,7 +94,7 @@ def train_medusa(recipe: EagleRecipe, device: torch.device | None = None) -> dic
         "steps": result.progress.step,
         "tokens_seen": result.progress.tokens_seen,
         "train_minutes": round(result.progress.elapsed_s / 60, 2),
-        "wall_minutes": round((time.monotonic() - t_start) / 60, 2),
+        "wall_minutes": round((time.monotonic() - run.started) / 60, 2),
         "heldout_rank_acceptance": acceptance,
         "heldout_acceptance_by_depth": [row[0] for row in acceptance],
     }

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from outrider.train.config import TrainSettings
 
-def prompt_windows(tokenizer: Any, recipe: EagleRecipe, heldout: bool, n: int, seed: int) -> list[list[int]]:
+
+def prompt_windows(tokenizer: Any, recipe: Any, heldout: bool, n: int, seed: int) -> list[list[int]]:
     """n prompts of prompt_len tokens: random windows of stdlib files (train or held-out split), or
     the user's prompts (the last `heldout_prompts` of the file are held out)."""
     if recipe.prompts_file is not None:
@@ -94,3 +97,43 @@ def load_or_generate(target: Any, tokenizer: Any, recipe: Any, path: Path) -> di
     torch.save(data, tmp)
     tmp.replace(path)
     return data
+
+
+@dataclass
+class Run:
+    """What every drafter recipe starts from: the frozen float32 target, its tokenizer and
+    embeddings, the self-distilled data and the reduced vocabulary `d2t` (N,) chosen from it."""
+
+    target: Any
+    tokenizer: Any
+    embed: torch.Tensor  # (V, D_t)
+    data: dict[str, Any]
+    d2t: torch.Tensor
+    out: Path
+    work: Path  # checkpoints and the data cache
+    started: float  # time.monotonic() when the run began
+
+
+def start_run(recipe: Any, device: torch.device) -> Run:
+    """Check the recipe, load the target, and load or generate the data (train/eagle.py, medusa.py)."""
+    from transformers import AutoTokenizer
+
+    from outrider.models import load_transformers_model
+
+    recipe.check()
+    out = Path(recipe.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    target = load_transformers_model(Path(recipe.target), torch.float32).to(device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(recipe.target)
+    embed = target.get_input_embeddings().weight.detach()
+    data = load_or_generate(target, tokenizer, recipe, work / "data.pt")
+    d2t = frequent_tokens(data["train"], recipe.draft_vocab, embed.shape[0])
+    return Run(target, tokenizer, embed, data, d2t, out, work, started)
+
+
+def head_settings(recipe: Any, data: dict[str, Any]) -> TrainSettings:
+    """Optimiser settings of a head: whole self-distilled rows, a short warm-up, no weight decay."""
+    return TrainSettings(seq_len=data["train"].shape[1], batch_size=recipe.batch_size, lr=recipe.lr,
+                         warmup_steps=20, weight_decay=0.0, checkpoint_minutes=5.0)
