@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 
@@ -63,20 +63,29 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One generation: what generate() and stream() take (and the CLI and server build)."""
+    """One generation: what generate() and stream() take (and the CLI and server build).
 
-    prompt: str | Sequence[int]
+    Give either a prompt (text or token ids) or chat `messages` ([{"role": ..., "content": ...}]),
+    which the model's chat template turns into the prompt."""
+
+    prompt: str | Sequence[int] | None = None
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0: greedy
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None  # None: a fresh random seed (sampling only)
     stop: str | Sequence[str] | None = None
+    messages: Sequence[Mapping[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         """Every value a user (or an HTTP client) sends is checked here, once, by name: the CLI
         and the server build requests, so they inherit these checks."""
-        check_prompt(self.prompt)
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt=<text or token ids> and messages=[{'role', 'content'}, ...]")
+        if self.messages is not None:
+            check_messages(self.messages)
+        else:
+            check_prompt(self.prompt)
         _check_positive("max_new_tokens", self.max_new_tokens)
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not 0 <= self.seed < 2**63):
@@ -113,6 +122,31 @@ def check_prompt(prompt: object) -> None:
         raise ValueError(
             f"prompt token ids must be integers, got {bad[0]!r} ({type(bad[0]).__name__}): pass a flat list of ints"
         )
+
+
+def check_messages(messages: object) -> None:
+    """Chat messages are a non-empty list of {"role": str, "content": str} mappings."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"messages={messages!r:.80} is invalid: pass a non-empty list of "
+                         "{'role': ..., 'content': ...} mappings")
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}]={m!r:.80} is invalid: each message is "
+                             "{'role': 'system'|'user'|'assistant', 'content': <text>}")
+
+
+def read_chat_template(template: str | Path | None) -> str | None:
+    """Jinja text as given, or read from a file when it names one (`--chat-template FILE`)."""
+    if template is None:
+        return None
+    if isinstance(template, Path) or ("{" not in template and Path(template).expanduser().is_file()):
+        path = Path(template).expanduser()
+        if not path.is_file():
+            raise ValueError(f"chat_template file {str(path)!r} does not exist: pass Jinja text or a file of it")
+        return path.read_text()
+    if "{" not in template:
+        raise ValueError(f"chat_template={template!r:.80} is neither a Jinja template nor an existing file")
+    return template
 
 
 def embedded_pair_dir() -> Path:
@@ -196,6 +230,7 @@ class SpeculativeDecoder:
         self.method = method
         self.adaptive = adaptive
         self.tokenizer = target.tokenizer
+        self.chat_template: str | None = None  # None: the tokenizer's own (chat_ids)
         self.clock = time.perf_counter  # timings for the stats only: no decision reads it
         # Self-drafting heads read the target's hidden states: capture the layers they name.
         self.hidden_layers = tuple(getattr(drafter, "hidden_layers", ()) or ())
@@ -217,6 +252,7 @@ class SpeculativeDecoder:
         draft_tokenizer: Any | None = None,
         width: int | None = None,
         costs: CostModel | str | Path | None = None,
+        chat_template: str | Path | None = None,
     ) -> SpeculativeDecoder:
         """Load target (and draft) from local folders or model objects.
 
@@ -229,6 +265,7 @@ class SpeculativeDecoder:
         costs: c and v(n) for k="auto" (a CostModel or a JSON file written by CostModel.to_json);
         None: measured once now (costs.calibrate) and frozen.
         tokenizer: a transformers tokenizer or folder, for model objects that come without one.
+        chat_template: Jinja text (or a file of it) for chat messages, replacing the tokenizer's.
         """
         cls_ = drafter_class(method)
         if k is None and getattr(cls_, "stops_on_confidence", False):
@@ -285,6 +322,7 @@ class SpeculativeDecoder:
                 costs = _calibrated(loaded_target, loaded_draft, probe, str(head_path) if head_path else None)
             adaptive = AdaptiveK(k_max=AUTO_K_MAX, costs=costs)
         decoder = cls(loaded_target, drafter, k=k, method=method, adaptive=adaptive)
+        decoder.chat_template = read_chat_template(chat_template)
         if adaptive is not None:
             decoder.calibrate_acceptance()
         return decoder
@@ -338,6 +376,29 @@ class SpeculativeDecoder:
         else:
             check_prompt(prompt)
             ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+        return self.encode_ids(ids)
+
+    def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """The prompt ids of a chat: `messages` rendered by the chat template (the decoder's
+        `chat_template` if set, else the tokenizer's), ending with the assistant's turn opened."""
+        check_messages(messages)
+        if self.tokenizer is None:
+            raise ValueError("chat messages need a tokenizer, and the target has none: pass token ids")
+        template = self.chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError(
+                f"the target {self.target.name!r} has no chat template: pass chat_template=<Jinja text> "
+                "(CLI: --chat-template FILE), or send a plain prompt"
+            )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [dict(m) for m in messages], chat_template=template, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja raises its own types (template errors, raise_exception calls)
+            raise ValueError(f"the chat template could not render these messages: {e}") from e
+        # The template already holds any BOS: adding special tokens again would double it.
+        return self.encode_ids(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_ids(self, ids: list[int]) -> list[int]:
         if not ids:
             raise ValueError("prompt is empty: give at least one token of context")
         vocab = self.target.model.vocab_size
@@ -358,17 +419,20 @@ class SpeculativeDecoder:
 
     def generate(
         self,
-        prompt: str | Sequence[int] | GenerationRequest,
+        prompt: str | Sequence[int] | GenerationRequest | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        *,
+        messages: Sequence[Mapping[str, Any]] | None = None,
     ) -> GenerationResult:
-        """Generate for one prompt (or a GenerationRequest, whose fields then replace the others)."""
+        """Generate for one prompt, or chat `messages` through the model's chat template (or a
+        GenerationRequest, whose fields then replace the others)."""
         request = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(
-            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop)
+            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, messages)
         stats = SpecStats()
         ids: list[int] = []
         drafted: list[bool] = []
@@ -387,7 +451,7 @@ class SpeculativeDecoder:
 
     def stream(
         self,
-        prompt: str | Sequence[int] | GenerationRequest,
+        prompt: str | Sequence[int] | GenerationRequest | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_k: int | None = None,
@@ -395,18 +459,20 @@ class SpeculativeDecoder:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
         stats: SpecStats | None = None,
+        *,
+        messages: Sequence[Mapping[str, Any]] | None = None,
     ) -> Iterator[Chunk]:
         """Yield the tokens as they are committed (one Chunk per step; the last one carries the
         finish_reason). Pass a SpecStats to read the run's counts and times while or after it runs."""
         request = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(
-            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop)
+            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, messages)
         yield from self._run(request, stats or SpecStats(), want_text=True)
 
     # ---- the loop -------------------------------------------------------------------------
 
     def _run(self, request: GenerationRequest, stats: SpecStats, want_text: bool) -> Iterator[Chunk]:
         params = request.sampling
-        prompt_ids = self.encode(request.prompt)
+        prompt_ids = self.encode(request.prompt) if request.messages is None else self.chat_ids(request.messages)
         self._check_lengths(len(prompt_ids), request.max_new_tokens)
         stops = request.stops
         if stops and self.tokenizer is None:
