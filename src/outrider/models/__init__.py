@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from outrider.models.base import CausalModel
+from outrider.models.gguf import is_gguf, load_gguf
 from outrider.models.hf import HFModel
 
 BACKENDS = ("auto", "native", "hf", "compiled")  # compiled: native under torch.compile
@@ -118,7 +119,7 @@ def load_model(
     backend: str = "auto",
     tokenizer: Any | None = None,
 ) -> LoadedModel:
-    """Load a causal LM from a local folder or wrap a transformers model object.
+    """Load a causal LM from a local folder, a GGUF file, or wrap a transformers model object.
 
     dtype None keeps the stored dtype (folder) or the object's dtype; a given dtype converts.
     backend: "auto" (native for Llama, Mistral, Qwen2; transformers otherwise), "native", "hf",
@@ -136,6 +137,10 @@ def load_model(
                 "AutoModelForCausalLM model or its folder"
             )
         name = getattr(hf_model.config, "_name_or_path", "") or type(source).__name__
+    elif is_gguf(source):  # a llama.cpp file: dequantized (float32 unless dtype says otherwise)
+        hf_model, file_tokenizer = load_gguf(source, torch_dtype)
+        tokenizer = file_tokenizer if tokenizer is None else tokenizer
+        name = str(Path(source).expanduser())
     elif isinstance(source, (str, Path)):
         path = Path(source).expanduser()
         hf_model = load_transformers_model(path, torch_dtype)
