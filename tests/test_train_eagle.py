@@ -61,3 +61,70 @@ def test_cli_train_drafter_validates(tmp_path, capsys):
 
     assert main(["train", "drafter", "--target", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+class _ScriptedGenerator:
+    """A stand-in for a target's generate(): appends fixed new tokens to each left-padded row."""
+
+    def __init__(self, new: dict[int, list[int]]) -> None:
+        self.new = new  # first real prompt token -> the new tokens generate returns for that row
+
+    def generate(self, ids, attention_mask, max_new_tokens, pad_token_id, **kw):
+        firsts = [int(r[m.bool()][0]) for r, m in zip(ids, attention_mask)]
+        return torch.cat([ids, torch.tensor([self.new[f][:max_new_tokens] for f in firsts])], dim=1)
+
+
+def test_chat_answers_end_at_eos_and_rows_are_right_padded():
+    from outrider.train.selfdistill import PAD, self_distill
+
+    eos = 9
+    gen = _ScriptedGenerator({1: [5, 9, 9, 9], 2: [6, 6, 6, 6], 3: [9, 4, 4, 4]})
+    rows = self_distill(gen, [[1, 1, 1], [2], [3, 3]], gen_len=4, batch=8, seed=0, eos=(eos,))
+    # Sorted by prompt length; the left padding is gone; each answer stops at (and keeps) EOS.
+    assert rows.tolist() == [[2, 6, 6, 6, 6], [3, 3, 9, PAD, PAD], [1, 1, 1, 5, 9]]
+
+
+def test_padding_changes_no_loss(tokenizer):
+    """Right padding must be invisible: a row with a PAD tail scores exactly as the row alone."""
+    from outrider.drafters.eagle import new_head
+    from outrider.train.eagle import target_pass, unrolled_losses
+
+    target = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=4)
+    embed = target.get_input_embeddings().weight.detach()
+    head = new_head(target.config, embed, "t", torch.arange(64), (0, 2, 4))
+    row = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
+    padded = torch.cat([row, torch.full((1, 5), -1)], dim=1)
+
+    def losses(batch):
+        hidden, logits = target_pass(target, batch, head.cfg.target_layers)
+        loss, agree = unrolled_losses(head, embed, batch, hidden, logits[..., head.d2t], 3)
+        return torch.stack(loss), torch.stack(agree)
+
+    (l1, a1), (l2, a2) = losses(row), losses(padded)
+    assert torch.allclose(l1, l2, atol=1e-5) and torch.equal(a1, a2)
+    # ...and the tail is really skipped: scoring it as token 0 would change the loss.
+    l3, _ = losses(padded.clamp(min=0))
+    assert not torch.allclose(l1, l3, atol=1e-3)
+
+
+def test_chat_prompts_go_through_the_template(tmp_path, tokenizer):
+    from outrider.train.selfdistill import prompt_windows
+
+    tok = tiny_tokenizer_with_template(tokenizer)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"def f{i}():"}) + "\n" for i in range(10)))
+    recipe = EagleRecipe(target="t", out="o", prompts_file=str(prompts), heldout_prompts=2, prompt_len=64)
+    rows = prompt_windows(tok, recipe, False, 8, 0)
+    assert len(rows) == 8 and tok.decode(rows[0]) == "<|user|>def f0():\n<|assistant|>"
+    plain = prompt_windows(tok, EagleRecipe(target="t", out="o", prompts_file=str(prompts), heldout_prompts=2,
+                                            prompt_len=64, chat=False), False, 8, 0)
+    assert tok.decode(plain[0]) == "def f0():"
+
+
+def tiny_tokenizer_with_template(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return tok

@@ -17,6 +17,7 @@ Runs are seeded, checkpointed (train/loop.py) and resumable; `--minutes` bounds 
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from outrider.drafters.eagle import EagleHead, _rope, default_layers, new_head
 from outrider.train.config import Budget
 from outrider.train.loop import LoopResult, autocast, train
-from outrider.train.selfdistill import RowSampler, head_settings, start_run
+from outrider.train.selfdistill import head_settings, start_run, uses_chat
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,11 @@ class EagleRecipe:
     batch_size: int = 16
     lr: float = 1e-3
     seed: int = 0
-    prompts_file: str | None = None  # JSONL of {"prompt": ...} or {"text": ...}; None: stdlib code
+    prompts_file: str | None = None  # JSONL of {"prompt": ...} or {"text": ...}; None: built in
     gen_batch: int = 64
+    chat: bool | None = None  # prompts as chat requests; None: when the target has a chat template
+    dtype: str = "float32"  # the target's, for data and features: bfloat16 is ~2x faster on CPU
+    cache_gb: float = 4.0  # RAM for the target's features, computed once (over it: per batch, online)
 
     def check(self) -> None:
         for name in ("prompts", "heldout_prompts", "prompt_len", "gen_len", "draft_vocab", "unroll", "batch_size",
@@ -60,6 +64,11 @@ class EagleRecipe:
                 raise ValueError(f"{name}={value!r} is invalid: use an integer >= 1")
         if not self.minutes > 0:
             raise ValueError(f"minutes={self.minutes!r} is invalid: use a positive number of minutes")
+        from outrider.models import parse_dtype
+
+        parse_dtype(self.dtype)  # names the bad value before any work
+        if not self.cache_gb >= 0:
+            raise ValueError(f"cache_gb={self.cache_gb!r} is invalid: use a number of GB >= 0 (0: no cache)")
 
 
 def unroll_mask(T: int, s: int, device: torch.device) -> torch.Tensor:
@@ -77,24 +86,70 @@ def unroll_mask(T: int, s: int, device: torch.device) -> torch.Tensor:
 
 
 def target_pass(target: Any, batch: torch.Tensor, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen target over batch (B, T): hidden states (L, B, T, D_t) of `layers` and logits
-    (B, T, V)."""
+    """The frozen target over batch (B, T) right-padded with PAD: hidden states (L, B, T, D_t) of
+    `layers` and logits (B, T, V). Padding is fed as token 0: it only follows real tokens, so
+    causal attention keeps it out of every real position (losses skip it)."""
     with torch.no_grad():
-        out = target(input_ids=batch, output_hidden_states=True, use_cache=False)
+        out = target(input_ids=batch.clamp(min=0), output_hidden_states=True, use_cache=False)
         hidden = torch.stack([out.hidden_states[i] for i in layers])
     return hidden, out.logits
 
 
+class Features:
+    """What one loss needs from the target for rows of data: hidden states of the head's layers and
+    logits on the reduced vocabulary. Computed once into RAM when they fit `cache_gb` (the target is
+    frozen, so every epoch would recompute the same values), else per batch (online). The cache
+    keeps the target's final hidden state, not its logits: the reduced logits are one small matmul
+    away (final @ W[d2t].T), and a 49k-vocabulary row would be 10x the size."""
+
+    def __init__(self, target: Any, rows: torch.Tensor, layers: tuple[int, ...], d2t: torch.Tensor,
+                 cache_gb: float, batch: int = 16) -> None:
+        self.target, self.rows, self.layers, self.d2t = target, rows, layers, d2t
+        self.out_rows = target.get_output_embeddings().weight.detach()[d2t].float()  # (N, D_t)
+        S, T = rows.shape
+        self.cached = S * T * (len(layers) + 1) * target.config.hidden_size * 2 / 1e9 <= cache_gb
+        if self.cached:  # bf16: the precision the target serves in; half the RAM of float32
+            parts = [self._states(rows[i : i + batch]) for i in range(0, S, batch)]
+            self.hidden = torch.cat([h for h, _ in parts], dim=1).to(torch.bfloat16)  # (L, S, T, D_t)
+            self.final = torch.cat([f for _, f in parts]).to(torch.bfloat16)  # (S, T, D_t)
+
+    def _states(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            out = self.target.base_model(input_ids=batch.clamp(min=0), output_hidden_states=True, use_cache=False)
+        return torch.stack([out.hidden_states[i] for i in self.layers]), out.last_hidden_state
+
+    def __call__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """rows (B, T), hidden (L, B, T, D_t), reduced logits (B, T, N) of row indices (B,)."""
+        batch = self.rows[index]
+        if self.cached:
+            hidden, final = self.hidden[:, index].float(), self.final[index].float()
+        else:
+            hidden, final = self._states(batch)
+        return batch, hidden, final.float() @ self.out_rows.T
+class IndexSampler:
+    """Seeded random row indices (B,): the training loop's sampler interface over Features."""
+
+    def __init__(self, rows: int, batch_size: int, seed: int) -> None:
+        self.rows = rows
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> torch.Tensor:
+        return torch.randint(0, self.rows, (self.batch_size,), generator=self.generator)
+
+
 def unrolled_losses(head: EagleHead, embed: torch.Tensor, batch: torch.Tensor, hidden: torch.Tensor,
-                    logits: torch.Tensor, unroll: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                    reduced_logits: torch.Tensor, unroll: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per unroll step: the KL loss and the top-1 agreement with the target on the reduced
-    vocabulary, over the pairs that step can score. batch (B, T); pairs j = 0..T-2."""
+    vocabulary, over the pairs that step can score. batch (B, T) right-padded with PAD; pairs
+    j = 0..T-2; reduced_logits (B, T, N) the target's logits at head.d2t."""
     B, T = batch.shape
     P = T - 1
-    d2t = head.d2t
+    real = batch[:, 2:] >= 0  # (B, P-1): pair j's target token j+2 exists
+    real = torch.cat([real, torch.zeros_like(real[:, :1])], dim=1)  # (B, P): the last pair has none
     feats = head.fuse_features(hidden[:, :, :P])  # (B, P, D)
-    tok = F.embedding(batch[:, 1:], embed)  # (B, P, D_t): token j+1 of pair j
-    log_p = F.log_softmax(logits[:, 1:, :].float()[..., d2t], dim=-1)  # (B, P, N): p of token j+2
+    tok = F.embedding(batch[:, 1:].clamp(min=0), embed)  # (B, P, D_t): token j+1 of pair j
+    log_p = F.log_softmax(reduced_logits[:, 1:, :].float(), dim=-1)  # (B, P, N): p of token j+2
     target_top = log_p.argmax(-1)
     cos, sin = _rope(torch.arange(P, device=batch.device), head.cfg.head_dim, head.cfg.rope_theta, feats.dtype)
     keys, values, losses, agree = [], [], [], []
@@ -109,17 +164,19 @@ def unrolled_losses(head: EagleHead, embed: torch.Tensor, batch: torch.Tensor, h
         values.append(v)
         log_q = F.log_softmax(head.logits(out).float(), dim=-1)  # (B, P, N)
         valid = slice(s - 1, P)
-        kl = (log_p[:, valid].exp() * (log_p[:, valid] - log_q[:, valid])).sum(-1).mean()
-        losses.append(kl)
-        agree.append((log_q[:, valid].argmax(-1) == target_top[:, valid]).float().mean())
+        weight = real[:, valid].float()
+        count = weight.sum().clamp(min=1.0)
+        kl = (log_p[:, valid].exp() * (log_p[:, valid] - log_q[:, valid])).sum(-1)
+        losses.append((kl * weight).sum() / count)
+        agree.append(((log_q[:, valid].argmax(-1) == target_top[:, valid]).float() * weight).sum() / count)
         # Next step: pair j reads the head's own output at pair j-1 in place of the feature.
         x_feat = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
     return losses, agree
 
 
-def make_loss(target: Any, embed: torch.Tensor, layers: tuple[int, ...], unroll: int):
-    def loss_fn(head: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-        hidden, logits = target_pass(target, batch, layers)
+def make_loss(features: Features, embed: torch.Tensor, unroll: int):
+    def loss_fn(head: torch.nn.Module, index: torch.Tensor) -> torch.Tensor:
+        batch, hidden, logits = features(index)
         losses, _ = unrolled_losses(head, embed, batch, hidden, logits, unroll)
         return sum(losses) / len(losses)
 
@@ -130,20 +187,22 @@ def make_loss(target: Any, embed: torch.Tensor, layers: tuple[int, ...], unroll:
 def evaluate(head: EagleHead, target: Any, embed: torch.Tensor, rows: torch.Tensor, unroll: int,
              batch: int = 16) -> list[float]:
     """Held-out top-1 agreement per unroll step: the acceptance of a greedy chain's token at that
-    depth, given the earlier ones were accepted (the target's argmax, on the reduced vocabulary)."""
+    depth, given the earlier ones were accepted (the target's argmax, on the reduced vocabulary).
+    Weighted by each batch's real (unpadded) pairs."""
     head.eval()
     sums = [0.0] * unroll
-    count = 0
+    count = [0.0] * unroll
     for i in range(0, rows.shape[0], batch):
         b = rows[i : i + batch]
         with autocast(b.device):
             hidden, logits = target_pass(target, b, head.cfg.target_layers)
-            _, agree = unrolled_losses(head, embed, b, hidden, logits, unroll)
+            _, agree = unrolled_losses(head, embed, b, hidden, logits[..., head.d2t], unroll)
         for s, a in enumerate(agree):
-            sums[s] += float(a) * b.shape[0]
-        count += b.shape[0]
+            n = float((b[:, s + 2 :] >= 0).sum())  # the pairs step s+1 scored
+            sums[s] += float(a) * n
+            count[s] += n
     head.train()
-    return [round(x / count, 4) for x in sums]
+    return [round(x / max(c, 1.0), 4) for x, c in zip(sums, count)]
 
 
 def build_parser(parser: Any) -> Any:
@@ -156,6 +215,15 @@ def build_parser(parser: Any) -> Any:
     parser.add_argument("--gen-len", type=int, default=EagleRecipe.gen_len, help="tokens the target writes per prompt")
     parser.add_argument("--draft-vocab", type=int, default=EagleRecipe.draft_vocab, help="reduced vocabulary size")
     parser.add_argument("--unroll", type=int, default=EagleRecipe.unroll, help="training-time test steps")
+    parser.add_argument("--prompt-len", type=int, default=EagleRecipe.prompt_len,
+                        help="prompt tokens (code windows), or the longest chat prompt kept")
+    parser.add_argument("--batch-size", type=int, default=EagleRecipe.batch_size, help="sequences per step")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="prompts as chat requests (default: when the target has a chat template)")
+    parser.add_argument("--dtype", default=EagleRecipe.dtype,
+                        help="the target's dtype for data and features (bfloat16: ~2x faster on CPU)")
+    parser.add_argument("--cache-gb", type=float, default=EagleRecipe.cache_gb,
+                        help="RAM for the target's features, computed once (0: recompute per batch)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
@@ -168,7 +236,8 @@ def run_from_args(args: Any) -> int:
         torch.set_num_threads(args.threads)
     recipe = EagleRecipe(target=args.target, out=args.out, minutes=args.minutes, prompts=args.prompts,
                          prompts_file=args.prompts_file, gen_len=args.gen_len, draft_vocab=args.draft_vocab,
-                         unroll=args.unroll, seed=args.seed)
+                         unroll=args.unroll, seed=args.seed, prompt_len=args.prompt_len, batch_size=args.batch_size,
+                         chat=args.chat, dtype=args.dtype, cache_gb=args.cache_gb)
     if args.method == "medusa":
         from outrider.train.medusa import train_medusa
 
@@ -187,15 +256,17 @@ def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict
     run = start_run(recipe, device)
     target, embed, data, d2t, out = run.target, run.embed, run.data, run.d2t, run.out
     layers = default_layers(target.config.num_hidden_layers)
-    coverage = float(torch.isin(data["heldout"][:, recipe.prompt_len :], d2t).float().mean())
+    held = data["heldout"]
+    coverage = float(torch.isin(held[held >= 0], d2t).float().mean())
 
     head = new_head(target.config, embed, str(recipe.target), d2t, layers, seed=recipe.seed).to(device)
     settings = head_settings(recipe, data)
     seq_len = settings.seq_len
-    sampler = RowSampler(data["train"], recipe.batch_size, recipe.seed)
-    result: LoopResult = train(head, make_loss(target, embed, layers, recipe.unroll), sampler, settings,
+    features = Features(target, data["train"].to(device), layers, d2t.to(device), recipe.cache_gb)
+    sampler = IndexSampler(data["train"].shape[0], recipe.batch_size, recipe.seed)
+    result: LoopResult = train(head, make_loss(features, embed.float(), recipe.unroll), sampler, settings,
                                Budget(tokens=None, minutes=recipe.minutes), run.work / "head.ckpt", device, "eagle")
-    acceptance = evaluate(head, target, embed, data["heldout"].to(device), recipe.unroll)
+    acceptance = evaluate(head, target, embed.float(), held.to(device), recipe.unroll)
     export = EagleHead(head.cfg)
     export.load_state_dict(head.state_dict())
     export.to(torch.bfloat16).save(out)  # bf16: half the file, the dtype the CPU drafts fastest in
@@ -208,7 +279,10 @@ def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict
         "data": {
             "train_sequences": int(data["train"].shape[0]), "heldout_sequences": int(data["heldout"].shape[0]),
             "tokens_per_sequence": seq_len, "generate_s": round(float(data["generate_s"]), 1),
-            "source": recipe.prompts_file or "Python standard library (train files; held-out files for evaluation)",
+            "source": recipe.prompts_file or ("chat requests made from Python standard library docstrings "
+                                              "(train files; held-out files for evaluation)" if features_chat(run)
+                                              else "Python standard library (train files; held-out files for evaluation)"),
+            "features_cached": features.cached,
         },
         "draft_vocab": int(d2t.shape[0]),
         "heldout_coverage": round(coverage, 4),
@@ -224,6 +298,10 @@ def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(format_report(report))
     return report
+
+
+def features_chat(run: Any) -> bool:
+    return uses_chat(run.tokenizer, run.recipe)
 
 
 def format_report(r: dict[str, Any]) -> str:

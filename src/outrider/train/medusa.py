@@ -26,8 +26,10 @@ from outrider.train.selfdistill import RowSampler, head_settings, start_run
 NUM_HEADS = 4
 
 
-def head_losses(heads: MedusaHeads, hidden: torch.Tensor, logits: torch.Tensor) -> list[torch.Tensor]:
-    """KL(p || q) per head. hidden (B, T, D) at the heads' layer, logits (B, T, V) of the target."""
+def head_losses(heads: MedusaHeads, hidden: torch.Tensor, logits: torch.Tensor,
+                batch: torch.Tensor) -> list[torch.Tensor]:
+    """KL(p || q) per head over real tokens. hidden (B, T, D) at the heads' layer, logits (B, T, V)
+    of the target, batch (B, T) right-padded with PAD (-1)."""
     d2t = heads.d2t
     q_all = heads(hidden)  # (K, B, T, N)
     losses = []
@@ -35,7 +37,10 @@ def head_losses(heads: MedusaHeads, hidden: torch.Tensor, logits: torch.Tensor) 
         T = hidden.shape[1] - (h + 1)
         log_p = F.log_softmax(logits[:, h + 1 :].float()[..., d2t], dim=-1)  # (B, T, N)
         log_q = F.log_softmax(q_all[h, :, :T].float(), dim=-1)
-        losses.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+        real = (batch[:, h + 2 :] >= 0).float()  # head h at j predicts token j+2+h... scored where it exists
+        real = torch.cat([real, torch.zeros_like(real[:, :1])], dim=1)[:, :T]
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        losses.append((kl * real).sum() / real.sum().clamp(min=1.0))
     return losses
 
 
@@ -54,9 +59,10 @@ def rank_acceptance(heads: MedusaHeads, target: Any, rows: torch.Tensor, batch: 
         for h, w in enumerate(cfg.widths):
             T = b.shape[1] - (h + 1)
             top = heads.d2t[torch.topk(q_all[h, :, :T].float(), w).indices]  # (B, T, w)
+            real = torch.cat([b[:, h + 2 :] >= 0, torch.zeros_like(b[:, :1], dtype=torch.bool)], dim=1)[:, :T]
             for r in range(w):
-                hits[h][r] += float((top[..., r] == best[:, h + 1 :]).sum())
-            total[h] += b.shape[0] * T
+                hits[h][r] += float(((top[..., r] == best[:, h + 1 :]) & real).sum())
+            total[h] += int(real.sum())
     return [[round(x / t, 4) for x in row] for row, t in zip(hits, total)]
 
 
@@ -70,7 +76,7 @@ def train_medusa(recipe: EagleRecipe, device: torch.device | None = None) -> dic
 
     def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
         hidden, logits = target_pass(target, batch, (layer,))
-        losses = head_losses(model, hidden[0], logits)
+        losses = head_losses(model, hidden[0], logits, batch)
         return sum(losses) / len(losses)
 
     settings = head_settings(recipe, data)

@@ -2,8 +2,13 @@
 
 Speculative decoding accepts what the target would have said, so a drafter learns best from text
 the target wrote itself. Prompts are cut from the Python standard library (split by file: the
-held-out files give the evaluation set; Spec-Bench is a test set and never used) or read from a
-user's JSONL file; the target continues them in batches, half greedily and half sampled.
+held-out files give the evaluation set; Spec-Bench is a test set and never used), made as chat
+requests (train/instructions.py) for a target with a chat template, or read from a user's JSONL
+file; the target continues them in batches, half greedily and half sampled.
+
+Rows are (S, T) long tensors right-padded with PAD (-1): chat answers end at the target's EOS, so
+rows differ in length. Right padding keeps every real token's position and causal context as they
+are when the target serves; losses skip the padding.
 """
 
 from __future__ import annotations
@@ -17,24 +22,56 @@ from typing import Any
 import numpy as np
 import torch
 
+from outrider.models import eos_ids_of
 from outrider.train.config import TrainSettings
 
 
+PAD = -1  # row padding; never a token id
+
+
+def _read_prompts_file(tokenizer: Any, path: str) -> list[str]:
+    rows = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        obj = json.loads(line)
+        text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"{path}: line {lineno} needs a non-empty 'prompt' or 'text'")
+        rows.append(text)
+    return rows
+
+
+def chat_prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """One user turn through the tokenizer's chat template, the assistant's turn opened."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def uses_chat(tokenizer: Any, recipe: Any) -> bool:
+    """recipe.chat None: chat when the target's tokenizer has a chat template (an instruction model)."""
+    return bool(getattr(tokenizer, "chat_template", None)) if recipe.chat is None else recipe.chat
+
+
 def prompt_windows(tokenizer: Any, recipe: Any, heldout: bool, n: int, seed: int) -> list[list[int]]:
-    """n prompts of prompt_len tokens: random windows of stdlib files (train or held-out split), or
-    the user's prompts (the last `heldout_prompts` of the file are held out)."""
+    """n prompts: chat requests (at most prompt_len tokens each) for an instruction model; else
+    random prompt_len-token windows of stdlib files (train or held-out split); or the user's
+    prompts (the last `heldout_prompts` of the file are held out), through the chat template when
+    chatting."""
+    chat = uses_chat(tokenizer, recipe)
     if recipe.prompts_file is not None:
-        rows = []
-        for lineno, line in enumerate(Path(recipe.prompts_file).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            obj = json.loads(line)
-            text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else None
-            if not isinstance(text, str) or not text:
-                raise ValueError(f"{recipe.prompts_file}: line {lineno} needs a non-empty 'prompt' or 'text'")
-            rows.append(list(tokenizer(text)["input_ids"])[: recipe.prompt_len])
-        cut = len(rows) - min(recipe.heldout_prompts, len(rows) // 5)
-        return (rows[cut:] if heldout else rows[:cut])[:n]
+        texts = _read_prompts_file(tokenizer, recipe.prompts_file)
+        cut = len(texts) - min(recipe.heldout_prompts, len(texts) // 5)
+        texts = (texts[cut:] if heldout else texts[:cut])[:n]
+        return [(chat_prompt_ids(tokenizer, t) if chat else list(tokenizer(t)["input_ids"]))[: recipe.prompt_len]
+                for t in texts]
+    if chat:
+        from outrider.train.instructions import make_instructions
+
+        rows = [ids for ids in (chat_prompt_ids(tokenizer, t) for t in make_instructions(2 * n, heldout, seed))
+                if len(ids) <= recipe.prompt_len]
+        return rows[:n]
     from outrider.train.corpus import split_files
     from outrider.train.data import tokenize_files
 
@@ -47,23 +84,37 @@ def prompt_windows(tokenizer: Any, recipe: Any, heldout: bool, n: int, seed: int
 
 
 @torch.inference_mode()
-def self_distill(model: Any, prompts: list[list[int]], gen_len: int, batch: int, seed: int) -> torch.Tensor:
-    """The target's continuations of equal-length prompts: (S, P + gen_len) long. Even batches are
-    greedy, odd ones sampled at temperature 0.8 (the head should also see text off the greedy path)."""
-    rows = []
+def self_distill(model: Any, prompts: list[list[int]], gen_len: int, batch: int, seed: int,
+                 eos: tuple[int, ...] = ()) -> torch.Tensor:
+    """The target's continuations: (S, T) long, right-padded with PAD. Even batches are greedy, odd
+    ones sampled at temperature 0.8 (the head should also see text off the greedy path). With `eos`
+    an answer ends at its first EOS (kept); without, every row gets gen_len new tokens."""
+    rows: list[list[int]] = []
     torch.manual_seed(seed)
-    for b, i in enumerate(range(0, len(prompts), batch)):
-        ids = torch.tensor(prompts[i : i + batch], dtype=torch.long)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
+    fill = eos[0] if eos else 0
+    for b, i in enumerate(range(0, len(order), batch)):
+        group = [prompts[j] for j in order[i : i + batch]]
+        width = max(len(p) for p in group)
+        ids = torch.tensor([[fill] * (width - len(p)) + p for p in group], dtype=torch.long)  # left-padded
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], dtype=torch.long)
         kw = dict(do_sample=False) if b % 2 == 0 else dict(do_sample=True, temperature=0.8, top_k=0, top_p=1.0)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_len, min_new_tokens=gen_len,
-                             pad_token_id=0, **kw)
-        rows.append(out[:, : ids.shape[1] + gen_len])
-    return torch.cat(rows)
+        stop = dict(eos_token_id=list(eos)) if eos else dict(min_new_tokens=gen_len, eos_token_id=None)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=gen_len, pad_token_id=fill, **stop, **kw)
+        for p, new in zip(group, out[:, width:].tolist()):
+            for cut, t in enumerate(new):
+                if t in eos:
+                    new = new[: cut + 1]
+                    break
+            rows.append(p + new[:gen_len])
+    T = max(len(r) for r in rows)
+    return torch.tensor([r + [PAD] * (T - len(r)) for r in rows], dtype=torch.long)
 
 
 def frequent_tokens(sequences: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
     """d2t: the n most frequent token ids in the sequences (ties: lower id first), ascending."""
-    counts = torch.bincount(sequences.flatten(), minlength=vocab).double()
+    flat = sequences.flatten()
+    counts = torch.bincount(flat[flat >= 0], minlength=vocab).double()
     counts -= torch.arange(vocab, dtype=torch.float64) * 1e-9  # stable tie-break
     return torch.topk(counts, min(n, vocab)).indices.sort().values
 
@@ -88,10 +139,11 @@ def load_or_generate(target: Any, tokenizer: Any, recipe: Any, path: Path) -> di
     if path.exists():
         return torch.load(path)
     t0 = time.monotonic()
+    eos = eos_ids_of(target, tokenizer) if uses_chat(tokenizer, recipe) else ()
     train_rows = self_distill(target, prompt_windows(tokenizer, recipe, False, recipe.prompts, recipe.seed),
-                              recipe.gen_len, recipe.gen_batch, recipe.seed)
+                              recipe.gen_len, recipe.gen_batch, recipe.seed, eos)
     held_rows = self_distill(target, prompt_windows(tokenizer, recipe, True, recipe.heldout_prompts, recipe.seed + 1),
-                             recipe.gen_len, recipe.gen_batch, recipe.seed + 1)
+                             recipe.gen_len, recipe.gen_batch, recipe.seed + 1, eos)
     data = {"train": train_rows, "heldout": held_rows, "generate_s": time.monotonic() - t0}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(data, tmp)
@@ -112,28 +164,30 @@ class Run:
     out: Path
     work: Path  # checkpoints and the data cache
     started: float  # time.monotonic() when the run began
+    recipe: Any
 
 
 def start_run(recipe: Any, device: torch.device) -> Run:
     """Check the recipe, load the target, and load or generate the data (train/eagle.py, medusa.py)."""
     from transformers import AutoTokenizer
 
-    from outrider.models import load_transformers_model
+    from outrider.models import load_transformers_model, parse_dtype
 
     recipe.check()
     out = Path(recipe.out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    target = load_transformers_model(Path(recipe.target), torch.float32).to(device).eval().requires_grad_(False)
+    dtype = parse_dtype(recipe.dtype)
+    target = load_transformers_model(Path(recipe.target), dtype).to(device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(recipe.target)
     embed = target.get_input_embeddings().weight.detach()
     data = load_or_generate(target, tokenizer, recipe, work / "data.pt")
     d2t = frequent_tokens(data["train"], recipe.draft_vocab, embed.shape[0])
-    return Run(target, tokenizer, embed, data, d2t, out, work, started)
+    return Run(target, tokenizer, embed, data, d2t, out, work, started, recipe)
 
 
 def head_settings(recipe: Any, data: dict[str, Any]) -> TrainSettings:
     """Optimiser settings of a head: whole self-distilled rows, a short warm-up, no weight decay."""
-    return TrainSettings(seq_len=data["train"].shape[1], batch_size=recipe.batch_size, lr=recipe.lr,
+    return TrainSettings(seq_len=int(data["train"].shape[1]), batch_size=recipe.batch_size, lr=recipe.lr,
                          warmup_steps=20, weight_decay=0.0, checkpoint_minutes=5.0)
