@@ -151,9 +151,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x (n, D) normalised in float32 and cast back before the weight, as transformers does
-    (F.rms_norm without a weight is the same x * rsqrt(mean(x^2) + eps) in fewer dispatches)."""
-    return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
+    """x (n, D) * rsqrt(mean(x^2) + eps) * weight in one call. In float32 it is bit-identical to
+    transformers' weight * (x * rsqrt(...)); in bf16 it rounds once where transformers rounds twice
+    (cast, then weight), measured no less accurate against float64, and it saves three dispatches
+    (two dtype copies and a multiply) per norm: 180 per step of a 30-layer model."""
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 @dataclass(slots=True)
@@ -449,16 +451,16 @@ class NativeLlama:
         n = x.shape[0]
         end = start + n
         H, Hkv, hd, eps, linear = self.n_heads, self.n_kv_heads, self.head_dim, self.eps, self._linear
-        q_end, k_end = H * hd, (H + Hkv) * hd
+        k_end = (H + Hkv) * hd
         for w, k_cache, v_cache in zip(self.layers[lo:hi], self._k[lo:hi], self._v[lo:hi]):
             qkv = linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv)  # (n, (H + 2 Hkv) hd)
-            q = qkv[:, :q_end].view(n, H, hd)
-            k = qkv[:, q_end:k_end].view(n, Hkv, hd)
-            k_cache[:, start:end] = apply_rope(k, cos, sin).transpose(0, 1)  # (Hkv, n, hd)
+            # q and k rotated together: one RoPE's dispatches per layer instead of two.
+            qk = apply_rope(qkv[:, :k_end].view(n, H + Hkv, hd), cos, sin)  # (n, H + Hkv, hd)
+            k_cache[:, start:end] = qk[:, H:].transpose(0, 1)  # (Hkv, n, hd)
             v_cache[:, start:end] = qkv[:, k_end:].view(n, Hkv, hd).transpose(0, 1)
             # 4-D inputs: on the CPU only those reach SDPA's flash kernel (3-D falls back to math).
             y = F.scaled_dot_product_attention(
-                apply_rope(q, cos, sin).transpose(0, 1)[None],  # (1, H, n, hd)
+                qk[:, :H].transpose(0, 1)[None],  # (1, H, n, hd)
                 k_cache[None, :, :end],  # (1, Hkv, end, hd)
                 v_cache[None, :, :end],
                 attn_mask=mask,
