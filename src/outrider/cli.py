@@ -28,7 +28,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="draft tree: children per expanded node (1 = a chain; default: the method's)")
     p.add_argument("--backend", default="auto",
                    help="auto (native where supported), native, hf, or compiled (native under torch.compile)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
+    p.add_argument("--dtype", default=None,
+                   help="float32, bfloat16, float16, or int8 / int4 (weight-only, native backend; a quantized "
+                        "model, reproduced exactly) (default: as stored)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
 
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target", default=None, help="target folder (default: the embedded demo target)")
     demo.add_argument("--draft", default=None, help="draft folder (default: the embedded demo draft)")
     demo.add_argument("--k", type=_draft_length, default=None, help="draft length for draft_model, or 'auto' (default)")
-    demo.add_argument("--dtype", default=None, help="float32, bfloat16 (default: as stored)")
+    demo.add_argument("--dtype", default=None, help="float32, bfloat16, int8, int4 (default: as stored)")
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.add_argument("--no-stream", action="store_true", help="only print the measured table")
     demo.add_argument("--head", default=None, help="an EAGLE head for the target (default: the embedded one)")
@@ -71,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     from outrider.bench import build_parser as bench_parser
 
     bench_parser(sub.add_parser("bench", help="Spec-Bench-protocol benchmark: speedup, tau, alpha per method"))
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with speculative-decoding metrics")
+    _add_model_args(serve)
+    from outrider.serve.cli_args import build_parser as serve_parser
+
+    serve_parser(serve)
 
     train = sub.add_parser("train", help="training recipes")
     train_sub = train.add_subparsers(dest="recipe", required=True)
@@ -142,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             from outrider.bench import run_from_args as bench_run
 
             return bench_run(args)
+        if args.command == "serve":
+            from outrider.serve.server import run_from_args as serve_run
+
+            return serve_run(args)
         if args.command == "train" and args.recipe == "drafter":
             from outrider.train.eagle import run_from_args as train_drafter
 

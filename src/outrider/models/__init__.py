@@ -11,6 +11,7 @@ import torch
 from outrider.models.base import CausalModel
 from outrider.models.gguf import is_gguf, load_gguf
 from outrider.models.hf import HFModel
+from outrider.models.quant import QUANT_TYPES
 
 BACKENDS = ("auto", "native", "hf", "compiled")  # compiled: native under torch.compile
 _DTYPES = {
@@ -40,7 +41,8 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype == "auto":
         return None
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is unknown: use one of {sorted(set(_DTYPES))} or 'auto'")
+        raise ValueError(f"dtype={dtype!r} is unknown: use one of {sorted(set(_DTYPES))}, 'auto', "
+                         "or 'int8' / 'int4' (weight-only, native backend)")
     return _DTYPES[dtype]
 
 
@@ -127,6 +129,11 @@ def load_model(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is unknown: use one of {list(BACKENDS)}")
+    quant = dtype if dtype in QUANT_TYPES else None
+    if quant is not None:  # weight-only int8/int4 matmuls on bf16 activations (models/quant.py)
+        if backend not in ("auto", "native"):
+            raise ValueError(f"dtype={dtype!r} runs on the native backend only: use backend='native' or 'auto'")
+        dtype = torch.bfloat16
     torch_dtype = parse_dtype(dtype)
     dev = default_device(device)
     if isinstance(source, torch.nn.Module):
@@ -161,10 +168,10 @@ def load_model(
             f"the tokenizer of {name!r} has {len(tokenizer)} tokens but the model scores only {out_rows}: the "
             "tokenizer files do not belong to these weights (pass the model's own tokenizer)"
         )
-    return LoadedModel(_backend(hf_model, backend), tokenizer, eos_ids_of(hf_model, tokenizer), name)
+    return LoadedModel(_backend(hf_model, backend, quant), tokenizer, eos_ids_of(hf_model, tokenizer), name)
 
 
-def _backend(hf_model: torch.nn.Module, backend: str) -> CausalModel:
+def _backend(hf_model: torch.nn.Module, backend: str, quant: str | None = None) -> CausalModel:
     """native: the lean Llama-family path (static cache); auto: native where supported, else hf."""
     from outrider.models.llama import NativeLlama, unsupported_reason
 
@@ -172,7 +179,7 @@ def _backend(hf_model: torch.nn.Module, backend: str) -> CausalModel:
         return HFModel(hf_model)
     reason = unsupported_reason(hf_model.config)
     if reason is None:
-        return NativeLlama.from_hf(hf_model, compile=backend == "compiled")
-    if backend in ("native", "compiled"):
-        raise ValueError(f"backend={backend!r} cannot run this model: {reason}")
+        return NativeLlama.from_hf(hf_model, compile=backend == "compiled", quant=quant)
+    if backend in ("native", "compiled") or quant is not None:
+        raise ValueError(f"backend={backend!r}{f' with dtype={quant!r}' if quant else ''} cannot run this model: {reason}")
     return HFModel(hf_model)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from outrider.models.hf import check_path, check_tree_args, context_length, hidden_layer_indices
+from outrider.models.quant import quant_linear, quantizer
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")  # the RoPE variants that are fixed tables
@@ -275,6 +276,7 @@ class NativeLlama:
         lm_head_bias: Tensor | None,
         *,
         packed: bool,
+        linear: Callable[[Tensor, Any, Tensor | None], Tensor] | None = None,
         n_heads: int,
         n_kv_heads: int,
         eps: float,
@@ -287,7 +289,7 @@ class NativeLlama:
         self.head_dim = inv_freq.shape[0] * 2
         assert n_heads % n_kv_heads == 0, (n_heads, n_kv_heads)
         self.packed = packed
-        self._linear = _packed_linear if packed else F.linear
+        self._linear = linear or (_packed_linear if packed else F.linear)
         self._decoder_layers = self._layers
         self.capacity = capacity
         self.vocab_size = int(lm_head.shape[0])  # a packed tensor keeps its logical shape
@@ -307,7 +309,8 @@ class NativeLlama:
 
     @classmethod
     def from_hf(
-        cls, model: torch.nn.Module, capacity: int | None = None, pack: bool | None = None, compile: bool = False
+        cls, model: torch.nn.Module, capacity: int | None = None, pack: bool | None = None, compile: bool = False,
+        quant: str | None = None,
     ) -> NativeLlama:
         """Run a loaded transformers Llama/Mistral/Qwen2 causal LM natively.
 
@@ -319,9 +322,11 @@ class NativeLlama:
         compile: run the decoder layers under torch.compile (dynamic shapes, plain matmuls that
         inductor packs itself). Compiling takes 10-60 s; on a 2-core CPU it measured no faster
         than the packed eager path (benchmarks/compile_speed.py), so it is off by default.
+        quant: "int8" or "int4" weight-only matmuls on bf16 activations (models/quant.py); the
+        model must be bf16.
         """
-        if compile and pack:
-            raise ValueError("pack=True and compile=True exclude each other: torch.compile packs the weights itself")
+        if compile and (pack or quant):
+            raise ValueError("compile=True excludes pack=True and quant: torch.compile lays out the weights itself")
         config = model.config
         reason = unsupported_reason(config, capacity)
         if reason is not None:
@@ -334,15 +339,21 @@ class NativeLlama:
         n_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         embed = base.embed_tokens.weight.detach()
-        packer = linear_packer(embed.dtype, embed.device, False if compile else pack)
         lm_head = head.weight.detach()
+        if quant is not None:
+            if embed.dtype != torch.bfloat16:
+                raise ValueError(f"quant={quant!r} runs on bf16 activations: load the model in bfloat16")
+            packer, head_packer = quantizer(quant, embed.device)
+        else:
+            packer = head_packer = linear_packer(embed.dtype, embed.device, False if compile else pack)
         native = cls(
             embed,
             [_layer_weights(layer, packer) for layer in base.layers[: config.num_hidden_layers]],
             base.norm.weight.detach(),
-            lm_head if packer is None else packer(lm_head),
+            lm_head if head_packer is None else head_packer(lm_head),
             head.bias,
             packed=packer is not None,
+            linear=quant_linear if quant is not None else None,
             n_heads=n_heads,
             n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
             eps=config.rms_norm_eps,
