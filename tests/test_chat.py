@@ -68,3 +68,46 @@ def test_chat_template_file_is_read(model_dirs, tmp_path):
 def test_bad_requests_name_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GenerationRequest(**kwargs)
+
+
+def test_cli_generate_chat_equals_the_api(decoder, model_dirs, tmp_path, capsys):
+    from outrider.cli import main
+
+    template = tmp_path / "t.jinja"
+    template.write_text(TEMPLATE)
+    args = ["generate", "--target", str(model_dirs[0]), "--method", "prompt_lookup", "--k", "4", "--dtype", "float32",
+            "--max-new-tokens", "10", "--chat", "--prompt", "def add(a, b):", "--chat-template", str(template), "--json"]
+    assert main(args) == 0
+    import json
+
+    got = json.loads(capsys.readouterr().out)["token_ids"]
+    decoder.chat_template = TEMPLATE
+    try:
+        want = decoder.generate(messages=[{"role": "user", "content": "def add(a, b):"}], max_new_tokens=10).token_ids
+    finally:
+        decoder.chat_template = None
+    assert got == want
+    assert main(args[:-3] + ["--json"]) == 2  # the tiny model has no template of its own
+    assert "no chat template" in capsys.readouterr().err
+
+
+def test_cli_chat_keeps_the_conversation(model_dirs, tmp_path, capsys, monkeypatch):
+    import io
+
+    from outrider.cli import main
+
+    template = tmp_path / "t.jinja"
+    template.write_text(TEMPLATE)
+    seen = []
+    from outrider.decoder import SpeculativeDecoder as Dec
+
+    original = Dec.chat_ids
+    monkeypatch.setattr(Dec, "chat_ids", lambda self, m: seen.append([dict(x) for x in m]) or original(self, m))
+    monkeypatch.setattr("sys.stdin", io.StringIO("def add(a, b):\nagain\n"))
+    assert main(["chat", "--target", str(model_dirs[0]), "--method", "prompt_lookup", "--dtype", "float32",
+                 "--max-new-tokens", "6", "--chat-template", str(template), "--system", "be brief"]) == 0
+    out = capsys.readouterr()
+    assert out.err.count("tokens/s") == 2 and len(out.out.strip().splitlines()) >= 1
+    last = seen[-1]  # the second turn's prompt holds the system line, turn 1, its answer, and turn 2
+    assert [m["role"] for m in last] == ["system", "user", "assistant", "user"]
+    assert last[1]["content"] == "def add(a, b):" and last[3]["content"] == "again"

@@ -1,4 +1,4 @@
-"""`outrider demo | generate | convert | bench | train` — options mirror the Python API (SpeculativeDecoder)."""
+"""`outrider demo | generate | chat | convert | bench | train` — options mirror the Python API (SpeculativeDecoder)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="float32, bfloat16, float16, or int8 / int4 (weight-only, native backend; a quantized "
                         "model, reproduced exactly) (default: as stored)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template file, for chat with a model that has none (or to replace its own)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
     gen.add_argument("--show-drafts", action="store_true", help="mark drafted-and-accepted tokens")
+    gen.add_argument("--chat", action="store_true", help="send --prompt as a user message through the chat template")
+
+    chat = sub.add_parser("chat", help="an interactive chat: streamed answers, drafted tokens marked")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="a system message to start the conversation with")
 
     demo = sub.add_parser("demo", help="the embedded pair: streamed completions and a measured table")
     demo.add_argument("--target", default=None, help="target folder (default: the embedded demo target)")
@@ -91,17 +99,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _decoder(args: argparse.Namespace):
+    from outrider import SpeculativeDecoder
+
+    return SpeculativeDecoder.from_pretrained(
+        args.target, draft=args.draft, method=args.method, k=args.k, width=args.width, backend=args.backend,
+        dtype=args.dtype, device=args.device, chat_template=args.chat_template,
+    )
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop=args.stop)
+
+
+def _summary(method: str, stats) -> str:
+    return (f"[{method}] {stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s, "
+            f"tau {stats.tau:.2f}, alpha {stats.alpha:.2f}")
+
+
 def _generate(args: argparse.Namespace) -> int:
-    from outrider import SpeculativeDecoder, SpecStats
+    from outrider import SpecStats
     from outrider.render import legend, render_chunk, wants_colour
 
-    dec = SpeculativeDecoder.from_pretrained(
-        args.target, draft=args.draft, method=args.method, k=args.k, width=args.width, backend=args.backend,
-        dtype=args.dtype, device=args.device,
-    )
+    if args.chat and args.prompt is None:
+        raise ValueError("--chat sends --prompt as a user message: give --prompt text, not --prompt-ids")
+    dec = _decoder(args)
     prompt = args.prompt if args.prompt is not None else args.prompt_ids
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, stop=args.stop)
+    options = _sampling(args)
+    if args.chat:
+        prompt = dec.chat_ids([{"role": "user", "content": args.prompt}])
     if args.json:
         res = dec.generate(prompt, **options)
         print(json.dumps({"text": res.text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
@@ -120,11 +147,37 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         if args.show_drafts:
             print(legend(colour))
-    print(
-        f"[{dec.method}] {stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s, "
-        f"tau {stats.tau:.2f}, alpha {stats.alpha:.2f}",
-        file=sys.stderr,
-    )
+    print(_summary(dec.method, stats), file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """A read-answer loop on stdin: each answer joins the history, so later turns see the earlier."""
+    from outrider import SpecStats
+    from outrider.render import legend, render_chunk, wants_colour
+
+    dec = _decoder(args)
+    dec.chat_ids([{"role": "user", "content": "hi"}])  # no template: say so now, not after the first line
+    colour = wants_colour(sys.stdout)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"outrider chat ({dec.method}); an empty line or Ctrl-D ends it. {legend(colour)}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            break
+        if not line.strip() or line.strip() in ("/exit", "/quit"):
+            break
+        messages.append({"role": "user", "content": line})
+        stats = SpecStats()
+        pieces = []
+        for chunk in dec.stream(messages=messages, stats=stats, **_sampling(args)):
+            sys.stdout.write(render_chunk(chunk, colour))
+            sys.stdout.flush()
+            pieces.append(chunk.text)
+        sys.stdout.write("\n")
+        print(_summary(dec.method, stats), file=sys.stderr)
+        messages.append({"role": "assistant", "content": "".join(pieces)})
     return 0
 
 
@@ -134,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "chat":
+            return _chat(args)
         if args.command == "demo":
             from outrider.demo import run_demo
 
