@@ -34,7 +34,8 @@ def _sweep(text: str) -> list[int | str]:
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
     """Add `outrider bench` options to parser (a subparser of the outrider CLI)."""
-    parser.add_argument("--out", required=True, help="folder for results.jsonl, summary.{json,md} and plots; "
+    # Required unless a sub-command (serve) runs instead: checked in run_from_args.
+    parser.add_argument("--out", default=None, help="folder for results.jsonl, summary.{json,md} and plots; "
                         "rerunning with the same folder resumes")
     parser.add_argument("--dataset", default=None,
                         help="Spec-Bench question.jsonl (default: a built-in set of Python completion prompts)")
@@ -59,6 +60,10 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sub = parser.add_subparsers(dest="bench_command", metavar="{serve}")
+    from outrider.bench.serve import build_parser as serve_parser
+
+    serve_parser(sub.add_parser("serve", help="load-test an OpenAI-compatible server: TTFT, TPOT, goodput"))
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -103,6 +108,12 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if getattr(args, "bench_command", None) == "serve":
+        from outrider.bench.serve import run_from_args as serve_run
+
+        return serve_run(args)
+    if args.out is None:
+        raise ValueError("outrider bench needs --out FOLDER (results.jsonl, summary.{json,md} and plots go there)")
     cfg = config_from_args(args)
     try:
         report = run_bench(cfg)

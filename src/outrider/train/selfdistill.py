@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from outrider.models import eos_ids_of
 from outrider.train.config import TrainSettings
@@ -93,7 +94,8 @@ def self_distill(model: Any, prompts: list[list[int]], gen_len: int, batch: int,
     torch.manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
     fill = eos[0] if eos else 0
-    for b, i in enumerate(range(0, len(order), batch)):
+    starts = range(0, len(order), batch)
+    for b, i in enumerate(tqdm(starts, desc="self-distilling", unit="batch", disable=len(starts) < 4)):
         group = [prompts[j] for j in order[i : i + batch]]
         width = max(len(p) for p in group)
         ids = torch.tensor([[fill] * (width - len(p)) + p for p in group], dtype=torch.long)  # left-padded
