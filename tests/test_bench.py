@@ -23,7 +23,7 @@ FIELDS = {
     "question_id", "category", "turn", "method", "repeat", "k", "prompt_tokens", "prompt_truncated",
     "new_tokens", "wall_s", "tokens_per_s", "steps", "drafted", "accepted", "drafted_at", "accepted_at",
     "draft_s", "target_s", "tau", "alpha", "matches_autoregressive", "output_ids", "output_text", "costs",
-    "draft_forwards",
+    "draft_forwards", "precision",
 }
 
 
@@ -339,3 +339,39 @@ def test_bench_runs_a_self_drafting_head(model_dirs, tmp_path):
     report = run_bench(cfg)
     o = report["summary"]["overall"]["eagle"]
     assert o["match_rate"] == 1.0 and o["tau"] >= 1.0
+
+
+def _has_llama_cpp() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.mark.skipif(_has_llama_cpp(), reason="llama-cpp-python is installed: the peer runs (next test)")
+def test_llamacpp_peer_without_the_package_names_the_fix(model_dirs, tmp_path):
+    target, _ = model_dirs
+    cfg = BenchConfig(out=str(tmp_path / "o"), methods=["llamacpp"], max_new_tokens=4, target=str(target),
+                      gguf=str(tmp_path / "x.gguf"), progress=False)
+    with pytest.raises(ValueError, match="make peers"):
+        run_bench(cfg)
+
+
+@pytest.mark.skipif(not _has_llama_cpp(), reason="llama-cpp-python is not installed (`make peers` builds it)")
+def test_llamacpp_peer_runs_the_same_weights(tokenizer, tmp_path):
+    from conftest import tiny_model
+    from tiny_gguf import write_tiny_gguf
+
+    model = tiny_model("llama", seed=3, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    path = write_tiny_gguf(model, tokenizer, tmp_path / "tiny.gguf")
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    cfg = BenchConfig(out=str(tmp_path / "o"), methods=["llamacpp", "llamacpp-prompt-lookup"], max_new_tokens=12,
+                      target=str(tmp_path / "hf"), gguf=str(path), dtype="float32", limit_per_category=2,
+                      progress=False)
+    report = run_bench(cfg)
+    assert report["precision"]["llamacpp"] == "llama.cpp F32"
+    recs = _lines(tmp_path / "o" / "results.jsonl")
+    peers = [r for r in recs if r["method"].startswith("llamacpp")]
+    assert peers and all(r["new_tokens"] > 0 for r in peers)
+    # float32 weights, a sharp tiny model: llama.cpp's greedy tokens are outrider's.
+    assert sum(r["matches_autoregressive"] for r in peers) >= 0.75 * len(peers)

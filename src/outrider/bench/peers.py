@@ -1,5 +1,6 @@
 """The methods a bench compares, behind one small interface: outrider's own methods (any name in
-outrider.drafters.REGISTRY) and transformers' generate as peers on the same weights.
+outrider.drafters.REGISTRY), and as peers on the same weights transformers' generate and llama.cpp
+(llama-cpp-python, on a GGUF file of the target).
 
 Every method gets the same prompt token ids and is measured the same way: wall time of one call
 (prefill + decode), new tokens = generated ids minus the prompt (an EOS that ended it included).
@@ -7,6 +8,7 @@ Every method gets the same prompt token ids and is measured the same way: wall t
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,10 @@ import torch
 from outrider.drafters import REGISTRY
 from outrider.stats import SpecStats
 
-PEERS = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
+HF_PEERS = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
+LLAMACPP_PEERS = ("llamacpp", "llamacpp-prompt-lookup")  # need --gguf (or a .gguf --target) and llama-cpp-python
+PEERS = HF_PEERS + LLAMACPP_PEERS
+LLAMACPP_LOOKUP_K = 3  # llama-cpp-python's LlamaPromptLookupDecoding default num_pred_tokens
 HF_PROMPT_LOOKUP_DEFAULT_K = 10  # transformers' documented example value for prompt_lookup_num_tokens
 
 
@@ -99,6 +104,7 @@ class OutriderMethod:
             k=k if drafts else None, width=options.get("w"), dtype=dtype, backend=backend, device=device,
         )
         self.k = "auto" if self.decoder.adaptive is not None else self.decoder.k
+        self.precision = f"outrider {dtype or 'as stored'}"
         # c and v(n), measured before any timed run: the bench's cost-model prediction uses them.
         self.costs = self.decoder.costs if drafts else None
         self.context = self.decoder.target.model.max_length
@@ -129,9 +135,10 @@ class HFPeer:
         from outrider.models import eos_ids_of
         from outrider.models.hf import context_length
 
-        assert name in PEERS, name
+        assert name in HF_PEERS, name
         self.name = name
         self.model = model
+        self.precision = f"transformers {str(model.dtype).removeprefix('torch.')}"
         self.device = model.device
         self.context = context_length(self.model.config)
         if k == "auto":
@@ -168,5 +175,56 @@ class HFPeer:
         t0 = time.perf_counter()
         out = self.model.generate(ids, **kwargs)  # (1, n + new)
         new = out[0, len(prompt_ids):].tolist()  # .tolist() waits for the device
+        wall = time.perf_counter() - t0
+        return Outcome(new, wall, None)
+
+
+def gguf_precision(path: str | Path) -> str:
+    """The file type a GGUF names (e.g. Q4_1, BF16): llama.cpp's rows say what they ran."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.fields.get("general.file_type")
+    if field is None:
+        return "GGUF"
+    name = gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name
+    return name.removeprefix("MOSTLY_").replace("ALL_", "")
+
+
+class LlamaCppPeer:
+    """llama.cpp (llama-cpp-python) on a GGUF of the target's weights, greedy or sampled, plain or
+    with its own prompt lookup decoding. Its tokenizer is the file's, so prompts are the same ids."""
+
+    def __init__(self, name: str, gguf_path: str | Path, threads: int | None, context: int) -> None:
+        assert name in LLAMACPP_PEERS, name
+        try:
+            from llama_cpp import Llama
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+        except ImportError as e:
+            raise ValueError(
+                f"method {name!r} needs llama-cpp-python: `make peers` builds it (about 10 minutes), "
+                "or drop it from --methods"
+            ) from e
+        path = Path(gguf_path).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--gguf {str(path)!r} does not exist: pass the GGUF file of the target's weights")
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=LLAMACPP_LOOKUP_K) if name.endswith("prompt-lookup") else None
+        self.name = name
+        self.k = LLAMACPP_LOOKUP_K if draft else None
+        self.context = context
+        self.precision = f"llama.cpp {gguf_precision(path)}"
+        self.llm = Llama(model_path=str(path), n_ctx=context, n_threads=threads or os.cpu_count(),
+                         n_threads_batch=threads or os.cpu_count(), draft_model=draft, verbose=False, seed=0)
+        self.eos = self.llm.token_eos()
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Outcome:
+        self.llm.set_seed(seed)
+        sampling = dict(temp=temperature, top_k=0, top_p=1.0, min_p=0.0) if temperature > 0 else dict(temp=0.0, top_k=1)
+        new: list[int] = []
+        t0 = time.perf_counter()
+        for token in self.llm.generate(prompt_ids, reset=True, repeat_penalty=1.0, **sampling):
+            new.append(int(token))
+            if token == self.eos or len(new) >= max_new_tokens:
+                break
         wall = time.perf_counter() - t0
         return Outcome(new, wall, None)

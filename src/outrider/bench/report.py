@@ -56,14 +56,16 @@ def format_markdown(report: dict[str, Any]) -> str:
         "",
         "## Overall",
         "",
-        "| method | k | tokens/s | speedup | tau | alpha | same output as autoregressive | questions | new tokens |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | precision | k | tokens/s | speedup | tau | alpha | same output as autoregressive | questions "
+        "| new tokens |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in methods:
         o = s["overall"][m]
         k = report["k"].get(m)
+        precision = report.get("precision", {}).get(m) or "-"
         lines.append(
-            f"| {m} | {'-' if k is None else k} | {_f(o['tokens_per_s'], '.1f')} | {_x(o['speedup'])} | "
+            f"| {m} | {precision} | {'-' if k is None else k} | {_f(o['tokens_per_s'], '.1f')} | {_x(o['speedup'])} | "
             f"{_f(o['tau'])} | {_f(o['alpha'])} | {_pct(o['match_rate'])} | {o['questions']} | {o['new_tokens']} |"
         )
     if s.get("sweep"):

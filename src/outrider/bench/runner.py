@@ -16,10 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from outrider.models.gguf import is_gguf
 from outrider.bench.datasets import Question, builtin_code, load_spec_bench, render_prompt, select
 from outrider.bench.metrics import BASELINE, Record, record_key
 from outrider.bench.peers import (
-    PEERS, HFPeer, Method, OutriderMethod, check_methods, load_hf, split_variant, sweepable, variant,
+    LLAMACPP_PEERS, PEERS, HFPeer, LlamaCppPeer, Method, OutriderMethod, check_methods, load_hf, split_variant,
+    sweepable, variant,
 )
 from outrider.drafters import REGISTRY
 
@@ -48,6 +50,7 @@ class BenchConfig:
     backend: str = "auto"
     device: str | None = None
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    gguf: str | None = None  # the target's weights as a GGUF file, for the llama.cpp peers
     sweep: list[int | str] | None = None  # draft lengths (or "auto"): each drafting method runs once per k
     progress: bool = True
 
@@ -153,7 +156,12 @@ def load_methods(cfg: BenchConfig, names: list[str]) -> dict[str, Method]:
     out: dict[str, Method] = {}
     hf_target = None  # loaded once for all transformers peers
     for name in names:
-        if name in PEERS:
+        if name in LLAMACPP_PEERS:
+            gguf = cfg.gguf or (cfg.target if is_gguf(cfg.target) else None)
+            if gguf is None:
+                raise ValueError(f"method {name!r} runs llama.cpp on a GGUF file: pass --gguf FILE (the target's weights)")
+            out[name] = LlamaCppPeer(name, gguf, cfg.threads, 4096)
+        elif name in PEERS:
             if hf_target is None:
                 hf_target = load_hf(target_dir, cfg.dtype, cfg.device)
             out[name] = HFPeer(name, hf_target, draft_dir, cfg.k, cfg.dtype)
@@ -248,6 +256,7 @@ class Bench:
             "method": method.name,
             "repeat": rep,
             "k": getattr(method, "k", None),
+            "precision": getattr(method, "precision", None),
             "costs": method.costs.to_dict() if getattr(method, "costs", None) else None,
             "prompt_tokens": len(ids),
             "prompt_truncated": truncated,
