@@ -59,6 +59,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="auto", help="outrider backend: auto, native, hf or compiled")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--gguf", default=None,
+                        help="the target's weights as a GGUF file, for the llamacpp / llamacpp-prompt-lookup peers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     sub = parser.add_subparsers(dest="bench_command", metavar="{serve}")
     from outrider.bench.serve import build_parser as serve_parser
@@ -71,7 +73,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         out=args.out, dataset=args.dataset, categories=args.categories,
         limit_per_category=args.limit_per_category, methods=args.methods, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, repeats=args.repeats, k=args.k, target=args.target, draft=args.draft,
-        head=args.head, dtype=args.dtype, backend=args.backend, device=args.device, threads=args.threads, sweep=args.sweep,
+        head=args.head, dtype=args.dtype, backend=args.backend, device=args.device, threads=args.threads, sweep=args.sweep, gguf=args.gguf,
         progress=not args.no_progress,
     )
 
@@ -82,14 +84,17 @@ def build_report(cfg: BenchConfig, records: list[Record]) -> dict[str, Any]:
     methods = [m for m in cfg.methods if m in seen] + sorted(seen - set(cfg.methods))
     target_dir, draft_dir = model_dirs(cfg)
     k: dict[str, int | None] = {}
+    precision: dict[str, str | None] = {}
     for r in records:
         k.setdefault(r["method"], r.get("k"))
+        precision.setdefault(r["method"], r.get("precision"))
     return {
         "config": config_dict(cfg),
         "dataset": str(cfg.dataset) if cfg.dataset else "built-in code completion",
         "models": {"target": str(target_dir), "draft": str(draft_dir) if draft_dir else None},
         "machine": machine_info(),
         "k": k,
+        "precision": precision,
         "prompts_truncated": sum(1 for r in records if r.get("prompt_truncated") and r["method"] == BASELINE),
         "summary": summarize(records, methods),
     }
