@@ -83,7 +83,7 @@ def test_values_one_step_off_the_documented_path_are_refused(kwargs, needle):
 
 
 @pytest.mark.parametrize("prompt, needle", [
-    (None, "prompt=None"), (b"x", "prompt=b'x'"), ([1.5], "got 1.5"), ([True], "got True"), ([[1, 2]], "got \\[1, 2\\]"),
+    (None, "exactly one of prompt"), (b"x", "prompt=b'x'"), ([1.5], "got 1.5"), ([True], "got True"), ([[1, 2]], "got \\[1, 2\\]"),
 ])
 def test_prompts_that_are_not_text_or_token_ids_are_refused(prompt, needle):
     with pytest.raises(ValueError, match=needle):
