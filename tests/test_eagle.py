@@ -80,3 +80,28 @@ def test_save_load_and_refuse_another_target(tmp_path):
     with pytest.raises(ValueError, match="is not an EAGLE head folder"):
         SpeculativeDecoder.from_pretrained(model, draft=tmp_path, method="eagle")
     assert fingerprint(embed) == head.cfg.target_fingerprint
+
+
+def test_drafting_runs_the_layer_training_runs():
+    """EagleDrafter runs the head's layer with its own packed weights and cache (for speed); its
+    outputs must be the ones EagleHead.block computes in training, or training optimises a model
+    that never drafts. Checked on a chain of pairs fed in two calls (the cache in between)."""
+    from outrider.drafters.eagle import _rope
+
+    model = tiny_model("llama", seed=2)
+    embed = model.get_input_embeddings().weight.detach()
+    head = new_head(model.config, embed, "tiny", torch.arange(50), seed=3, max_positions=64)
+    drafter = EagleDrafter(head, embed, embed.shape[0], k=4)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, embed.shape[1], generator=g)  # (L, T, D_t)
+    tokens = torch.randint(0, embed.shape[0], (7,), generator=g)
+    with torch.no_grad():
+        x = head.pairs(head.fuse_features(hidden), torch.nn.functional.embedding(tokens, embed))  # (T, D)
+        cos, sin = _rope(torch.arange(7), head.cfg.head_dim, head.cfg.rope_theta, x.dtype)
+        want, _, _ = head.block(x[None], cos, sin, None, None, None)
+        want_logits = head.logits(want[0])
+    feats = drafter._linear(torch.cat(list(hidden.unbind(0)), -1), drafter._w[6])
+    pairs = drafter._pair(feats, tokens)
+    got = torch.cat([drafter._run(pairs[:4], 0), drafter._run(pairs[4:], 4)])
+    assert torch.allclose(got, want[0], atol=1e-5)
+    assert torch.allclose(drafter._logits(got), want_logits, atol=1e-5)
