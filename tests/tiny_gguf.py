@@ -33,6 +33,9 @@ def write_tiny_gguf(model: torch.nn.Module, tokenizer, path: Path, qtype: str = 
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
     w.add_vocab_size(cfg.vocab_size)
+    kinds = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    if qtype in kinds:
+        w.add_file_type(kinds[qtype])
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = spec["model"]["vocab"]
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
