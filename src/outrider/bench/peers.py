@@ -213,7 +213,8 @@ class LlamaCppPeer:
         self.k = LLAMACPP_LOOKUP_K if draft else None
         self.context = context
         self.precision = f"llama.cpp {gguf_precision(path)}"
-        self.llm = Llama(model_path=str(path), n_ctx=context, n_threads=threads or os.cpu_count(),
+        # Its prompt lookup writes the drafted tokens' logits past the sequence: leave it room.
+        self.llm = Llama(model_path=str(path), n_ctx=context + 64, n_threads=threads or os.cpu_count(),
                          n_threads_batch=threads or os.cpu_count(), draft_model=draft, verbose=False, seed=0)
         self.eos = self.llm.token_eos()
 
