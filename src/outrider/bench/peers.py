@@ -215,7 +215,10 @@ class LlamaCppPeer:
         self.precision = f"llama.cpp {gguf_precision(path)}"
         # Its prompt lookup writes the drafted tokens' logits past the sequence: leave it room.
         self.llm = Llama(model_path=str(path), n_ctx=context + 64, n_threads=threads or os.cpu_count(),
-                         n_threads_batch=threads or os.cpu_count(), draft_model=draft, verbose=False, seed=0)
+                         n_threads_batch=threads or os.cpu_count(), draft_model=draft, verbose=False, seed=0,
+                         # Its speculative path keeps every position's logits but sizes that buffer
+                         # by logits_all alone: without it a prompt over n_batch tokens overflows.
+                         logits_all=draft is not None)
         self.eos = self.llm.token_eos()
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Outcome:
