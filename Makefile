@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# The CPU build of torch lies on this disk; an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,bench,serve]"
+	$(BIN)/python -m pip install -q -e ".[test,bench,serve,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP server: `create_app(decoder)` (app.py) over one engine loop (engine.py),
 with Prometheus metrics (metrics.py) and the wire format (protocol.py); `outrider serve` runs it
-(server.py). Needs the `serve` extra: pip install "outrider[serve]".
+(server.py), or on N Ray Serve replicas with `--replicas N` (ray_serve.py, the `ray` extra).
+Needs the `serve` extra: pip install "outrider[serve]".
 
 Names are imported on first use, so that `outrider --help` works without the extra."""
 

@@ -18,3 +18,12 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", default=None,
                         help="the model id clients send (default: the target folder's name)")
     parser.add_argument("--log-level", default="warning", help="uvicorn's: debug, info, warning, error")
+    ray = parser.add_argument_group("scale-out on Ray Serve (the ray extra: pip install 'outrider[ray]')")
+    ray.add_argument("--replicas", type=int, default=1,
+                     help="copies of the server behind one port; more than 1 runs them on Ray Serve")
+    ray.add_argument("--ray", action="store_true", help="run on Ray Serve even with one replica")
+    ray.add_argument("--cpus-per-replica", type=float, default=None,
+                     help="each replica's CPU share: Ray's num_cpus and its torch threads "
+                          "(default: this machine's cores / --replicas)")
+    ray.add_argument("--ray-address", default=None,
+                     help="join a running Ray cluster (e.g. auto) instead of starting one here")

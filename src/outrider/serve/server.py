@@ -89,6 +89,10 @@ def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, shutdown_time
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.replicas != 1 or args.ray or args.ray_address:
+        from outrider.serve.ray_serve import run_from_args as run_on_ray
+
+        return run_on_ray(args)
     from outrider import SpeculativeDecoder
     from outrider.decoder import embedded_pair_dir
     from outrider.serve.app import create_app
