@@ -99,13 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def decoder_options(args: argparse.Namespace) -> dict:
+    """SpeculativeDecoder.from_pretrained's keywords from the shared model options (_add_model_args):
+    generate, chat and serve (one process or Ray replicas) build their decoders from these."""
+    return dict(target=args.target, draft=args.draft, method=args.method, k=args.k, width=args.width,
+                backend=args.backend, dtype=args.dtype, device=args.device, chat_template=args.chat_template)
+
+
 def _decoder(args: argparse.Namespace):
     from outrider import SpeculativeDecoder
 
-    return SpeculativeDecoder.from_pretrained(
-        args.target, draft=args.draft, method=args.method, k=args.k, width=args.width, backend=args.backend,
-        dtype=args.dtype, device=args.device, chat_template=args.chat_template,
-    )
+    return SpeculativeDecoder.from_pretrained(**decoder_options(args))
 
 
 def _sampling(args: argparse.Namespace) -> dict:

@@ -4,6 +4,8 @@ neither FastAPI nor uvicorn (they come with the `serve` extra)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
@@ -27,3 +29,23 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                           "(default: this machine's cores / --replicas)")
     ray.add_argument("--ray-address", default=None,
                      help="join a running Ray cluster (e.g. auto) instead of starting one here")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The server's own values, checked before any model loads (a typo fails in a moment)."""
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue {args.max_queue} is invalid: use an integer >= 0")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port {args.port} is invalid: use 0..65535 (0: any free port)")
+    if not args.shutdown_timeout >= 0:
+        raise ValueError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: use seconds >= 0")
+
+
+def served_model(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The model id clients send, and the sampling defaults of its folder's generation_config."""
+    from outrider.decoder import embedded_pair_dir
+    from outrider.serve.protocol import generation_defaults
+
+    target_dir = Path(args.target) if args.target is not None else embedded_pair_dir() / "target"
+    name = args.served_model_name or ("outrider-demo" if args.target is None else target_dir.name)
+    return name, generation_defaults(target_dir if target_dir.is_dir() else None)

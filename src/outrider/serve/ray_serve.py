@@ -34,7 +34,6 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 RAY_HINT = 'Ray Serve is not installed: pip install "outrider[ray]" (or run without --replicas/--ray)'
@@ -316,26 +315,16 @@ def stop() -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """`outrider serve --replicas N`: Serve until SIGTERM/SIGINT, then shut Ray down. Ray Serve
     drains each replica (graceful_shutdown_timeout_s = --shutdown-timeout)."""
-    from outrider.decoder import embedded_pair_dir
-    from outrider.serve.protocol import generation_defaults
+    from outrider.cli import decoder_options
+    from outrider.serve.cli_args import check_options, served_model
 
     import_ray()
-    if args.max_queue < 0:
-        raise ValueError(f"--max-queue {args.max_queue} is invalid: use an integer >= 0")
-    if not 0 <= args.port < 65536:
-        raise ValueError(f"--port {args.port} is invalid: use 0..65535 (0: any free port)")
-    if not args.shutdown_timeout >= 0:
-        raise ValueError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: use seconds >= 0")
+    check_options(args)
     replicas = args.replicas
     cpus = args.cpus_per_replica or max(1.0, float((os.cpu_count() or 1) // replicas))
-    target_dir = Path(args.target) if args.target is not None else embedded_pair_dir() / "target"
-    name = args.served_model_name or ("outrider-demo" if args.target is None else target_dir.name)
-    decoder_kwargs = dict(target=args.target, draft=args.draft, method=args.method, k=args.k, width=args.width,
-                          backend=args.backend, dtype=args.dtype, device=args.device,
-                          chat_template=args.chat_template)
-    app = deployment(decoder_kwargs, model_name=name, replicas=replicas, cpus_per_replica=cpus,
-                     max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout,
-                     defaults=generation_defaults(target_dir if target_dir.is_dir() else None))
+    name, defaults = served_model(args)
+    app = deployment(decoder_options(args), model_name=name, replicas=replicas, cpus_per_replica=cpus,
+                     max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, defaults=defaults)
     port = args.port or free_port(args.host)
     try:
         url, _board = start(  # _board: held while serving (the actor dies with its last reference)

@@ -15,7 +15,6 @@ import math
 import signal
 import socket
 import sys
-from pathlib import Path
 from types import FrameType
 from typing import Iterator
 
@@ -94,24 +93,13 @@ def run_from_args(args: argparse.Namespace) -> int:
 
         return run_on_ray(args)
     from outrider import SpeculativeDecoder
-    from outrider.decoder import embedded_pair_dir
+    from outrider.cli import decoder_options
     from outrider.serve.app import create_app
-    from outrider.serve.protocol import generation_defaults
+    from outrider.serve.cli_args import check_options, served_model
 
-    # Options are checked before the model loads, so a typo fails in a moment, not after a minute.
-    if args.max_queue < 0:
-        raise ValueError(f"--max-queue {args.max_queue} is invalid: use an integer >= 0")
-    if not 0 <= args.port < 65536:
-        raise ValueError(f"--port {args.port} is invalid: use 0..65535 (0: any free port)")
-    if not args.shutdown_timeout >= 0:
-        raise ValueError(f"--shutdown-timeout {args.shutdown_timeout} is invalid: use seconds >= 0")
-    decoder = SpeculativeDecoder.from_pretrained(
-        args.target, draft=args.draft, method=args.method, k=args.k, width=args.width, backend=args.backend,
-        dtype=args.dtype, device=args.device, chat_template=args.chat_template,
-    )
-    target_dir = Path(args.target) if args.target is not None else embedded_pair_dir() / "target"
-    name = args.served_model_name or ("outrider-demo" if args.target is None else target_dir.name)
-    app = create_app(decoder, model_name=name, max_queue=args.max_queue,
-                     defaults=generation_defaults(target_dir if target_dir.is_dir() else None))
+    check_options(args)
+    decoder = SpeculativeDecoder.from_pretrained(**decoder_options(args))
+    name, defaults = served_model(args)
+    app = create_app(decoder, model_name=name, max_queue=args.max_queue, defaults=defaults)
     serve(app, args.host, args.port, args.shutdown_timeout, args.log_level)
     return 0

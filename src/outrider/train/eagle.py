@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from outrider.drafters.eagle import EagleHead, _rope, default_layers, new_head
 from outrider.train.config import Budget
 from outrider.train.loop import LoopResult, autocast, train
-from outrider.train.selfdistill import head_settings, start_run, uses_chat
+from outrider.train.selfdistill import head_settings, scored, start_run, uses_chat
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,7 @@ def unrolled_losses(head: EagleHead, embed: torch.Tensor, batch: torch.Tensor, h
     j = 0..T-2; reduced_logits (B, T, N) the target's logits at head.d2t."""
     B, T = batch.shape
     P = T - 1
-    real = batch[:, 2:] >= 0  # (B, P-1): pair j's target token j+2 exists
-    real = torch.cat([real, torch.zeros_like(real[:, :1])], dim=1)  # (B, P): the last pair has none
+    real = scored(batch, 2, P)  # (B, P): pair j's target token j+2 exists
     feats = head.fuse_features(hidden[:, :, :P])  # (B, P, D)
     tok = F.embedding(batch[:, 1:].clamp(min=0), embed)  # (B, P, D_t): token j+1 of pair j
     log_p = F.log_softmax(reduced_logits[:, 1:, :].float(), dim=-1)  # (B, P, N): p of token j+2
@@ -280,7 +279,8 @@ def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict
             "train_sequences": int(data["train"].shape[0]), "heldout_sequences": int(data["heldout"].shape[0]),
             "tokens_per_sequence": seq_len, "generate_s": round(float(data["generate_s"]), 1),
             "source": recipe.prompts_file or ("chat requests made from Python standard library docstrings "
-                                              "(train files; held-out files for evaluation)" if features_chat(run)
+                                              "(train files; held-out files for evaluation)"
+                                              if uses_chat(run.tokenizer, recipe)
                                               else "Python standard library (train files; held-out files for evaluation)"),
             "features_cached": features.cached,
         },
@@ -298,10 +298,6 @@ def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(format_report(report))
     return report
-
-
-def features_chat(run: Any) -> bool:
-    return uses_chat(run.tokenizer, run.recipe)
 
 
 def format_report(r: dict[str, Any]) -> str:

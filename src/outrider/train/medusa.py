@@ -21,7 +21,7 @@ from outrider.drafters.medusa import MedusaHeads, new_heads
 from outrider.train.config import Budget
 from outrider.train.eagle import EagleRecipe, target_pass
 from outrider.train.loop import autocast, train
-from outrider.train.selfdistill import RowSampler, head_settings, start_run
+from outrider.train.selfdistill import RowSampler, head_settings, scored, start_run
 
 NUM_HEADS = 4
 
@@ -37,8 +37,7 @@ def head_losses(heads: MedusaHeads, hidden: torch.Tensor, logits: torch.Tensor,
         T = hidden.shape[1] - (h + 1)
         log_p = F.log_softmax(logits[:, h + 1 :].float()[..., d2t], dim=-1)  # (B, T, N)
         log_q = F.log_softmax(q_all[h, :, :T].float(), dim=-1)
-        real = (batch[:, h + 2 :] >= 0).float()  # head h at j predicts token j+2+h... scored where it exists
-        real = torch.cat([real, torch.zeros_like(real[:, :1])], dim=1)[:, :T]
+        real = scored(batch, h + 2, T).float()  # head h at j learns p of token j+h+2: where it exists
         kl = (log_p.exp() * (log_p - log_q)).sum(-1)
         losses.append((kl * real).sum() / real.sum().clamp(min=1.0))
     return losses
@@ -59,7 +58,7 @@ def rank_acceptance(heads: MedusaHeads, target: Any, rows: torch.Tensor, batch: 
         for h, w in enumerate(cfg.widths):
             T = b.shape[1] - (h + 1)
             top = heads.d2t[torch.topk(q_all[h, :, :T].float(), w).indices]  # (B, T, w)
-            real = torch.cat([b[:, h + 2 :] >= 0, torch.zeros_like(b[:, :1], dtype=torch.bool)], dim=1)[:, :T]
+            real = scored(b, h + 2, T)
             for r in range(w):
                 hits[h][r] += float(((top[..., r] == best[:, h + 1 :]) & real).sum())
             total[h] += int(real.sum())

@@ -30,7 +30,7 @@ from outrider.train.config import TrainSettings
 PAD = -1  # row padding; never a token id
 
 
-def _read_prompts_file(tokenizer: Any, path: str) -> list[str]:
+def _read_prompts_file(path: str) -> list[str]:
     rows = []
     for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -62,7 +62,7 @@ def prompt_windows(tokenizer: Any, recipe: Any, heldout: bool, n: int, seed: int
     chatting."""
     chat = uses_chat(tokenizer, recipe)
     if recipe.prompts_file is not None:
-        texts = _read_prompts_file(tokenizer, recipe.prompts_file)
+        texts = _read_prompts_file(recipe.prompts_file)
         cut = len(texts) - min(recipe.heldout_prompts, len(texts) // 5)
         texts = (texts[cut:] if heldout else texts[:cut])[:n]
         return [(chat_prompt_ids(tokenizer, t) if chat else list(tokenizer(t)["input_ids"]))[: recipe.prompt_len]
@@ -111,6 +111,14 @@ def self_distill(model: Any, prompts: list[list[int]], gen_len: int, batch: int,
             rows.append(p + new[:gen_len])
     T = max(len(r) for r in rows)
     return torch.tensor([r + [PAD] * (T - len(r)) for r in rows], dtype=torch.long)
+
+
+def scored(batch: torch.Tensor, ahead: int, length: int) -> torch.Tensor:
+    """(B, length) bool: position j has a real (unpadded) token at j + ahead to learn, for rows
+    (B, T) right-padded with PAD. Losses and metrics weight by it, so padding never counts."""
+    real = batch[:, ahead:] >= 0
+    pad = torch.zeros(batch.shape[0], max(0, length - real.shape[1]), dtype=torch.bool, device=batch.device)
+    return torch.cat([real, pad], dim=1)[:, :length]
 
 
 def frequent_tokens(sequences: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
@@ -166,7 +174,6 @@ class Run:
     out: Path
     work: Path  # checkpoints and the data cache
     started: float  # time.monotonic() when the run began
-    recipe: Any
 
 
 def start_run(recipe: Any, device: torch.device) -> Run:
@@ -186,7 +193,7 @@ def start_run(recipe: Any, device: torch.device) -> Run:
     embed = target.get_input_embeddings().weight.detach()
     data = load_or_generate(target, tokenizer, recipe, work / "data.pt")
     d2t = frequent_tokens(data["train"], recipe.draft_vocab, embed.shape[0])
-    return Run(target, tokenizer, embed, data, d2t, out, work, started, recipe)
+    return Run(target, tokenizer, embed, data, d2t, out, work, started)
 
 
 def head_settings(recipe: Any, data: dict[str, Any]) -> TrainSettings:
