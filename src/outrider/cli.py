@@ -64,8 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
 
-    demo = sub.add_parser("demo", help="the embedded pair: streamed completions and a measured table")
-    demo.add_argument("--target", default=None, help="target folder (default: the embedded demo target)")
+    demo = sub.add_parser("demo", help="a real model answering chat requests (or the embedded pair): streamed "
+                                       "answers and a measured table")
+    demo.add_argument("--target", default="auto",
+                      help="target folder; 'auto' (default): SmolLM2-135M-Instruct where its wheel is installed, "
+                           "else the embedded pair; 'embedded': the embedded pair")
     demo.add_argument("--draft", default=None, help="draft folder (default: the embedded demo draft)")
     demo.add_argument("--k", type=_draft_length, default=None, help="draft length for draft_model, or 'auto' (default)")
     demo.add_argument("--dtype", default=None, help="float32, bfloat16, int8, int4 (default: as stored)")
@@ -194,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "chat":
             return _chat(args)
         if args.command == "demo":
-            from outrider.demo import run_demo
+            from outrider.demo import resolve_target, run_demo
 
-            run_demo(args.target, args.draft, k=args.k, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+            run_demo(resolve_target(args.target, sys.stdout), args.draft, k=args.k, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                      show=not args.no_stream, head=args.head)
             return 0
         if args.command == "convert":

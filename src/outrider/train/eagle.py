@@ -55,6 +55,9 @@ class EagleRecipe:
     chat: bool | None = None  # prompts as chat requests; None: when the target has a chat template
     dtype: str = "float32"  # the target's, for data and features: bfloat16 is ~2x faster on CPU
     cache_gb: float = 4.0  # RAM for the target's features, computed once (over it: per batch, online)
+    # Chat targets: the share of requests the target writes itself (Magpie). They are as varied as
+    # its tuning data, where the offline templates are not; each costs a short generation.
+    self_requests: float = 0.5
 
     def check(self) -> None:
         for name in ("prompts", "heldout_prompts", "prompt_len", "gen_len", "draft_vocab", "unroll", "batch_size",
@@ -67,6 +70,8 @@ class EagleRecipe:
         from outrider.models import parse_dtype
 
         parse_dtype(self.dtype)  # names the bad value before any work
+        if not 0.0 <= self.self_requests <= 1.0:
+            raise ValueError(f"self_requests={self.self_requests!r} is invalid: use a share between 0 and 1")
         if not self.cache_gb >= 0:
             raise ValueError(f"cache_gb={self.cache_gb!r} is invalid: use a number of GB >= 0 (0: no cache)")
 
@@ -109,9 +114,15 @@ class Features:
         S, T = rows.shape
         self.cached = S * T * (len(layers) + 1) * target.config.hidden_size * 2 / 1e9 <= cache_gb
         if self.cached:  # bf16: the precision the target serves in; half the RAM of float32
-            parts = [self._states(rows[i : i + batch]) for i in range(0, S, batch)]
-            self.hidden = torch.cat([h for h, _ in parts], dim=1).to(torch.bfloat16)  # (L, S, T, D_t)
-            self.final = torch.cat([f for _, f in parts]).to(torch.bfloat16)  # (S, T, D_t)
+            L, D = len(layers), target.config.hidden_size
+            self.hidden = torch.zeros(L, S, T, D, dtype=torch.bfloat16, device=rows.device)  # (L, S, T, D_t)
+            self.final = torch.zeros(S, T, D, dtype=torch.bfloat16, device=rows.device)  # (S, T, D_t)
+            for i in range(0, S, batch):
+                chunk = rows[i : i + batch]
+                n = int((chunk >= 0).sum(1).max())  # the chunk's longest row: skip its padding columns
+                h, f = self._states(chunk[:, :n])
+                self.hidden[:, i : i + batch, :n] = h
+                self.final[i : i + batch, :n] = f
 
     def _states(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -121,8 +132,11 @@ class Features:
     def __call__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """rows (B, T), hidden (L, B, T, D_t), reduced logits (B, T, N) of row indices (B,)."""
         batch = self.rows[index]
+        # Rows are padded to the longest of all; a batch needs only its own longest (less work).
+        T = int((batch >= 0).sum(1).max())
+        batch = batch[:, :T]
         if self.cached:
-            hidden, final = self.hidden[:, index].float(), self.final[index].float()
+            hidden, final = self.hidden[:, index, :T].float(), self.final[index, :T].float()
         else:
             hidden, final = self._states(batch)
         return batch, hidden, final.float() @ self.out_rows.T
@@ -223,6 +237,9 @@ def build_parser(parser: Any) -> Any:
                         help="the target's dtype for data and features (bfloat16: ~2x faster on CPU)")
     parser.add_argument("--cache-gb", type=float, default=EagleRecipe.cache_gb,
                         help="RAM for the target's features, computed once (0: recompute per batch)")
+    parser.add_argument("--self-requests", type=float, default=EagleRecipe.self_requests,
+                        help="chat targets: share of training requests the target writes itself (0: templates only)")
+    parser.add_argument("--gen-batch", type=int, default=EagleRecipe.gen_batch, help="sequences per generation batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
@@ -236,7 +253,8 @@ def run_from_args(args: Any) -> int:
     recipe = EagleRecipe(target=args.target, out=args.out, minutes=args.minutes, prompts=args.prompts,
                          prompts_file=args.prompts_file, gen_len=args.gen_len, draft_vocab=args.draft_vocab,
                          unroll=args.unroll, seed=args.seed, prompt_len=args.prompt_len, batch_size=args.batch_size,
-                         chat=args.chat, dtype=args.dtype, cache_gb=args.cache_gb)
+                         chat=args.chat, dtype=args.dtype, cache_gb=args.cache_gb,
+                         self_requests=args.self_requests, gen_batch=args.gen_batch)
     if args.method == "medusa":
         from outrider.train.medusa import train_medusa
 
@@ -278,7 +296,8 @@ def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict
         "data": {
             "train_sequences": int(data["train"].shape[0]), "heldout_sequences": int(data["heldout"].shape[0]),
             "tokens_per_sequence": seq_len, "generate_s": round(float(data["generate_s"]), 1),
-            "source": recipe.prompts_file or ("chat requests made from Python standard library docstrings "
+            "source": recipe.prompts_file or (f"chat requests, {recipe.self_requests:.0%} written by the target "
+                                              "itself, the rest made from Python standard library docstrings "
                                               "(train files; held-out files for evaluation)"
                                               if uses_chat(run.tokenizer, recipe)
                                               else "Python standard library (train files; held-out files for evaluation)"),
