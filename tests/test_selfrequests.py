@@ -80,6 +80,9 @@ def test_chat_requests_mix_the_targets_own_share(tokenizer, monkeypatch):
     own = [f"own request number {i}" for i in range(100)]
     monkeypatch.setattr(sr, "target_requests", lambda target, tokenizer, n, seed, eos, batch: own[:n])
     monkeypatch.setattr("outrider.train.selfdistill.eos_ids_of", lambda target, tokenizer: (0,))
+    # The offline templates read the whole standard library; stand-ins keep this test fast.
+    monkeypatch.setattr("outrider.train.instructions.make_instructions",
+                        lambda n, heldout, seed: [f"template request {seed} {i}" for i in range(n)])
     recipe = EagleRecipe(target="t", out="o", prompt_len=512, self_requests=0.25)
     rows = chat_requests(tok, recipe, False, 20, seed=0, target=object())
     texts = [tok.decode(r) for r in rows]

@@ -288,7 +288,8 @@ class SpeculativeDecoder:
             if cls_.uses_draft_model and draft is None:
                 draft = embedded_pair_dir() / "draft"
             if uses_head and draft is None:
-                draft = embedded_pair_dir() / method  # the head trained for the embedded target
+                # The head trained for the embedded target (a hybrid names the head it reads).
+                draft = embedded_pair_dir() / getattr(cls_, "head_method", method)
         if uses_head and not isinstance(draft, (str, Path)):
             raise ValueError(
                 f"method {method!r} needs draft=<folder of a head trained by `outrider train drafter "

@@ -272,8 +272,13 @@ class EagleDrafter:
 
     @torch.inference_mode()
     def propose(self, step: DraftStep) -> Draft:
-        n = step.tokens.shape[0]
-        k = min(step.k, self.k, self.head.cfg.max_positions - n)
+        self.read(step)
+        return self.draft(step)
+
+    @torch.inference_mode()
+    def read(self, step: DraftStep) -> None:
+        """Feed the target's states of the newly committed tokens into the head's cache (every step,
+        whether or not the head drafts then: drafters/hybrid.py may draft from elsewhere)."""
         if step.hidden is not None and step.hidden.shape[1]:
             feats = self._linear(torch.cat(list(step.hidden.to(self.dtype).unbind(0)), -1), self._w[6])  # (m, D)
             m = feats.shape[0]
@@ -282,6 +287,11 @@ class EagleDrafter:
             out = self._run(self._pair(feats, nxt), j0)
             self._pairs += m
             self._last_out = out[-1]
+
+    @torch.inference_mode()
+    def draft(self, step: DraftStep) -> Draft:
+        """A chain or tree from the head's output at the last committed pair (after `read`)."""
+        k = min(step.k, self.k, self.head.cfg.max_positions - step.tokens.shape[0])
         if k < 1 or self._last_out is None:
             return empty_draft(self.device)
         if self._grower is not None and k > 1:

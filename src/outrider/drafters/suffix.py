@@ -286,6 +286,10 @@ class SuffixDrafter:
         self._start_request(prompt.tolist(), int(prompt.shape[0]))
 
     def propose(self, step: DraftStep) -> Draft:
+        return self.propose_scored(step)[0]
+
+    def propose_scored(self, step: DraftStep) -> tuple[Draft, float]:
+        """The draft and its expected number of accepted tokens (the sum of its path scores)."""
         n = int(step.tokens.shape[0])
         if n != len(self._tokens):
             self._catch_up(step.tokens, n)
@@ -305,10 +309,10 @@ class SuffixDrafter:
             if value > best_value:
                 best, best_value = tree, value
         if best is None:
-            return self._empty
+            return self._empty, 0.0
         # (2, d): one host-to-device copy for tokens and parents
         both = torch.tensor([best[0], best[1]], dtype=torch.long).to(self.device)
-        return Draft(both[0], parents=both[1])
+        return Draft(both[0], parents=both[1]), best_value
 
     def update(self, path: list[int]) -> None:
         pass  # the accepted tokens arrive with the next step's committed sequence

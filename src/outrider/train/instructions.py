@@ -10,6 +10,7 @@ held-out instructions come from files that training never saw. Spec-Bench stays 
 from __future__ import annotations
 
 import ast
+import functools
 import random
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class Docs:
     paragraphs: list[str]
 
 
+@functools.cache  # parses every stdlib file: once per process (train and held-out sets both ask)
 def read_docs(heldout: bool) -> Docs:
     root = stdlib_root()
     functions: list[tuple[str, str]] = []

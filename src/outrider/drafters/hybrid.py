@@ -1,0 +1,67 @@
+"""A self-drafting head and SuffixDecoding in one drafter (the pairing Arctic Inference serves).
+
+The two are good at different text. A head predicts what the target says next from its hidden
+states, wherever the text goes; suffix tries predict text that repeats what came before (the
+prompt being summarised or quoted, a list that repeats its shape, earlier outputs), and there
+they draft long and exactly, for no forward at all. Each step the suffix tries propose a tree
+(~30 µs, no forward); when its expected accepted length (the sum of its path scores) reaches
+`min_value`, that tree is the draft, else the head drafts. The head reads the target's hidden
+states every step either way, so its cache stays whole.
+
+Lossless: a step's draft is wholly one drafter's (suffix trees are deterministic, probs None; the
+head's samples carry q), and the choice reads only the committed tokens, never a random draw.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor
+
+from outrider.drafters.base import BuildContext, Draft, DraftStep, register
+from outrider.drafters.eagle import EagleDrafter
+from outrider.drafters.suffix import SuffixDrafter
+
+
+@register("eagle+suffix")
+class HeadWithSuffix:
+    uses_draft_model: ClassVar[bool] = False
+    uses_head: ClassVar[bool] = True
+    head_method: ClassVar[str] = "eagle"  # the head folder it reads (`outrider train drafter --method eagle`)
+    stops_on_confidence: ClassVar[bool] = True  # the head's drafts stop per token under k="auto"
+    default_k: ClassVar[int] = EagleDrafter.default_k
+
+    def __init__(self, head: EagleDrafter, suffix: SuffixDrafter, min_value: float = 1.0) -> None:
+        if not min_value > 0:
+            raise ValueError(f"min_value={min_value} is invalid: it is an expected number of accepted tokens, use > 0")
+        self.head, self.suffix, self.min_value = head, suffix, min_value
+        self.hidden_layers = head.hidden_layers
+        self.k = head.k
+        self.chose_suffix = 0  # steps drafted by the suffix tries (the rest: the head)
+
+    @classmethod
+    def build(cls, ctx: BuildContext) -> HeadWithSuffix:
+        suffix = SuffixDrafter.build(BuildContext(ctx.target, None, None))  # its own tree size and depth
+        return cls(EagleDrafter.build(ctx), suffix)
+
+    def begin(self, prompt: Tensor) -> None:
+        self.head.begin(prompt)
+        self.suffix.begin(prompt)
+
+    def propose(self, step: DraftStep) -> Draft:
+        self.head.read(step)
+        tree, value = self.suffix.propose_scored(step)
+        if value >= self.min_value:
+            self.chose_suffix += 1
+            return tree
+        return self.head.draft(step)
+
+    def update(self, path: list[int]) -> None:
+        self.head.update(path)
+        self.suffix.update(path)
+
+    def finish(self, tokens: Tensor | None = None) -> None:
+        self.suffix.finish(tokens)
+
+    def probe(self) -> None:
+        self.head.probe()

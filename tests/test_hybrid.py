@@ -1,0 +1,70 @@
+"""eagle+suffix: the head and the suffix tries in one drafter. Exact under greedy and lossless
+under sampling while it switches between them step by step; each really drafts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from test_e2e_hf import hf_greedy as greedy
+from outrider import SpeculativeDecoder
+from outrider.drafters.eagle import EagleDrafter, new_head
+from outrider.drafters.heads import target_embedding
+from outrider.drafters.hybrid import HeadWithSuffix
+from outrider.drafters.suffix import SuffixDrafter
+from outrider.models import load_model
+from outrider.sampling import SamplingParams
+
+PROMPT = [5, 17, 3, 42, 8, 5, 17, 3, 42, 8, 5, 17]  # repeats: the suffix tries match it
+
+
+def hybrid_decoder(model, backend="auto", k=4, draft_vocab=None, width=1):
+    target = load_model(model, backend=backend)
+    embed = target_embedding(target.model)
+    V = embed.shape[0]
+    d2t = torch.arange(V) if draft_vocab is None else torch.arange(draft_vocab)
+    head = new_head(model.config, embed, "tiny", d2t, max_positions=256).to(embed.dtype)
+    drafter = HeadWithSuffix(EagleDrafter(head, embed, V, k=k, width=width), SuffixDrafter(k=8, max_depth=24))
+    return SpeculativeDecoder(target, drafter, k=k)
+
+
+@pytest.mark.parametrize("backend", ["native", "hf"])
+@pytest.mark.parametrize("width, k", [(1, 4), (2, 6)])
+def test_hybrid_is_exact_under_greedy_and_uses_both(backend, width, k):
+    model = tiny_model("llama")
+    dec = hybrid_decoder(model, backend, k=k, width=width)
+    steps = 0
+    for prompt in (PROMPT, [1], [7, 8, 9, 10]):
+        res = dec.generate(prompt, max_new_tokens=40)
+        assert res.token_ids == greedy(model, prompt, 40)
+        steps += res.stats.steps
+    assert 0 < dec.drafter.chose_suffix < steps  # some steps from the tries, the others from the head
+
+
+def test_min_value_is_validated():
+    model = tiny_model("llama")
+    dec = hybrid_decoder(model)
+    with pytest.raises(ValueError, match="min_value=0"):
+        HeadWithSuffix(dec.drafter.head, dec.drafter.suffix, min_value=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(0.7, top_p=0.8)], ids=["t1", "t0.7-topp0.8"])
+def test_hybrid_samples_losslessly(params):
+    from test_lossless import LLAMA_PROMPT, assert_samples_like_the_llama, soft_tiny_llama
+
+    model = soft_tiny_llama()
+    dec = hybrid_decoder(model, "native", k=3, draft_vocab=4)
+    assert_samples_like_the_llama(dec, model, params)
+    assert dec.drafter.chose_suffix > 0 and dec.generate(LLAMA_PROMPT, max_new_tokens=3, temperature=1.0,
+                                                          seed=0).stats.drafted > 0
+
+
+def test_from_pretrained_reads_the_eagle_head(tmp_path):
+    model = tiny_model("llama")
+    embed = target_embedding(load_model(model).model)
+    new_head(model.config, embed, "tiny", torch.arange(50), max_positions=256).save(tmp_path / "head")
+    dec = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle+suffix", k=3)
+    assert isinstance(dec.drafter, HeadWithSuffix)
+    assert dec.generate(PROMPT, max_new_tokens=12).token_ids == greedy(model, PROMPT, 12)
