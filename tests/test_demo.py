@@ -109,7 +109,7 @@ def test_demo_answers_chat_requests_with_the_head_trained_for_its_target(tmp_pat
     rows = run_demo(str(target), max_new_tokens=8, dtype="float32", prompts=("hello", "add two numbers"), out=out)
     text = out.getvalue()
     # A chat target: no draft model, the model-free drafters and the head whose fingerprint matches.
-    assert [r.method for r in rows] == ["autoregressive", "prompt_lookup", "suffix", "eagle"]
+    assert [r.method for r in rows] == ["autoregressive", "prompt_lookup", "suffix", "eagle", "eagle+suffix"]
     assert "eagle-mine" in text and "eagle-other" not in text
     assert "> hello" in text and "Next:" in text and "outrider train drafter" in text
     assert all(r.same_as_autoregressive for r in rows)  # float32 greedy: exact

@@ -35,7 +35,7 @@ DEMO_REQUESTS = (
     "List five tips for staying focused while working from home.",
     "What is the difference between a virus and a bacterium?",
 )
-METHODS = ("autoregressive", "draft_model", "prompt_lookup", "suffix")  # and eagle where a head is at hand
+METHODS = ("autoregressive", "draft_model", "prompt_lookup", "suffix")  # and eagle, eagle+suffix where a head is at hand
 NEXT_STEPS = ("Next: `outrider bench --target DIR` measures any model on Spec-Bench; `outrider serve --target DIR` "
               "serves it over an OpenAI-compatible API; `outrider train drafter --target DIR --out HEAD` trains a "
               "head for your own model (README).")
@@ -113,9 +113,9 @@ def load_decoders(target: str | Path | None, draft: str | Path | None, k: int | 
     out = {"autoregressive": SpeculativeDecoder.from_pretrained(target, method="autoregressive", dtype=dtype)}
     head_dir = eagle_head(target, head, out["autoregressive"])
     methods = [m for m in METHODS[1:] if m != "draft_model" or target is None or draft is not None]
-    for method in methods + (["eagle"] if head_dir is not None else []):
+    for method in methods + (["eagle", "eagle+suffix"] if head_dir is not None else []):
         out[method] = SpeculativeDecoder.from_pretrained(
-            target, draft=draft if method == "draft_model" else head_dir if method == "eagle" else None,
+            target, draft=draft if method == "draft_model" else head_dir if method.startswith("eagle") else None,
             method=method, k=k if method == "draft_model" else None, dtype=dtype,
         )
     return out
@@ -174,7 +174,7 @@ def run_demo(
     if chat is None:
         chat = bool(getattr(ref.tokenizer, "chat_template", None)) or ref.chat_template is not None
     prompts = prompts or (DEMO_REQUESTS if chat else DEMO_PROMPTS)
-    shown_method = "eagle" if "eagle" in decoders else "draft_model" if "draft_model" in decoders else "suffix"
+    shown_method = next(m for m in ("eagle+suffix", "draft_model", "suffix") if m in decoders)
     shown = decoders[shown_method]
     print(f"outrider demo: target {ref.target.name}" + (f", EAGLE head {eagle_head(target, head, ref)}"
                                                           if "eagle" in decoders else ""), file=out)
