@@ -46,3 +46,12 @@ def test_batched_rows_are_independent():
 def test_bad_params_name_the_value(kwargs, needle):
     with pytest.raises(ValueError, match=needle.replace(".", r"\.")):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("t", [5e-156, 1e-300, 5e-324])
+def test_a_tiny_temperature_is_nearly_greedy_not_nan(t):
+    """Valid but below what float32 holds: the distribution tends to one-hot on the argmax (ties
+    shared), never nan (found by the CLI's property test: --temperature 5.17e-156)."""
+    p = probs_from_logits(torch.tensor([1.0, 2.0, 0.5, 2.0]), SamplingParams(temperature=t, top_p=0.9))
+    assert p.tolist() == [0.0, 0.5, 0.0, 0.5] or p.tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert p.dtype == torch.float32 and not p.isnan().any()

@@ -55,7 +55,13 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
+    # A tiny temperature (1e-156 is valid) underflows to 0 as a float32 and overflows logits / T:
+    # shift by the max (softmax is shift-invariant) so the top logits stay exactly 0 and the rest
+    # go to -inf at worst, and divide in float64 where float32 cannot hold T.
+    t = params.temperature
+    work = logits if t >= 1e-30 else logits.double()
+    shifted = work - work.max(-1, keepdim=True).values
+    logits = torch.where(shifted == 0, shifted, shifted / t)
     vocab = logits.shape[-1]
     if params.top_k is not None and params.top_k < vocab:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
@@ -69,7 +75,7 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
         drop_sorted = mass_before >= params.top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    return logits.softmax(-1)
+    return logits.softmax(-1).float()
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
