@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from outrider.demo import resolve_target, run_demo
 
-            run_demo(resolve_target(args.target, sys.stdout), args.draft, k=args.k, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+            run_demo(resolve_target(args.target, sys.stdout), args.draft, k=args.k,
+                     max_new_tokens=args.max_new_tokens, dtype=args.dtype,
                      show=not args.no_stream, head=args.head)
             return 0
         if args.command == "convert":

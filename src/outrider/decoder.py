@@ -340,9 +340,8 @@ class SpeculativeDecoder:
         if self.adaptive is None:
             return
         if prompts is None:
-            chat = self.tokenizer is not None and (self.chat_template or getattr(self.tokenizer, "chat_template", None))
-            prompts = ([self.chat_ids([{"role": "user", "content": r}]) for r in CALIBRATION_REQUESTS] if chat
-                       else CALIBRATION_PROMPTS)
+            prompts = ([self.chat_ids([{"role": "user", "content": r}]) for r in CALIBRATION_REQUESTS]
+                       if self.has_chat_template else CALIBRATION_PROMPTS)
         self.adaptive.reset()
         self._learning = True
         try:
@@ -385,6 +384,11 @@ class SpeculativeDecoder:
             check_prompt(prompt)
             ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
         return self.encode_ids(ids)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether chat_ids can render messages: a tokenizer with a template, or chat_template set."""
+        return self.tokenizer is not None and bool(self.chat_template or getattr(self.tokenizer, "chat_template", None))
 
     def chat_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
         """The prompt ids of a chat: `messages` rendered by the chat template (the decoder's

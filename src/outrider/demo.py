@@ -35,7 +35,7 @@ DEMO_REQUESTS = (
     "List five tips for staying focused while working from home.",
     "What is the difference between a virus and a bacterium?",
 )
-METHODS = ("autoregressive", "draft_model", "prompt_lookup", "suffix")  # and eagle, eagle+suffix where a head is at hand
+METHODS = ("autoregressive", "draft_model", "prompt_lookup", "suffix")  # + eagle, eagle+suffix with a head
 NEXT_STEPS = ("Next: `outrider bench --target DIR` measures any model on Spec-Bench; `outrider serve --target DIR` "
               "serves it over an OpenAI-compatible API; `outrider train drafter --target DIR --out HEAD` trains a "
               "head for your own model (README).")
@@ -106,10 +106,11 @@ def eagle_head(target: str | Path | None, head: str | Path | None,
     return None
 
 
-def load_decoders(target: str | Path | None, draft: str | Path | None, k: int | None,
-                  dtype: str | None, head: str | Path | None = None) -> dict[str, SpeculativeDecoder]:
-    """One decoder per method; the target is loaded once per method (each needs its own cache).
-    draft_model runs where there is a draft: the embedded pair's, or the one given."""
+def load_decoders(target: str | Path | None, draft: str | Path | None, k: int | None, dtype: str | None,
+                  head: str | Path | None = None) -> tuple[dict[str, SpeculativeDecoder], Path | None]:
+    """One decoder per method, and the EAGLE head they use (None: no eagle rows); the target is
+    loaded once per method (each needs its own cache). draft_model runs where there is a draft:
+    the embedded pair's, or the one given."""
     out = {"autoregressive": SpeculativeDecoder.from_pretrained(target, method="autoregressive", dtype=dtype)}
     head_dir = eagle_head(target, head, out["autoregressive"])
     methods = [m for m in METHODS[1:] if m != "draft_model" or target is None or draft is not None]
@@ -118,7 +119,7 @@ def load_decoders(target: str | Path | None, draft: str | Path | None, k: int | 
             target, draft=draft if method == "draft_model" else head_dir if method.startswith("eagle") else None,
             method=method, k=k if method == "draft_model" else None, dtype=dtype,
         )
-    return out
+    return out, head_dir
 
 
 def prompt_of(dec: SpeculativeDecoder, prompt: str, chat: bool) -> str | list[int]:
@@ -169,15 +170,14 @@ def run_demo(
     """target None: the embedded pair. chat None: chat requests when the target has a chat template
     (an instruction model), else code completions; prompts default to the demo's own of that kind."""
     out = out or sys.stdout
-    decoders = load_decoders(target, draft, k, dtype, head)
+    decoders, head_dir = load_decoders(target, draft, k, dtype, head)
     ref = decoders["autoregressive"]
     if chat is None:
-        chat = bool(getattr(ref.tokenizer, "chat_template", None)) or ref.chat_template is not None
+        chat = ref.has_chat_template
     prompts = prompts or (DEMO_REQUESTS if chat else DEMO_PROMPTS)
     shown_method = next(m for m in ("eagle+suffix", "draft_model", "suffix") if m in decoders)
     shown = decoders[shown_method]
-    print(f"outrider demo: target {ref.target.name}" + (f", EAGLE head {eagle_head(target, head, ref)}"
-                                                          if "eagle" in decoders else ""), file=out)
+    print(f"outrider demo: target {ref.target.name}" + (f", EAGLE head {head_dir}" if head_dir else ""), file=out)
     if show:
         colour = wants_colour(out)
         k_shown = "auto" if shown.adaptive is not None else shown.k

@@ -55,13 +55,15 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    # A tiny temperature (1e-156 is valid) underflows to 0 as a float32 and overflows logits / T:
-    # shift by the max (softmax is shift-invariant) so the top logits stay exactly 0 and the rest
-    # go to -inf at worst, and divide in float64 where float32 cannot hold T.
     t = params.temperature
-    work = logits if t >= 1e-30 else logits.double()
-    shifted = work - work.max(-1, keepdim=True).values
-    logits = torch.where(shifted == 0, shifted, shifted / t)
+    if t >= 1e-30:
+        logits = logits / t
+    else:
+        # A tiny temperature (1e-156 is valid) underflows to 0 as a float32, and logits / T to nan:
+        # shift by the max in float64 (softmax is shift-invariant) so the top logits stay exactly 0
+        # and the rest go to -inf at worst. The common path above stays one division.
+        shifted = logits.double() - logits.double().max(-1, keepdim=True).values
+        logits = torch.where(shifted == 0, shifted, shifted / t)
     vocab = logits.shape[-1]
     if params.top_k is not None and params.top_k < vocab:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
