@@ -4,6 +4,7 @@ of: self-distilled data, the reduced vocabulary, the unrolled (training-time tes
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -128,3 +129,28 @@ def tiny_tokenizer_with_template(tokenizer):
     tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     return tok
+
+
+@pytest.mark.slow
+def test_a_rerun_with_more_prompts_extends_the_data_and_keeps_the_head(tmp_path, tokenizer):
+    """A finished run rerun with more prompts generates only the new ones, appends them, and resumes
+    the same head (its reduced vocabulary too) instead of starting over."""
+    from dataclasses import replace
+
+    from outrider.drafters.eagle import EagleHead
+
+    recipe = tiny_recipe(tmp_path, tokenizer, 2, "def g{i}(x):\n    return x * {i}", "head", 8, 8)
+    recipe = replace(recipe, prompts=12, draft_vocab=16, minutes=0.02)
+    train_eagle(recipe)
+    data = torch.load(tmp_path / "head" / "work" / "data.pt")
+    first_d2t = EagleHead.load(tmp_path / "head").d2t.clone()
+    grown = train_eagle(replace(recipe, prompts=20, minutes=0.04))
+    more = torch.load(tmp_path / "head" / "work" / "data.pt")
+    assert more["train"].shape[0] == 20 and grown["data"]["train_sequences"] == 20
+    old = data["train"]
+    assert torch.equal(more["train"][:12, : old.shape[1]], old)  # the first rows, untouched
+    assert torch.equal(more["heldout"], data["heldout"])  # the same held-out set: figures compare
+    # The new rows continue prompts 12..19 of the file (the rows are sorted by prompt length).
+    new_prompts = {re.match(r"def g(\d+)", tokenizer.decode(r[r >= 0].tolist())).group(1) for r in more["train"][12:]}
+    assert new_prompts == {str(i) for i in range(12, 20)}
+    assert torch.equal(EagleHead.load(tmp_path / "head").d2t, first_d2t)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from outrider.models import eos_ids_of
@@ -57,19 +58,20 @@ def uses_chat(tokenizer: Any, recipe: Any) -> bool:
 
 
 def prompt_windows(tokenizer: Any, recipe: Any, heldout: bool, n: int, seed: int,
-                   target: Any = None) -> list[list[int]]:
-    """n prompts: chat requests (at most prompt_len tokens each; see `chat_requests`) for an
-    instruction model; else
-    random prompt_len-token windows of stdlib files (train or held-out split); or the user's
-    prompts (the last `heldout_prompts` of the file are held out), through the chat template when
-    chatting."""
+                   target: Any = None, skip: int = 0) -> list[list[int]]:
+    """Prompts skip..n-1 of a set of n: chat requests (at most prompt_len tokens each; see
+    `chat_requests`) for an instruction model; else random prompt_len-token windows of stdlib files
+    (train or held-out split); or the user's prompts (the last `heldout_prompts` of the file are
+    held out), through the chat template when chatting. Made prompts are drawn afresh from `seed`
+    (n - skip of them): a run extending its data passes a new seed; a file's are its rows."""
     chat = uses_chat(tokenizer, recipe)
     if recipe.prompts_file is not None:
         texts = _read_prompts_file(recipe.prompts_file)
         cut = len(texts) - min(recipe.heldout_prompts, len(texts) // 5)
-        texts = (texts[cut:] if heldout else texts[:cut])[:n]
+        texts = (texts[cut:] if heldout else texts[:cut])[skip:n]
         return [(chat_prompt_ids(tokenizer, t) if chat else list(tokenizer(t)["input_ids"]))[: recipe.prompt_len]
                 for t in texts]
+    n -= skip
     if chat:
         return chat_requests(tokenizer, recipe, heldout, n, seed, target)
     from outrider.train.corpus import split_files
@@ -185,22 +187,38 @@ class RowSampler:
 
 
 def load_or_generate(target: Any, tokenizer: Any, recipe: Any, path: Path) -> dict[str, Any]:
-    """{"train": (S, L), "heldout": (S', L), "generate_s"}: read from `path` when an earlier run
-    saved it there (a resumed run trains on the same data), else generated and saved atomically."""
-    if path.exists():
-        return torch.load(path)
+    """{"train": (S, L), "heldout": (S', L'), "generate_s"}: read from `path` when an earlier run
+    saved it there (a resumed run trains on the same data), else generated; saved atomically.
+    A rerun asking for more prompts than `path` holds generates only the missing ones (from a seed
+    stream of their own) and appends them: a finished run is extended with data, not redone."""
+    data = torch.load(path) if path.exists() else None
+    have = 0 if data is None else int(data["train"].shape[0])
+    if data is not None and have >= recipe.prompts:
+        return data
     t0 = time.monotonic()
     eos = eos_ids_of(target, tokenizer) if uses_chat(tokenizer, recipe) else ()
-    train_rows = self_distill(target, prompt_windows(tokenizer, recipe, False, recipe.prompts, recipe.seed, target),
-                              recipe.gen_len, recipe.gen_batch, recipe.seed, eos)
-    held_rows = self_distill(target, prompt_windows(tokenizer, recipe, True, recipe.heldout_prompts, recipe.seed + 1,
-                                                    target),
-                             recipe.gen_len, recipe.gen_batch, recipe.seed + 1, eos)
-    data = {"train": train_rows, "heldout": held_rows, "generate_s": time.monotonic() - t0}
+    # recipe.seed + 1 is the held-out set's stream; an extension of `have` rows takes its own.
+    seed = recipe.seed if data is None else recipe.seed + 2 + have
+    new_rows = self_distill(target, prompt_windows(tokenizer, recipe, False, recipe.prompts, seed, target, skip=have),
+                            recipe.gen_len, recipe.gen_batch, seed, eos)
+    if data is None:
+        held_rows = self_distill(target, prompt_windows(tokenizer, recipe, True, recipe.heldout_prompts,
+                                                        recipe.seed + 1, target),
+                                 recipe.gen_len, recipe.gen_batch, recipe.seed + 1, eos)
+        data = {"train": new_rows, "heldout": held_rows, "generate_s": 0.0}
+    else:
+        data["train"] = cat_rows(data["train"], new_rows)
+    data["generate_s"] = float(data["generate_s"]) + time.monotonic() - t0
     tmp = path.with_name(path.name + ".tmp")
     torch.save(data, tmp)
     tmp.replace(path)
     return data
+
+
+def cat_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two right-padded (S, T) row sets as one, padded to the longer width."""
+    T = max(a.shape[1], b.shape[1])
+    return torch.cat([F.pad(x, (0, T - x.shape[1]), value=PAD) for x in (a, b)])
 
 
 @dataclass
@@ -234,8 +252,22 @@ def start_run(recipe: Any, device: torch.device) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(recipe.target)
     embed = target.get_input_embeddings().weight.detach()
     data = load_or_generate(target, tokenizer, recipe, work / "data.pt")
-    d2t = frequent_tokens(data["train"], recipe.draft_vocab, embed.shape[0])
+    # A resumed head keeps the vocabulary it was trained on, even when its data grew since.
+    d2t = saved_d2t(work)
+    if d2t is None:
+        d2t = frequent_tokens(data["train"], recipe.draft_vocab, embed.shape[0])
     return Run(target, tokenizer, embed, data, d2t, out, work, started)
+
+
+def saved_d2t(work: Path) -> torch.Tensor | None:
+    """The reduced vocabulary of the head checkpointed in `work` (train/loop.py), if one is."""
+    from outrider.train.checkpoint import load_checkpoint
+
+    for name in ("head.ckpt", "heads.ckpt"):  # EAGLE's, Medusa's
+        state = load_checkpoint(work / name)
+        if state is not None:
+            return state["model"]["d2t"].long()
+    return None
 
 
 def head_settings(recipe: Any, data: dict[str, Any]) -> TrainSettings:
