@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import torch
 
@@ -108,6 +108,29 @@ class GenerationRequest:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
+class Collector:
+    """A generation's chunks gathered into its GenerationResult."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.drafted: list[bool] = []
+        self.pieces: list[str] = []
+        self.finish: FinishReason = "length"
+
+    def add(self, chunk: Chunk) -> None:
+        self.ids += chunk.token_ids
+        self.drafted += chunk.drafted
+        self.pieces += chunk.pieces
+        self.finish = chunk.finish_reason or self.finish
+
+    def result(self, request: GenerationRequest, stats: SpecStats, tokenizer: Any) -> GenerationResult:
+        text = None
+        if tokenizer is not None:
+            # With stop strings the pieces are exact (truncated at the stop); otherwise one decode.
+            text = "".join(self.pieces) if request.stops else tokenizer.decode(self.ids, skip_special_tokens=True)
+        return GenerationResult(self.ids, text, stats, self.finish, self.drafted)
+
+
 def check_prompt(prompt: object) -> None:
     """A prompt is text or a flat sequence of integer token ids (not bools, floats, bytes or lists)."""
     if isinstance(prompt, str):
@@ -198,8 +221,12 @@ class _Sequence:
 
     def __init__(
         self, prompt_ids: list[int], request: GenerationRequest, generator: torch.Generator | None,
-        stats: SpecStats, text: _TextTracker | None,
+        stats: SpecStats, text: _TextTracker | None, model: Any, drafter: Drafter, adaptive: AdaptiveK | None,
     ) -> None:
+        # The sequence's own target cache (the target itself, or one slot of a batch), drafter and
+        # k policy: a batch holds one of each per row.
+        self.model, self.drafter, self.adaptive = model, drafter, adaptive
+        self.request = request
         self.n_prompt = len(prompt_ids)
         self.n = self.n_prompt  # committed length (prompt included)
         self.end = self.n_prompt + request.max_new_tokens
@@ -213,6 +240,20 @@ class _Sequence:
     @property
     def remaining(self) -> int:
         return self.end - self.n
+
+
+@dataclass
+class _StepPlan:
+    """One step's draft and the target input built from it (decoder._plan), until verified."""
+
+    k: int  # the draft budget asked for (0: no draft)
+    draft: Draft | None
+    hidden: torch.Tensor | None  # the hidden states handed to the drafter (kept when k == 0)
+    ids: torch.Tensor  # (d+1,) root + nodes, on the target's device
+    attn_mask: torch.Tensor | None  # (d+1, d+1) for a tree, None for a chain
+    positions: torch.Tensor | None  # (d+1,) for a tree
+    ta: float  # clock before drafting (stats only)
+    tb: float  # clock after drafting
 
 
 class SpeculativeDecoder:
@@ -239,6 +280,7 @@ class SpeculativeDecoder:
         if self.hidden_layers:
             target.model.capture_hidden(self.hidden_layers)
         self._learning = False  # True during calibrate_acceptance: requests then add to one history
+        self.new_drafter: Callable[[], Drafter] | None = None  # a fresh drafter like this one (from_pretrained)
 
     @classmethod
     def from_pretrained(
@@ -325,6 +367,8 @@ class SpeculativeDecoder:
                 costs = _calibrated(loaded_target, loaded_draft, probe, str(head_path) if head_path else None)
             adaptive = AdaptiveK(k_max=AUTO_K_MAX, costs=costs)
         decoder = cls(loaded_target, drafter, k=k, method=method, adaptive=adaptive)
+        # A batch (batch.py) gives each row a drafter of its own, built the same way.
+        decoder.new_drafter = lambda: cls_.build(BuildContext(loaded_target, loaded_draft, k, width, head_path))
         decoder.chat_template = read_chat_template(chat_template)
         if adaptive is not None:
             decoder.calibrate_acceptance()
@@ -446,20 +490,10 @@ class SpeculativeDecoder:
         request = prompt if isinstance(prompt, GenerationRequest) else GenerationRequest(
             prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, messages)
         stats = SpecStats()
-        ids: list[int] = []
-        drafted: list[bool] = []
-        pieces: list[str] = []
-        finish: FinishReason = "length"
+        collected = Collector()
         for chunk in self._run(request, stats, want_text=False):
-            ids += chunk.token_ids
-            drafted += chunk.drafted
-            pieces += chunk.pieces
-            finish = chunk.finish_reason or finish
-        text = None
-        if self.tokenizer is not None:
-            # With stop strings the pieces are exact (truncated at the stop); otherwise one decode.
-            text = "".join(pieces) if request.stops else self.tokenizer.decode(ids, skip_special_tokens=True)
-        return GenerationResult(ids, text, stats, finish, drafted)
+            collected.add(chunk)
+        return collected.result(request, stats, self.tokenizer)
 
     def stream(
         self,
@@ -483,6 +517,18 @@ class SpeculativeDecoder:
     # ---- the loop -------------------------------------------------------------------------
 
     def _run(self, request: GenerationRequest, stats: SpecStats, want_text: bool) -> Iterator[Chunk]:
+        state = self._new_sequence(request, stats, want_text, self.target.model, self.drafter, self.adaptive)
+        self._prefill(state)
+        while True:
+            chunk = self._step(state)
+            if chunk.token_ids or chunk.finish_reason is not None:
+                yield chunk
+            if chunk.finish_reason is not None:
+                return
+
+    def _new_sequence(self, request: GenerationRequest, stats: SpecStats, want_text: bool, model: Any,
+                      drafter: Drafter, adaptive: AdaptiveK | None) -> _Sequence:
+        """A request's checked prompt and its state (not yet prefilled), on `model`'s cache."""
         params = request.sampling
         prompt_ids = self.encode(request.prompt) if request.messages is None else self.chat_ids(request.messages)
         self._check_lengths(len(prompt_ids), request.max_new_tokens)
@@ -494,67 +540,71 @@ class SpeculativeDecoder:
         if not params.greedy:
             generator = torch.Generator(device=self.target.model.device)
             generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
-        state = _Sequence(prompt_ids, request, generator, stats, text)
-        self._prefill(state)
-        while True:
-            chunk = self._step(state)
-            if chunk.finish_reason is not None:
-                finish = getattr(self.drafter, "finish", None)
-                if finish is not None:  # drafters that learn from whole outputs (suffix) see the last step
-                    finish(state.seq[: state.n])
-            if chunk.token_ids or chunk.finish_reason is not None:
-                yield chunk
-            if chunk.finish_reason is not None:
-                return
+        return _Sequence(prompt_ids, request, generator, stats, text, model, drafter, adaptive)
 
     def _prefill(self, state: _Sequence) -> None:
         t0 = self.clock()
-        target = self.target.model
+        target = state.model
         target.reset()
         if state.n_prompt > 1:
             # The last prompt token is fed with the first draft, so every step scores d+1 tokens.
             target.forward(state.seq[: state.n_prompt - 1].to(target.device), num_logits=0)
             if self.hidden_layers:
                 state.hidden = target.hidden
-        self.drafter.begin(state.seq[: state.n_prompt])
-        if self.adaptive is not None and not self._learning:
-            self.adaptive.reset()  # each request decides from the prior and its own history (contract 3)
+        state.drafter.begin(state.seq[: state.n_prompt])
+        if state.adaptive is not None and not self._learning:
+            state.adaptive.reset()  # each request decides from the prior and its own history (contract 3)
         state.stats.prompt_tokens = state.n_prompt
         state.stats.prefill_s += self.clock() - t0
 
     def _step(self, state: _Sequence) -> Chunk:
         """One draft -> verify -> commit step; returns the committed tokens (finish_reason set when
         the generation ended)."""
-        target, drafter, clock = self.target.model, self.drafter, self.clock
-        n, seq, params, adaptive = state.n, state.seq, state.params, self.adaptive
+        plan = self._plan(state)
+        logits = state.model.forward(plan.ids, attn_mask=plan.attn_mask, positions=plan.positions)  # (d+1, V)
+        return self._complete(state, plan, logits)
+
+    def _plan(self, state: _Sequence, k_cap: int | None = None) -> _StepPlan:
+        """Draft (at most k_cap nodes when given) and build the target's input for this step: the
+        last committed token (the root) and the draft's nodes."""
+        target, drafter, clock = state.model, state.drafter, self.clock
+        n, seq, params, adaptive = state.n, state.seq, state.params, state.adaptive
         if adaptive is not None and not getattr(drafter, "stops_on_confidence", False):
             k = adaptive.choose(state.remaining - 1)
         else:
             k = min(self.k, state.remaining - 1)  # an upper bound; adaptive drafters stop earlier
+        if k_cap is not None:
+            k = min(k, k_cap)
         ta = clock()
         hidden, state.hidden = state.hidden, None
         draft = drafter.propose(DraftStep(seq[:n], k, params, state.generator, adaptive, hidden)) if k > 0 else None
-        tb = clock()
         d = draft.size if draft is not None else 0
         root = seq[n - 1 : n].to(target.device)
+        ids = torch.cat([root, draft.tokens]) if d else root
+        attn_mask = positions = None
         if d and not draft.is_chain:
             # A tree: [root] + nodes in one forward, each node seeing the root and its ancestors.
-            ids = torch.cat([root, draft.tokens])
+            positions = verify_positions(draft.parents, n - 1).to(target.device)  # (d+1,): n - 1 + depth
+            attn_mask = verify_mask(draft.parents).to(target.device)
+        return _StepPlan(k, draft, hidden, ids, attn_mask, positions, ta, clock())
+
+    def _complete(self, state: _Sequence, plan: _StepPlan, logits: torch.Tensor) -> Chunk:
+        """Verify the step's draft against the target's logits (d+1, V), keep the accepted path in
+        the caches, commit; returns the committed tokens."""
+        target, drafter, clock = state.model, state.drafter, self.clock
+        n, seq, params, adaptive, draft, k = state.n, state.seq, state.params, state.adaptive, plan.draft, plan.k
+        d = draft.size if draft is not None else 0
+        if d and not draft.is_chain:
             parents = draft.parents
-            positions = verify_positions(parents, n - 1)  # (d+1,): n - 1 + depth
-            logits = target.forward(ids, attn_mask=verify_mask(parents).to(target.device),
-                                    positions=positions.to(target.device))  # (d+1, V)
             if params.greedy:
                 path, next_token = verify_tree_greedy(draft.tokens, parents, logits)
             else:
                 p = probs_from_logits(logits, params)
                 path, next_token = verify_tree_speculative(draft.tokens, parents, draft.probs, p, state.generator)
             target.keep_path(n - 1, [0] + [i + 1 for i in path])
-            depth = int(positions.max()) - (n - 1)
+            depth = int(plan.positions.max()) - (n - 1)
         else:
-            ids = torch.cat([root, draft.tokens]) if d else root
-            logits = target.forward(ids)  # (d+1, V)
-            tokens = draft.tokens if d else ids[:0]
+            tokens = draft.tokens if d else plan.ids[:0]
             if params.greedy:
                 accepted, next_token = verify_greedy(tokens, logits)
             else:
@@ -568,7 +618,7 @@ class SpeculativeDecoder:
         if self.hidden_layers:
             # The root and the accepted nodes are committed now: rows 0 and 1 + path of the forward.
             rows = torch.tensor([0] + [i + 1 for i in path], device=target.device)
-            state.hidden = _join(hidden if k == 0 else None, target.hidden.index_select(1, rows))
+            state.hidden = _join(plan.hidden if k == 0 else None, target.hidden.index_select(1, rows))
         if accepted:
             seq[n : n + accepted] = draft.tokens[path].cpu()
         seq[n + accepted] = next_token
@@ -581,9 +631,13 @@ class SpeculativeDecoder:
         committed = len(chunk.token_ids)
         state.stats.record_step(d, min(accepted, committed), committed, depth,
                                 draft.forwards if draft is not None else 0)
-        state.stats.draft_s += tb - ta
-        state.stats.target_s += tc - tb
-        state.stats.decode_s += clock() - ta
+        state.stats.draft_s += plan.tb - plan.ta
+        state.stats.target_s += tc - plan.tb
+        state.stats.decode_s += clock() - plan.ta
+        if chunk.finish_reason is not None:
+            finish = getattr(drafter, "finish", None)
+            if finish is not None:  # drafters that learn from whole outputs (suffix) see the last step
+                finish(state.seq[: state.n])
         return chunk
 
     def _commit(self, state: _Sequence, new: list[int], accepted: int) -> Chunk:

@@ -14,6 +14,7 @@ class Autoregressive:
     uses_draft_model: ClassVar[bool] = False
     stops_on_confidence: ClassVar[bool] = False
     default_k: ClassVar[int] = 0
+    batches: ClassVar[bool] = True  # model-free: a batch gives each row its own, for nothing
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self._empty = empty_draft(torch.device(device))

@@ -80,6 +80,7 @@ class PromptLookup:
     uses_draft_model: ClassVar[bool] = False
     stops_on_confidence: ClassVar[bool] = False
     default_k: ClassVar[int] = 6
+    batches: ClassVar[bool] = True  # model-free: a batch gives each row its own, for nothing
 
     def __init__(
         self, max_ngram: int = 3, min_ngram: int = 1, k: int = 6, device: torch.device | str = "cpu",

@@ -40,7 +40,8 @@ DEFAULT_CAPACITY = 4096  # tokens; a larger cache costs memory, never speed (att
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa came in 2.5
 _USE_HF = "use backend='hf'"
 
-__all__ = ["DEFAULT_CAPACITY", "MODEL_TYPES", "NativeLlama", "supports", "unsupported_reason"]
+__all__ = ["DEFAULT_CAPACITY", "MODEL_TYPES", "NativeLlama", "NativeRow", "RowForward", "supports",
+           "unsupported_reason"]
 
 
 # ---- what the backend can run -------------------------------------------------------------------
@@ -261,6 +262,29 @@ def linear_packer(dtype: torch.dtype, device: torch.device, pack: bool | None = 
 # ---- the model ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class RowForward:
+    """One row of a batched forward (NativeLlama.forward_rows): append `ids` (n,) long to the cache
+    of `slot`; num_logits, attn_mask and positions as in NativeLlama.forward."""
+
+    slot: int
+    ids: Tensor
+    num_logits: int | None = None
+    attn_mask: Tensor | None = None
+    positions: Tensor | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _RowPlan:
+    slot: int
+    start: int  # the slot's cache length before this forward
+    n: int  # new tokens
+    m: int  # logits wanted (the last m)
+    mask: Tensor | None  # (n, start + n) bool, or None (causal / one token)
+    is_causal: bool
+
+
+
 class NativeLlama:
     """A CausalModel (see base.py) for Llama-family weights with a static KV cache.
 
@@ -298,15 +322,13 @@ class NativeLlama:
         self.device = embed.device
         self.dtype = embed.dtype
         self._gqa = n_heads != n_kv_heads  # SDPA broadcasts each kv head over its query group
-        shape = (n_kv_heads, capacity, self.head_dim)
-        self._k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers]
-        self._v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in layers]
         self._cos, self._sin = rope_tables(inv_freq, capacity, self.dtype, self.device)
         self._arange = torch.arange(capacity, device=self.device)  # builds causal masks by comparison
         self._no_logits = torch.empty(0, self.vocab_size, device=self.device)
-        self._length = 0
         self._capture: tuple[int, ...] = ()
         self.hidden: Tensor | None = None
+        self.row_hidden: list[Tensor] | None = None  # per row of the last forward_rows, when capturing
+        self.set_slots(1)  # caches (slots, Hkv, capacity, hd); one sequence unless set_slots says more
 
     @classmethod
     def from_hf(
@@ -365,11 +387,37 @@ class NativeLlama:
             native._decoder_layers = torch.compile(native._layers, dynamic=True)
         return native
 
+    # ---- slots: the cache holds `slots` sequences, each with its own length -----------------
+
+    def set_slots(self, slots: int) -> None:
+        """Hold `slots` sequences at once (a batch; forward_rows), each in its own cache rows;
+        every slot starts empty. The weights are shared; the cache costs `slots` times the memory."""
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise ValueError(f"slots={slots!r} is invalid: use an integer >= 1 (sequences held at once)")
+        shape = (slots, self.n_kv_heads, self.capacity, self.head_dim)
+        self._k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self._v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self._lengths = [0] * slots
+        self.hidden = None
+        self.row_hidden = None
+
+    @property
+    def slots(self) -> int:
+        return len(self._lengths)
+
     @property
     def length(self) -> int:
-        return self._length
+        return self._lengths[0]
 
-    @torch.inference_mode()
+    def slot_length(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    def row(self, slot: int) -> NativeRow:
+        """Slot `slot` as a batch-1 CausalModel (base.py) of its own."""
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot={slot} is outside the cache's {self.slots} slots: call set_slots first")
+        return NativeRow(self, slot)
+
     def forward(
         self,
         ids: Tensor,  # (n,) long
@@ -377,49 +425,93 @@ class NativeLlama:
         attn_mask: Tensor | None = None,  # (n, n) bool: [i, j] = new token i sees new token j; or (n, length + n)
         positions: Tensor | None = None,  # (n,) long; default length .. length + n - 1
     ) -> Tensor:
-        """Append ids to the cache; return float32 logits (m, V) of the last m positions (m = n when
-        num_logits is None; 0 skips the output layer). Without attn_mask the new tokens are causal."""
-        n = ids.shape[0]
-        start, end = self._length, self._length + n
-        if n == 0 or end > self.capacity:
-            hint = "pass at least one token" if n == 0 else "roll back, reset, or build with a larger capacity"
-            raise ValueError(f"cannot append {n} tokens to a cache holding {start} of {self.capacity}: {hint}")
-        m = n if num_logits is None else num_logits
-        if not 0 <= m <= n:
-            raise ValueError(f"num_logits={num_logits} must lie in [0, {n}] (the number of new tokens)")
-        check_tree_args(n, attn_mask, positions, start)
-        if positions is None:
-            cos, sin = self._cos[start:end], self._sin[start:end]  # (n, 1, hd) views
-        else:
-            cos, sin = self._cos[positions], self._sin[positions]
-        is_causal = False
-        if attn_mask is not None and attn_mask.shape[1] == end:
-            mask = attn_mask.to(self.device)  # (n, end): what each new token sees of cache and new tokens
-        elif attn_mask is not None:
-            mask = torch.ones(n, end, dtype=torch.bool, device=self.device)  # (n, end): all see the cache
-            mask[:, start:] = attn_mask
-        elif n == 1:
-            mask = None  # one token sees everything before it
-        elif start == 0:
-            mask, is_causal = None, True  # SDPA's causal mask is top-left aligned: right only when L == S
-        else:
-            mask = self._arange[:end] <= self._arange[start:end, None]  # (n, end) bottom-right causal
+        """Append ids to the cache (slot 0); return float32 logits (m, V) of the last m positions
+        (m = n when num_logits is None; 0 skips the output layer). Without attn_mask the new tokens
+        are causal."""
+        logits = self.forward_rows([RowForward(0, ids, num_logits, attn_mask, positions)])[0]
+        if self._capture:
+            self.hidden = self.row_hidden[0]
+        return logits
 
-        x = F.embedding(ids.to(self.device), self.embed)  # (n, D)
+    @torch.inference_mode()
+    def forward_rows(self, rows: Sequence[RowForward]) -> list[Tensor]:
+        """One forward for several sequences: each row appends its ids to its own slot's cache
+        (with its own mask and positions, as in forward). The rows' tokens go through every matmul
+        together, so the weights are read once for all of them; attention runs per row over its
+        own cache, so no row sees another. Returns each row's float32 logits (m_i, V); with
+        capture_hidden, row_hidden holds each row's (len(layers), n_i, D)."""
+        if not rows:
+            raise ValueError("forward_rows needs at least one row")
+        plans = []
+        cos_parts, sin_parts = [], []
+        seen: set[int] = set()
+        for r in rows:
+            if not 0 <= r.slot < self.slots or r.slot in seen:
+                raise ValueError(f"row slot {r.slot} is invalid: use distinct slots in [0, {self.slots})")
+            seen.add(r.slot)
+            n = r.ids.shape[0]
+            start = self._lengths[r.slot]
+            end = start + n
+            if n == 0 or end > self.capacity:
+                hint = "pass at least one token" if n == 0 else "roll back, reset, or build with a larger capacity"
+                raise ValueError(f"cannot append {n} tokens to a cache holding {start} of {self.capacity}: {hint}")
+            m = n if r.num_logits is None else r.num_logits
+            if not 0 <= m <= n:
+                raise ValueError(f"num_logits={r.num_logits} must lie in [0, {n}] (the number of new tokens)")
+            check_tree_args(n, r.attn_mask, r.positions, start)
+            if r.positions is None:
+                cos_parts.append(self._cos[start:end])  # (n, 1, hd) views
+                sin_parts.append(self._sin[start:end])
+            else:
+                cos_parts.append(self._cos[r.positions])
+                sin_parts.append(self._sin[r.positions])
+            is_causal = False
+            if r.attn_mask is not None and r.attn_mask.shape[1] == end:
+                mask = r.attn_mask.to(self.device)  # (n, end): what each new token sees of cache and new tokens
+            elif r.attn_mask is not None:
+                mask = torch.ones(n, end, dtype=torch.bool, device=self.device)  # (n, end): all see the cache
+                mask[:, start:] = r.attn_mask
+            elif n == 1:
+                mask = None  # one token sees everything before it
+            elif start == 0:
+                mask, is_causal = None, True  # SDPA's causal mask is top-left aligned: right only when L == S
+            else:
+                mask = self._arange[:end] <= self._arange[start:end, None]  # (n, end) bottom-right causal
+            plans.append(_RowPlan(r.slot, start, n, m, mask, is_causal))
+        one = len(rows) == 1
+        ids = rows[0].ids if one else torch.cat([r.ids for r in rows])
+        cos = cos_parts[0] if one else torch.cat(cos_parts)
+        sin = sin_parts[0] if one else torch.cat(sin_parts)
+
+        x = F.embedding(ids.to(self.device), self.embed)  # (N, D)
         normed = None
         if self._capture:
-            x, normed = self._capturing_layers(x, cos, sin, mask, is_causal, start)
+            x, normed = self._capturing_layers(x, cos, sin, plans)
         else:
-            x = self._decoder_layers(x, cos, sin, mask, is_causal, start)
-        self._length = end
+            x = self._decoder_layers(x, cos, sin, plans)
+        for plan in plans:
+            self._lengths[plan.slot] = plan.start + plan.n
 
-        if m == 0:
-            return self._no_logits
-        if normed is not None:
-            h = normed[n - m :]
-        else:
-            h = rms_norm(x[n - m :], self.norm, self.eps)  # the norm is per position: only the m that need it
-        return self._linear(h, self.lm_head, self.lm_head_bias).float()
+        # The norm and output layer are per position: only the m_i each row needs.
+        picks, offset = [], 0
+        for plan in plans:
+            if plan.m:
+                picks.append((offset + plan.n - plan.m, offset + plan.n))
+            offset += plan.n
+        if not picks:
+            return [self._no_logits] * len(plans)
+        src = x if normed is None else normed
+        h = src[picks[0][0] : picks[0][1]] if len(picks) == 1 else torch.cat([src[a:b] for a, b in picks])
+        if normed is None:
+            h = rms_norm(h, self.norm, self.eps)
+        logits = self._linear(h, self.lm_head, self.lm_head_bias).float()
+        if one:
+            return [logits]
+        out, at = [], 0
+        for plan in plans:
+            out.append(logits[at : at + plan.m] if plan.m else self._no_logits)
+            at += plan.m
+        return out
 
     def capture_hidden(self, layers: Sequence[int]) -> None:
         """Record these layers' hidden states in `hidden` (len(layers), n, D) on every later forward:
@@ -427,81 +519,120 @@ class NativeLlama:
         (transformers' output_hidden_states indices). Empty stops; `hidden` is then None."""
         self._capture = hidden_layer_indices(layers, len(self.layers))
         self.hidden = None
+        self.row_hidden = None
 
-    def _capturing_layers(
-        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool, start: int
-    ) -> tuple[Tensor, Tensor | None]:
-        """The decoder layers over x (n, D) in segments [0, i1), [i1, i2), ..., [ik, L) that end at the
-        captured layers, storing `hidden`. Returns the last layer's output and, when the final norm
-        is captured, its normed value (n, D) (None otherwise) so the logits reuse it."""
+    def _capturing_layers(self, x: Tensor, cos: Tensor, sin: Tensor, plans: list[_RowPlan]) -> tuple[Tensor, Tensor | None]:
+        """The decoder layers over x (N, D) in segments [0, i1), [i1, i2), ..., [ik, L) that end at the
+        captured layers, storing `row_hidden`. Returns the last layer's output and, when the final
+        norm is captured, its normed value (N, D) (None otherwise) so the logits reuse it."""
         num_layers = len(self.layers)
-        states = {0: x}  # captured index -> (n, D)
+        states = {0: x}  # captured index -> (N, D)
         lo = 0
         for hi in sorted({i for i in self._capture if 0 < i < num_layers}) + [num_layers]:
-            x = self._decoder_layers(x, cos, sin, mask, is_causal, start, lo, hi)
+            x = self._decoder_layers(x, cos, sin, plans, lo, hi)
             states[hi] = x
             lo = hi
         normed = None
         if num_layers in self._capture:
             normed = states[num_layers] = rms_norm(x, self.norm, self.eps)
-        self.hidden = torch.stack([states[i] for i in self._capture])  # (len(layers), n, D)
+        hidden = torch.stack([states[i] for i in self._capture])  # (len(layers), N, D)
+        self.row_hidden = list(hidden.split([p.n for p in plans], dim=1)) if len(plans) > 1 else [hidden]
         return x, normed
 
-    def _layers(
-        self,
-        x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
-        mask: Tensor | None,
-        is_causal: bool,
-        start: int,
-        lo: int = 0,
-        hi: int | None = None,
-    ) -> Tensor:
-        """The decoder layers [lo, hi) (default all) over x (n, D), writing keys and values at
-        [start, start + n)."""
-        n = x.shape[0]
-        end = start + n
+    def _layers(self, x: Tensor, cos: Tensor, sin: Tensor, plans: list[_RowPlan], lo: int = 0,
+                hi: int | None = None) -> Tensor:
+        """The decoder layers [lo, hi) (default all) over x (N, D), the rows' tokens one after
+        another; each row writes its keys and values at [start, start + n) of its slot."""
+        N = x.shape[0]
         H, Hkv, hd, eps, linear = self.n_heads, self.n_kv_heads, self.head_dim, self.eps, self._linear
         k_end = (H + Hkv) * hd
-        for w, k_cache, v_cache in zip(self.layers[lo:hi], self._k[lo:hi], self._v[lo:hi]):
-            qkv = linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv)  # (n, (H + 2 Hkv) hd)
+        one = len(plans) == 1
+        for w, k_all, v_all in zip(self.layers[lo:hi], self._k[lo:hi], self._v[lo:hi]):
+            qkv = linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv)  # (N, (H + 2 Hkv) hd)
             # q and k rotated together: one RoPE's dispatches per layer instead of two.
-            qk = apply_rope(qkv[:, :k_end].view(n, H + Hkv, hd), cos, sin)  # (n, H + Hkv, hd)
-            k_cache[:, start:end] = qk[:, H:].transpose(0, 1)  # (Hkv, n, hd)
-            v_cache[:, start:end] = qkv[:, k_end:].view(n, Hkv, hd).transpose(0, 1)
-            # 4-D inputs: on the CPU only those reach SDPA's flash kernel (3-D falls back to math).
-            y = F.scaled_dot_product_attention(
-                qk[:, :H].transpose(0, 1)[None],  # (1, H, n, hd)
-                k_cache[None, :, :end],  # (1, Hkv, end, hd)
-                v_cache[None, :, :end],
-                attn_mask=mask,
-                is_causal=is_causal,
-                enable_gqa=self._gqa,
-            )  # (1, H, n, hd)
-            x = x + linear(y[0].transpose(0, 1).reshape(n, H * hd), w.wo, w.bo)
+            qk = apply_rope(qkv[:, :k_end].view(N, H + Hkv, hd), cos, sin)  # (N, H + Hkv, hd)
+            v_new = qkv[:, k_end:].view(N, Hkv, hd)
+            ys, offset = [], 0
+            for plan in plans:
+                a, b = offset, offset + plan.n
+                offset = b
+                end = plan.start + plan.n
+                k_cache, v_cache = k_all[plan.slot], v_all[plan.slot]  # (Hkv, C, hd)
+                k_cache[:, plan.start : end] = qk[a:b, H:].transpose(0, 1)  # (Hkv, n, hd)
+                v_cache[:, plan.start : end] = v_new[a:b].transpose(0, 1)
+                # 4-D inputs: on the CPU only those reach SDPA's flash kernel (3-D falls back to math).
+                y = F.scaled_dot_product_attention(
+                    qk[a:b, :H].transpose(0, 1)[None],  # (1, H, n, hd)
+                    k_cache[None, :, :end],  # (1, Hkv, end, hd)
+                    v_cache[None, :, :end],
+                    attn_mask=plan.mask,
+                    is_causal=plan.is_causal,
+                    enable_gqa=self._gqa,
+                )  # (1, H, n, hd)
+                ys.append(y[0].transpose(0, 1).reshape(plan.n, H * hd))
+            y = ys[0] if one else torch.cat(ys)
+            x = x + linear(y, w.wo, w.bo)
             gate, up = linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, w.w_down, w.b_down)
         return x
 
-    def rollback(self, length: int) -> None:
-        """Keep the first `length` tokens; later cache entries are overwritten by the next forward."""
-        if not 0 <= length <= self._length:
-            raise ValueError(f"cannot roll back to length {length}: the cache holds {self._length} tokens")
-        self._length = length
+    def rollback(self, length: int, slot: int = 0) -> None:
+        """Keep the first `length` tokens of a slot; later entries are overwritten by the next forward."""
+        if not 0 <= length <= self._lengths[slot]:
+            raise ValueError(f"cannot roll back to length {length}: the cache holds {self._lengths[slot]} tokens")
+        self._lengths[slot] = length
 
-    def keep_path(self, start: int, path: list[int]) -> None:
+    def keep_path(self, start: int, path: list[int], slot: int = 0) -> None:
         """After a tree forward that appended tokens at [start, length): keep only the tree tokens
         at offsets `path` (root to leaf, increasing), moved to [start, start + len(path)), and
         drop the rest. Their keys were rotated at depth positions start + i, which is where they
         land, so the cache then equals that of the path fed as a chain."""
-        check_path(start, path, self._length)
+        check_path(start, path, self._lengths[slot])
         idx = torch.tensor(path, dtype=torch.long, device=self.device) + start
-        for k_cache, v_cache in zip(self._k, self._v):
+        for k_all, v_all in zip(self._k, self._v):
+            k_cache, v_cache = k_all[slot], v_all[slot]
             k_cache[:, start : start + len(path)] = k_cache[:, idx]  # advanced indexing copies first
             v_cache[:, start : start + len(path)] = v_cache[:, idx]
-        self._length = start + len(path)
+        self._lengths[slot] = start + len(path)
+
+    def reset(self, slot: int | None = None) -> None:
+        """Empty one slot's cache (None: every slot) for a new sequence."""
+        if slot is None:
+            self._lengths = [0] * self.slots
+        else:
+            self._lengths[slot] = 0
+        self.hidden = None
+
+
+class NativeRow:
+    """One slot of a NativeLlama as a batch-1 CausalModel (base.py): the model a sequence of a
+    batch holds. Its forward runs that row alone; a batch decoder runs all rows' steps in one
+    forward_rows and hands each row its hidden states."""
+
+    def __init__(self, model: NativeLlama, slot: int) -> None:
+        self.model, self.slot = model, slot
+        self.vocab_size, self.max_length, self.device = model.vocab_size, model.max_length, model.device
+        self.hidden: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.model.slot_length(self.slot)
+
+    def forward(self, ids: Tensor, num_logits: int | None = None, attn_mask: Tensor | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        logits = self.model.forward_rows([RowForward(self.slot, ids, num_logits, attn_mask, positions)])[0]
+        self.hidden = self.model.row_hidden[0] if self.model.row_hidden is not None else None
+        return logits
+
+    def rollback(self, length: int) -> None:
+        self.model.rollback(length, self.slot)
+
+    def keep_path(self, start: int, path: list[int]) -> None:
+        self.model.keep_path(start, path, self.slot)
+
+    def capture_hidden(self, layers: Sequence[int]) -> None:
+        self.model.capture_hidden(layers)
 
     def reset(self) -> None:
-        self._length = 0
+        self.model.reset(self.slot)
         self.hidden = None

@@ -1,0 +1,207 @@
+"""Batch > 1 (batch.py, NativeLlama.forward_rows): rows share one target forward per step, and each
+row's output is what it would be alone: token for token in float32 greedy, and the target's exact
+law under sampling (chi-square per row)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from outrider import GenerationRequest, SpeculativeDecoder
+from outrider.batch import BatchCosts, BatchDecoder
+from outrider.models.llama import NativeLlama, RowForward
+from outrider.sampling import SamplingParams, probs_from_logits
+
+
+def native(vocab_size: int = 96, seed: int = 0) -> NativeLlama:
+    return NativeLlama.from_hf(tiny_model("llama", vocab_size=vocab_size, seed=seed), capacity=256)
+
+
+def test_forward_rows_equals_each_row_alone():
+    """Rows of different cache lengths, a causal chunk and a tree, in one forward: the same logits
+    as each row's own forward, and caches that go on alike."""
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 96, (n,), generator=gen) for n in (5, 11, 1)]
+    steps = [torch.randint(0, 96, (n,), generator=gen) for n in (1, 4, 3)]
+    tree_mask = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)  # root, two children
+    tree_pos = torch.tensor([1, 2, 2])
+    alone = native()
+    want = []
+    for p, s, tree in zip(prompts, steps, (False, False, True)):
+        alone.reset()
+        alone.forward(p, num_logits=0)
+        kw = dict(attn_mask=tree_mask, positions=tree_pos) if tree else {}
+        first = alone.forward(s, **kw)
+        alone.rollback(alone.length - s.shape[0] + 1)
+        want.append((first, alone.forward(torch.tensor([7]))))
+    batched = native()
+    batched.set_slots(3)
+    batched.forward_rows([RowForward(i, p, 0) for i, p in enumerate(prompts)])
+    got = batched.forward_rows([
+        RowForward(0, steps[0]), RowForward(1, steps[1]), RowForward(2, steps[2], None, tree_mask, tree_pos)])
+    for i, s in enumerate(steps):
+        batched.rollback(batched.slot_length(i) - s.shape[0] + 1, i)
+    again = batched.forward_rows([RowForward(i, torch.tensor([7])) for i in range(3)])
+    for (first, second), g, a in zip(want, got, again):
+        assert torch.allclose(first, g, atol=1e-5) and torch.allclose(second, a, atol=1e-5)
+    assert [batched.slot_length(i) for i in range(3)] == [7, 13, 3]
+
+
+def test_forward_rows_refuses_bad_rows():
+    m = native()
+    m.set_slots(2)
+    with pytest.raises(ValueError, match="distinct slots"):
+        m.forward_rows([RowForward(0, torch.tensor([1])), RowForward(0, torch.tensor([2]))])
+    with pytest.raises(ValueError, match="slot 2"):
+        m.forward_rows([RowForward(2, torch.tensor([1]))])
+    with pytest.raises(ValueError, match="slots=0"):
+        m.set_slots(0)
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    from conftest import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    path = tmp_path_factory.mktemp("batch") / "target"
+    tiny_model("llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+REQUESTS = [
+    GenerationRequest("def add(a, b):\n    return a + b\n\ndef add(", max_new_tokens=24),
+    GenerationRequest("for i in range(10):\n    print(i)\n", max_new_tokens=9),
+    GenerationRequest("x = 1\ny = 2\nx = 1\ny = ", max_new_tokens=30, stop="\n\n"),
+    GenerationRequest([5, 6, 7, 5, 6, 7, 5, 6], max_new_tokens=17),
+    GenerationRequest("import os\nimport sys\nimport os\n", max_new_tokens=12),
+]
+
+
+@pytest.mark.parametrize("method, kw", [("autoregressive", {}), ("prompt_lookup", {}),
+                                        ("prompt_lookup", {"width": 3}), ("suffix", {})],
+                         ids=["autoregressive", "prompt_lookup", "prompt_lookup-tree", "suffix"])
+def test_greedy_rows_equal_their_output_alone(target_dir, method, kw):
+    """float32 greedy: every request of a batch (more requests than rows, so rows join as others
+    leave) gives exactly the tokens it gives alone; with the gate on and off."""
+    alone = SpeculativeDecoder.from_pretrained(target_dir, method=method, dtype="float32", backend="native", **kw)
+    want = [alone.generate(r) for r in REQUESTS]
+    for gate in (True, False):
+        dec = SpeculativeDecoder.from_pretrained(target_dir, method=method, dtype="float32", backend="native", **kw)
+        got = BatchDecoder(dec, max_batch=3, gate=gate).generate(REQUESTS)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+        assert [g.text for g in got] == [w.text for w in want]
+        assert [g.finish_reason for g in got] == [w.finish_reason for w in want]
+    if method != "autoregressive":  # the drafts really were verified in the batch
+        assert sum(g.stats.accepted for g in got) > 0
+
+
+def test_seeded_sampling_rows_reproduce_alone(target_dir):
+    """A seeded sampling request gives the same tokens in a batch (with the gate on) as alone."""
+    reqs = [GenerationRequest("def add(a, b):\n    return a + b\n\ndef add(", max_new_tokens=20, temperature=0.8,
+                              seed=s) for s in range(3)] + [GenerationRequest("x = 1\nx = ", max_new_tokens=15)]
+    alone = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
+    want = [alone.generate(r).token_ids for r in reqs]
+    dec = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
+    assert [r.token_ids for r in BatchDecoder(dec, max_batch=4).generate(reqs)] == want
+
+
+def flat_costs(per_token: float, rows: int = 4) -> BatchCosts:
+    """A cost table: one forward costs 1 + per_token * (tokens per row - 1), at every batch size."""
+    sizes = (1, 2, 4, 8, 16)
+    return BatchCosts(sizes, tuple(tuple(1.0 + per_token * (n - 1) for n in sizes) for _ in range(rows)))
+
+
+def test_the_gate_drops_drafts_that_cannot_pay(target_dir):
+    """Where a drafted token costs as much as a whole step, no draft pays: the gate drops them but
+    for its periodic probes; where drafted tokens are free, it keeps them all. Outputs are equal."""
+    requests = REQUESTS[:4]
+
+    def run(per_token: float | None, probe_every: int = 2):
+        dec = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
+        if per_token is None:
+            return BatchDecoder(dec, max_batch=4, gate=False).generate(requests)
+        return BatchDecoder(dec, max_batch=4, costs=flat_costs(per_token), probe_every=probe_every).generate(requests)
+
+    cheap, dear, never, off = run(0.0), run(1.0), run(1.0, probe_every=10**6), run(None)
+    assert [r.token_ids for r in cheap] == [r.token_ids for r in dear] == [r.token_ids for r in off]
+    kept = lambda results: sum(r.stats.drafted for r in results)  # noqa: E731
+    assert kept(cheap) == kept(off) > 0
+    assert kept(never) == 0  # no probes: every draft dropped
+    # Probes (every 2nd draft here) still verify some drafts, so the estimate can recover.
+    assert 0 < kept(dear) < kept(off)
+
+
+def test_batch_costs_interpolate():
+    costs = BatchCosts((1, 4), ((1.0, 4.0), (2.0, 8.0)))
+    assert costs.forward_s(1, 1) == 1.0 and costs.forward_s(1, 2) == 2.0  # between sizes: linear
+    assert costs.forward_s(2, 8) == 8.0 and costs.forward_s(2, 16) == 16.0  # past the last: extrapolated
+    assert costs.forward_s(5, 5) == 2.0  # more rows than measured: the largest batch's row
+
+
+def test_batch_refuses_what_it_cannot_do(target_dir):
+    hf = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="hf")
+    with pytest.raises(ValueError, match="native backend"):
+        BatchDecoder(hf, max_batch=2)
+    dec = SpeculativeDecoder.from_pretrained(target_dir, draft=target_dir, method="draft_model", k=2,
+                                             dtype="float32", backend="native")
+    with pytest.raises(ValueError, match="does not batch yet"):
+        BatchDecoder(dec, max_batch=2)
+    ok = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
+    with pytest.raises(ValueError, match="max_batch=0"):
+        BatchDecoder(ok, max_batch=0)
+    batch = BatchDecoder(ok, max_batch=1, gate=False)
+    batch.add(REQUESTS[0])
+    with pytest.raises(RuntimeError, match="batch is full"):
+        batch.add(REQUESTS[1])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        BatchDecoder(ok, max_batch=1, gate=False).generate([GenerationRequest("x", max_new_tokens=100000)])
+
+
+# ---- losslessness per row: the chi-square test of test_lossless.py on a batch ----------------------
+
+V, H, N = 6, 3, 12000
+PROMPTS = ([1, 2, 3, 1, 2], [4, 5, 4, 5, 4])
+PARAMS = (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3))
+
+
+def exact_law(model, prompt: list[int], params: SamplingParams) -> dict[tuple[int, ...], float]:
+    out = {}
+    with torch.no_grad():
+        for seq in itertools.product(range(V), repeat=H):
+            logits = model(torch.tensor([prompt + list(seq)])).logits[0].float()
+            prob = 1.0
+            for i, t in enumerate(seq):
+                prob *= float(probs_from_logits(logits[len(prompt) - 1 + i], params)[t])
+            out[seq] = prob
+    return out
+
+
+@pytest.mark.slow
+def test_each_row_of_a_mixed_batch_samples_the_target_law():
+    """Two kinds of rows interleaved in one batch (another prompt, other sampling parameters), with
+    prompt lookup drafting: each kind's samples pass the chi-square test against its exact law."""
+    from test_lossless import P_REJECT, chi_square_p_value, soft_tiny_llama
+
+    from outrider.drafters import PromptLookup
+    from outrider.models import LoadedModel
+
+    model = soft_tiny_llama()
+    dec = SpeculativeDecoder(LoadedModel(NativeLlama.from_hf(model, capacity=64), None, (), "soft"), PromptLookup(k=3),
+                             k=3, method="prompt_lookup")
+    dec.new_drafter = lambda: PromptLookup(k=3)
+    requests = [GenerationRequest(PROMPTS[i % 2], max_new_tokens=H, temperature=PARAMS[i % 2].temperature,
+                                  top_k=PARAMS[i % 2].top_k, seed=i) for i in range(2 * N)]
+    results = BatchDecoder(dec, max_batch=8, gate=False).generate(requests)
+    assert sum(r.stats.drafted for r in results) > N  # prompt lookup drafted in most rows
+    for kind in range(2):
+        counts: dict[tuple[int, ...], int] = {}
+        for r in results[kind::2]:
+            counts[tuple(r.token_ids)] = counts.get(tuple(r.token_ids), 0) + 1
+        law = exact_law(model, list(PROMPTS[kind]), PARAMS[kind])
+        assert chi_square_p_value(counts, law, N) > P_REJECT
+        other = exact_law(model, list(PROMPTS[1 - kind]), PARAMS[kind])  # power: the other prompt's law
+        assert chi_square_p_value(counts, other, N) < P_REJECT
