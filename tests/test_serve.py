@@ -39,13 +39,13 @@ import sys, time
 from outrider.models import llama
 delay = float(sys.argv[1])
 if delay:
-    forward = llama.NativeLlama.forward
+    forward = llama.NativeLlama.forward_rows  # every forward, one sequence's or a batch's
 
     def slowed(self, *args, **kwargs):
         time.sleep(delay)
         return forward(self, *args, **kwargs)
 
-    llama.NativeLlama.forward = slowed
+    llama.NativeLlama.forward_rows = slowed
 from outrider.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -204,6 +204,41 @@ def test_async_clients_get_their_own_answers(server, reference):
     assert asyncio.run(run()) == [reference.generate(p, max_new_tokens=20).text for p in PROMPTS]
 
 
+def test_a_batching_server_answers_each_request_as_alone(serve_model, reference):
+    """--max-batch 3: five concurrent requests run three at a time (rows join as others finish), and
+    each answer equals the request's own greedy output."""
+    prompts = [*PROMPTS, "x = 1\ny = 2\n", "import os\n"]
+    srv = Server(["--target", str(serve_model), *MODEL_ARGS, "--max-batch", "3", "--max-queue", "8",
+                  "--shutdown-timeout", "1"], delay_s=0.02)
+    running: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            running.append(httpx.get(srv.url + "/health").json()["running"])
+
+    async def run() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        results = await asyncio.gather(*(client.completions.create(model="target", prompt=p, max_tokens=24)
+                                         for p in prompts))
+        await client.close()
+        return [r.choices[0].text for r in results]
+
+    try:
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            texts = asyncio.run(run())
+        finally:
+            done.set()
+            watcher.join()
+        assert texts == [reference.generate(p, max_new_tokens=24).text for p in prompts]
+        assert max(running) == 3  # a batch of three ran at once
+        assert srv.metrics()[("outrider:num_requests_running", ())] == 0
+    finally:
+        srv.stop()
+
+
 def test_metrics_add_up_to_the_responses(server):
     before = server.metrics()
     figures, usages = [], []
@@ -299,7 +334,8 @@ def test_server_keeps_serving_after_errors(bare_server, reference):
 def test_cli_rejects_bad_server_options(serve_model):
     from outrider.cli import main
 
-    for option, value in (("--max-queue", "-1"), ("--port", "70000"), ("--shutdown-timeout", "-2")):
+    for option, value in (("--max-queue", "-1"), ("--port", "70000"), ("--shutdown-timeout", "-2"),
+                          ("--max-batch", "0")):
         assert main(["serve", "--target", str(serve_model), "--method", "prompt_lookup", option, value]) == 2
     assert main(["serve", "--target", str(serve_model), "--method", "nonexistent"]) == 2
 

@@ -100,14 +100,16 @@ def create_app(
     model_name: str | None = None,
     max_queue: int = 16,
     defaults: Mapping[str, float | int | None] | None = None,
+    max_batch: int = 1,
 ) -> FastAPI:
     """An OpenAI-compatible app serving `decoder` as the model `model_name` (default: the target
-    folder's name). max_queue: requests that may wait behind the running one before 429s.
+    folder's name). max_queue: requests that may wait behind the running ones before 429s.
+    max_batch: requests generated at once, batched continuously (batch.py; native backend).
     defaults: temperature / top_k / top_p for requests that leave them unset (protocol.
     generation_defaults reads them from a model folder; None: greedy)."""
     name = model_name or Path(decoder.target.name).name or "outrider"
     metrics = ServeMetrics(name)
-    engine = Engine(decoder, max_queue=max_queue, metrics=metrics)
+    engine = Engine(decoder, max_queue=max_queue, metrics=metrics, max_batch=max_batch)
     sampling_defaults = {"temperature": 0.0, "top_k": None, "top_p": None, **(defaults or {})}
     context = decoder.target.model.max_length
     created = now()

@@ -13,7 +13,10 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port, printed at start)")
     parser.add_argument("--max-queue", type=int, default=16,
-                        help="requests that may wait behind the running one; more get 429 with Retry-After")
+                        help="requests that may wait behind the running ones; more get 429 with Retry-After")
+    parser.add_argument("--max-batch", type=int, default=1,
+                        help="requests generated at once, batched continuously (native backend; "
+                             "autoregressive, prompt_lookup, suffix)")
     # --chat-template comes with the shared model options (cli._add_model_args).
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds a SIGTERM leaves running requests to finish before aborting them")
@@ -35,6 +38,10 @@ def check_options(args: argparse.Namespace) -> None:
     """The server's own values, checked before any model loads (a typo fails in a moment)."""
     if args.max_queue < 0:
         raise ValueError(f"--max-queue {args.max_queue} is invalid: use an integer >= 0")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch {args.max_batch} is invalid: use an integer >= 1 (1: one request at a time)")
+    if args.max_batch > 1 and (args.replicas != 1 or args.ray or args.ray_address):
+        raise ValueError("--max-batch > 1 runs on the local server only: drop --replicas/--ray, or use --max-batch 1")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port {args.port} is invalid: use 0..65535 (0: any free port)")
     if not args.shutdown_timeout >= 0:

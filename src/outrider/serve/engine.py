@@ -1,9 +1,11 @@
-"""The engine: one worker thread runs one request at a time through SpeculativeDecoder.stream,
-fed by a bounded queue. It knows nothing of HTTP: app.py submits Jobs and reads their Events.
+"""The engine: one worker thread runs the requests, fed by a bounded queue. It knows nothing of
+HTTP: app.py submits Jobs and reads their Events.
 
-Why one thread and batch size 1: the decoder holds one sequence's caches (the Spec-Bench
-protocol), and model work in a thread of its own leaves the event loop free for /health, /metrics
-and streaming (torch releases the GIL inside its kernels). Between two steps the worker checks the
+With max_batch 1 the worker runs one request at a time through SpeculativeDecoder.stream. With
+max_batch > 1 it batches continuously (batch.py): between two steps waiting jobs join the running
+batch while it has free rows, and finished ones leave it; every step advances all rows in one
+target forward. Model work in a thread of its own leaves the event loop free for /health, /metrics
+and streaming (torch releases the GIL inside its kernels). Between two steps the worker checks each
 job's cancellation, its deadline and a shutdown, so a stop is never more than one step away.
 """
 
@@ -17,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from outrider.batch import BatchDecoder, Row
 from outrider.decoder import GenerationRequest, SpeculativeDecoder
 from outrider.serve.metrics import ServeMetrics
 from outrider.stats import SpecStats
@@ -65,6 +68,7 @@ class Job:
         self.deadline = None if deadline_s is None else self.arrival + deadline_s
         self.stats = SpecStats()
         self.first_token_at: float | None = None  # monotonic time of the first committed token
+        self.started_at: float | None = None  # when a batch admitted it (max_batch > 1)
         self.finished_at: float | None = None
         self.abort_reason: str | None = None  # "cancelled" | "deadline" | "shutdown"
         self._cancelled = threading.Event()
@@ -95,15 +99,22 @@ class Engine:
     """Runs admitted jobs one at a time in a worker thread. max_queue bounds the jobs waiting
     behind the running one; a full queue raises QueueFull (the HTTP layer's 429)."""
 
-    def __init__(self, decoder: SpeculativeDecoder, max_queue: int = 16, metrics: ServeMetrics | None = None) -> None:
+    def __init__(self, decoder: SpeculativeDecoder, max_queue: int = 16, metrics: ServeMetrics | None = None,
+                 max_batch: int = 1) -> None:
         if not isinstance(max_queue, int) or max_queue < 0:
             raise ValueError(f"max_queue={max_queue!r} is invalid: use an integer >= 0 (0: no waiting requests)")
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
+            raise ValueError(f"max_batch={max_batch!r} is invalid: use an integer >= 1 (requests run at once)")
         self.decoder = decoder
         self.max_queue = max_queue
+        self.max_batch = max_batch
         self.metrics = metrics
+        # max_batch > 1: the batch owns the target's cache from now on (it gets max_batch slots).
+        self._batch = BatchDecoder(decoder, max_batch) if max_batch > 1 else None
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: Job | None = None
+        self._n_batched = 0  # jobs in the batch (max_batch > 1)
         self._accepting = True
         self._aborting = False  # after the drain timeout: every job ends with "abort"
         self._stopping = False
@@ -115,7 +126,8 @@ class Engine:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="outrider-engine", daemon=True)
+            work = self._work if self._batch is None else self._work_batched
+            self._thread = threading.Thread(target=work, name="outrider-engine", daemon=True)
             self._thread.start()
 
     def submit(self, request: GenerationRequest, n_prompt: int, deadline_s: float | None = None) -> Job:
@@ -124,7 +136,7 @@ class Engine:
         with self._cond:
             if not self._accepting:
                 raise Draining()
-            busy = self._running is not None or self._waiting
+            busy = self.running >= self.max_batch or self._waiting
             if busy and len(self._waiting) >= self.max_queue:
                 raise QueueFull(self.max_queue, self._retry_after())
             self._waiting.append(job)
@@ -145,7 +157,8 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return int(self._running is not None)
+        """Jobs being generated: the running batch's size."""
+        return self._n_batched if self._batch is not None else int(self._running is not None)
 
     @property
     def waiting(self) -> int:
@@ -237,6 +250,68 @@ class Engine:
         finally:
             stream.close()  # an abandoned generator leaves nothing half-done: the next request resets
         return last or Event([], "", "abort")
+
+    def _work_batched(self) -> None:
+        """Continuous batching: admit waiting jobs into free rows, run one step for every row,
+        emit each row's chunk, and retire finished, cancelled and expired jobs; until stopped."""
+        batch = self._batch
+        active: dict[int, tuple[Row, Job]] = {}  # slot -> its row and job
+        while True:
+            admit: list[Job] = []
+            with self._cond:
+                while not self._waiting and not active and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._waiting and not active:
+                    return
+                while self._waiting and len(active) + len(admit) < self.max_batch:
+                    admit.append(self._waiting.popleft())
+                self._n_batched = len(active) + len(admit)
+                self._publish()
+            for job in admit:  # prefill outside the lock: submit and /metrics stay answered
+                if self._stop_reason(job) is not None:
+                    self._retire(job, Event([], "", "abort"))
+                    continue
+                try:
+                    row = batch.add(job.request, stats=job.stats)
+                except Exception as e:  # a request that fails to start ends alone
+                    self._retire(job, Event([], "", None, e))
+                    continue
+                job.started_at = time.monotonic()
+                active[row.slot] = (row, job)
+            if not active:
+                continue
+            try:
+                out = batch.step()
+            except Exception as e:  # a failed step leaves every row's caches unknown: end them all
+                for row, job in active.values():
+                    batch.remove(row)
+                    self._retire(job, Event([], "", None, e))
+                active.clear()
+                continue
+            for row, chunk in out:
+                job = active[row.slot][1]
+                if chunk.token_ids and job.first_token_at is None:
+                    job.first_token_at = time.monotonic()
+                event = Event(chunk.token_ids, chunk.text, chunk.finish_reason)
+                if event.last:
+                    del active[row.slot]
+                    self._retire(job, event)
+                else:
+                    job.emit(event)
+            for slot, (row, job) in list(active.items()):
+                if self._stop_reason(job) is not None:
+                    batch.remove(row)
+                    del active[slot]
+                    self._retire(job, Event([], "", "abort"))
+
+    def _retire(self, job: Job, event: Event) -> None:
+        """A batched job leaves: the gauges first, then its last event (see _work)."""
+        with self._cond:
+            self._n_batched -= 1
+            if job.started_at is not None:
+                self._mean_service_s = 0.8 * self._mean_service_s + 0.2 * (time.monotonic() - job.started_at)
+            self._publish()
+        self._finish(job, event)
 
     def _stop_reason(self, job: Job) -> str | None:
         """Why the job must stop now (recorded on the job), or None."""

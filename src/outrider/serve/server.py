@@ -100,6 +100,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     check_options(args)
     decoder = SpeculativeDecoder.from_pretrained(**decoder_options(args))
     name, defaults = served_model(args)
-    app = create_app(decoder, model_name=name, max_queue=args.max_queue, defaults=defaults)
+    app = create_app(decoder, model_name=name, max_queue=args.max_queue, defaults=defaults,
+                     max_batch=args.max_batch)
     serve(app, args.host, args.port, args.shutdown_timeout, args.log_level)
     return 0
