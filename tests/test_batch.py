@@ -205,3 +205,23 @@ def test_each_row_of_a_mixed_batch_samples_the_target_law():
         assert chi_square_p_value(counts, law, N) > P_REJECT
         other = exact_law(model, list(PROMPTS[1 - kind]), PARAMS[kind])  # power: the other prompt's law
         assert chi_square_p_value(counts, other, N) < P_REJECT
+
+
+def test_bench_batch_size_reports_each_batch_size(target_dir, tmp_path, capsys):
+    """`outrider bench --batch-size 1,2`: one row per method and batch size, speculation off first;
+    float32 greedy outputs equal at every batch size; the table is printed and written."""
+    import json
+
+    from outrider.cli import main
+
+    out = tmp_path / "b"
+    assert main(["bench", "--batch-size", "1,2", "--target", str(target_dir), "--methods", "prompt_lookup",
+                 "--max-new-tokens", "8", "--dtype", "float32", "--limit-per-category", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "batch.json").read_text())
+    got = [(r["batch_size"], r["method"]) for r in report["rows"]]
+    assert got == [(b, m) for b in (1, 2) for m in ("autoregressive", "prompt_lookup", "prompt_lookup (no gate)")]
+    assert all(r["same_as_batch1_autoregressive"] == 1.0 for r in report["rows"])
+    assert len({r["new_tokens"] for r in report["rows"]}) == 1 and report["rows"][0]["new_tokens"] > 0
+    assert "| 2 | prompt_lookup |" in capsys.readouterr().out and (out / "batch.md").exists()
+    assert main(["bench", "--batch-size", "0,2", "--target", str(target_dir), "--methods", "prompt_lookup",
+                 "--out", str(tmp_path / "c")]) == 2

@@ -32,6 +32,13 @@ def _sweep(text: str) -> list[int | str]:
     return [parse_draft_length(x) for x in body.split(",") if x.strip()]
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes {text!r} are not integers: use e.g. 1,2,4,8")
+
+
 def build_parser(parser: argparse.ArgumentParser) -> None:
     """Add `outrider bench` options to parser (a subparser of the outrider CLI)."""
     # Required unless a sub-command (serve) runs instead: checked in run_from_args.
@@ -62,6 +69,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gguf", default=None,
                         help="the target's weights as a GGUF file, for the llamacpp / llamacpp-prompt-lookup peers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--batch-size", type=_sizes, default=None, metavar="1,2,4,8",
+                        help="instead of the per-question bench: throughput of batched decoding at these batch "
+                        "sizes, speculation on vs off (batch.{json,md,png})")
     sub = parser.add_subparsers(dest="bench_command", metavar="{serve}")
     from outrider.bench.serve import build_parser as serve_parser
 
@@ -120,6 +130,16 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.out is None:
         raise ValueError("outrider bench needs --out FOLDER (results.jsonl, summary.{json,md} and plots go there)")
     cfg = config_from_args(args)
+    if args.batch_size is not None:
+        from outrider.bench.batching import format_batch_markdown, run_batch_bench
+        from outrider.bench.runner import load_questions
+
+        cfg.check()
+        if cfg.target is None:
+            cfg.target = str(model_dirs(cfg)[0])
+        print(format_batch_markdown(run_batch_bench(cfg, args.batch_size, load_questions(cfg))))
+        print(f"Written to {cfg.out}/", file=sys.stderr)
+        return 0
     try:
         report = run_bench(cfg)
     except KeyboardInterrupt:
