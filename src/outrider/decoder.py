@@ -1,6 +1,8 @@
 """The speculative decoding loop: draft -> verify (one target forward) -> commit -> roll back.
 
-One sequence at a time (batch size 1, the Spec-Bench protocol). Each step feeds the target the
+One sequence at a time (batch size 1, the Spec-Bench protocol; batch.py runs many sequences
+through the same step, split into `_plan` and `_complete` around the target's forward, so that
+one forward serves every row). Each step feeds the target the
 last committed token (the root) plus the d drafted nodes of a draft tree (a chain is the tree
 [-1, 0, 1, ...]): the d+1 logits score every node and give the recovered or bonus token, so a step
 commits accepted + 1 tokens. The target's cache then keeps the accepted path (a chain rolls back);

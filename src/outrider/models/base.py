@@ -4,6 +4,10 @@ A model holds one sequence (batch size 1) and its KV cache. `forward` appends to
 of the cache and returns their logits; `rollback` shortens the cache to the committed length, so
 that after a rejection the cache holds exactly the committed tokens (contract 4).
 
+Batches (batch.py): the native backend also holds several sequences, one per cache *slot*
+(`set_slots`, `forward_rows`); `row(slot)` is one slot seen through this same protocol, which is
+what each sequence of a batch holds.
+
 Trees (tree.py): a forward may carry a token tree instead of a chain. `attn_mask` (n, n) says
 which of the new tokens each new token sees (its ancestors and itself; every new token sees the
 whole cache) and `positions` (n,) gives each token its position (committed length + depth). After
