@@ -172,3 +172,36 @@ def test_sigterm_finishes_what_it_can_then_aborts_and_exits(serve_model, referen
     assert text == reference.generate(PROMPTS[0], max_new_tokens=20).text
     assert events["long"][-1]["choices"][0]["finish_reason"] == "abort"
     assert "Traceback" not in "".join(srv.log)
+
+
+def test_a_batching_server_ends_rows_alone(serve_model, reference):
+    """--max-batch 2: a client that hangs up and a deadline each end their own row; the row beside
+    them finishes with its own greedy answer, and the gauges return to zero."""
+    srv = Server(["--target", str(serve_model), *MODEL_ARGS, "--max-batch", "2", "--max-queue", "1",
+                  "--shutdown-timeout", "1"], delay_s=0.02)
+    try:
+        url = srv.url + "/v1/completions"
+        answers: dict[str, str] = {}
+
+        def complete() -> None:
+            got = srv.client().completions.create(model="target", prompt=PROMPTS[1], max_tokens=60)
+            answers["beside"] = got.choices[0].text
+
+        beside = threading.Thread(target=complete)
+        with httpx.Client(timeout=30) as client:
+            with client.stream("POST", url, json={"prompt": PROMPTS[0], "max_tokens": LONG, "stream": True}) as r:
+                lines = r.iter_lines()
+                first_text(lines)
+                beside.start()
+                wait_for(lambda: gauges(srv), (2, 0))  # two rows in one batch
+        beside.join(60)
+        assert answers["beside"] == reference.generate(PROMPTS[1], max_new_tokens=60).text
+        got = srv.client().completions.create(model="target", prompt=PROMPTS[0], max_tokens=LONG,
+                                              extra_body={"deadline": 0.3})
+        assert got.choices[0].finish_reason == "abort" and 0 < got.usage.completion_tokens < LONG
+        assert got.choices[0].text == reference.generate(PROMPTS[0], max_new_tokens=got.usage.completion_tokens).text
+        wait_for(lambda: gauges(srv), (0, 0))
+        assert counted(srv)["abort"] == 2  # a fresh server: the hung-up stream and the deadline
+    finally:
+        srv.stop()
+    assert "Traceback" not in "".join(srv.log)
