@@ -99,6 +99,33 @@ def test_greedy_rows_equal_their_output_alone(target_dir, method, kw):
         assert sum(g.stats.accepted for g in got) > 0
 
 
+@pytest.mark.parametrize("kw", [{"k": 3}, {"k": "auto"}, {"k": 6, "width": 2}], ids=["chain", "auto", "tree"])
+def test_draft_model_rows_draft_in_lockstep_and_equal_their_output_alone(model_dirs, kw):
+    """draft_model in a batch: each row drafts on its own slot of the draft, the rows' draft
+    forwards run together (fewer forwards than rows x depths), and float32 greedy outputs equal
+    each request's output alone; seeded sampling rows too."""
+    target, draft = model_dirs
+    reqs = REQUESTS + [GenerationRequest("def add(a, b):\n    return", max_new_tokens=16, temperature=0.9, seed=4)]
+    alone = SpeculativeDecoder.from_pretrained(target, draft=draft, method="draft_model", dtype="float32",
+                                               backend="native", **kw)
+    want = [alone.generate(r).token_ids for r in reqs]
+    dec = SpeculativeDecoder.from_pretrained(target, draft=draft, method="draft_model", dtype="float32",
+                                             backend="native", **kw)
+    batch = BatchDecoder(dec, max_batch=3)
+    calls = []
+    forward_rows = dec.drafter.model.forward_rows
+
+    def counted(rows):
+        calls.append(len(rows))
+        return forward_rows(rows)
+
+    dec.drafter.model.forward_rows = counted
+    got = batch.generate(reqs)
+    assert [g.token_ids for g in got] == want
+    assert sum(g.stats.accepted for g in got) > 0
+    assert max(calls) > 1  # rows met in one draft forward
+
+
 def test_seeded_sampling_rows_reproduce_alone(target_dir):
     """A seeded sampling request gives the same tokens in a batch (with the gate on) as alone."""
     reqs = [GenerationRequest("def add(a, b):\n    return a + b\n\ndef add(", max_new_tokens=20, temperature=0.8,
@@ -146,11 +173,21 @@ def test_batch_refuses_what_it_cannot_do(target_dir):
     hf = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="hf")
     with pytest.raises(ValueError, match="native backend"):
         BatchDecoder(hf, max_batch=2)
-    dec = SpeculativeDecoder.from_pretrained(target_dir, draft=target_dir, method="draft_model", k=2,
-                                             dtype="float32", backend="native")
-    with pytest.raises(ValueError, match="does not batch yet"):
-        BatchDecoder(dec, max_batch=2)
     ok = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
+    hand = SpeculativeDecoder(ok.target, ok.drafter, k=2)  # no drafter factory
+    with pytest.raises(ValueError, match="built by hand"):
+        BatchDecoder(hand, max_batch=2)
+    from outrider.drafters.medusa import MedusaDrafter
+
+    hand.new_drafter, hand.method = (lambda: None), "medusa"
+    hand.drafter = object.__new__(MedusaDrafter)  # a head drafter: no batching yet
+    with pytest.raises(ValueError, match="method 'medusa' does not batch yet"):
+        BatchDecoder(hand, max_batch=2)
+    draft_hf = SpeculativeDecoder.from_pretrained(target_dir, draft=target_dir, method="draft_model", k=2,
+                                                  dtype="float32", backend="native")
+    draft_hf.drafter.model = hf.target.model  # a draft on the transformers backend
+    with pytest.raises(ValueError, match="draft on the native backend"):
+        BatchDecoder(draft_hf, max_batch=2)
     with pytest.raises(ValueError, match="max_batch=0"):
         BatchDecoder(ok, max_batch=0)
     batch = BatchDecoder(ok, max_batch=1, gate=False)

@@ -11,6 +11,12 @@ round differently, as a verify forward does (DESIGN.md contract 1).
 
 Rows join (`add`) and leave between steps, so a server batches continuously.
 
+Drafters with a model of their own (draft_model) draft on their own slot of that model, in
+lockstep: each row's `propose` runs in a worker thread, and whenever every unfinished row waits
+in a draft forward, those forwards run as one `forward_rows` (so a chain of depth d costs d draft
+forwards for all rows together, not per row). The rows' Python runs one at a time under the GIL;
+each row reads only its own slot and its own results, so the order threads run in changes nothing.
+
 Speculation is gated by measured cost. On a CPU verifying n tokens costs v(n) > 1 steps, and B
 rows' drafts add up: at some batch size a draft no longer pays for the tokens it costs. Before
 each forward the gate keeps a row's draft only if it raises the step's expected tokens per
@@ -24,7 +30,9 @@ request must give the same tokens alone or in a batch (contract 3).
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -38,7 +46,7 @@ from outrider.stats import SpecStats
 COST_SIZES = (1, 2, 4, 8, 16)  # tokens per row the cost table measures (root + draft)
 COST_CONTEXT = 64  # tokens already cached in each row while the costs are measured
 
-__all__ = ["BatchCosts", "BatchDecoder", "Row"]
+__all__ = ["BatchCosts", "BatchDecoder", "Lockstep", "LockstepRow", "Row"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,109 @@ class BatchCosts:
         return cls(tuple(sizes), tuple(table))
 
 
+class Lockstep:
+    """Runs several rows' calls together so that their forwards on one model meet: every forward
+    of a LockstepRow waits until each unfinished call waits in one too; then all run as one
+    forward_rows (rows in slot order, so the arithmetic does not depend on thread timing)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._cond = threading.Condition()
+        self._pending: dict[int, Any] = {}  # slot -> its RowForward
+        self._results: dict[int, Any] = {}
+        self._live = 0
+        self._running = False
+
+    def forward(self, row: Any) -> Any:
+        """Logits of one row's forward: at once outside `run` (a prefill), else with the others."""
+        if not self._running:
+            return self.model.forward_rows([row])[0]
+        with self._cond:
+            self._pending[row.slot] = row
+            self._cond.notify_all()
+            while row.slot not in self._results:
+                self._cond.wait()
+            return self._results.pop(row.slot)
+
+    def run(self, calls: Sequence[Any]) -> list[Any]:
+        """Each call's result; they run in worker threads, their forwards batched (class doc)."""
+        outs: list[Any] = [None] * len(calls)
+        errors: list[BaseException] = []
+
+        def work(i: int, call: Any) -> None:
+            try:
+                outs[i] = call()
+            except BaseException as e:  # re-raised in the caller's thread below
+                errors.append(e)
+            finally:
+                with self._cond:
+                    self._live -= 1
+                    self._cond.notify_all()
+
+        self._live, self._running = len(calls), True
+        threads = [threading.Thread(target=work, args=(i, c), daemon=True) for i, c in enumerate(calls)]
+        try:
+            for t in threads:
+                t.start()
+            with self._cond:
+                while True:
+                    self._cond.wait_for(lambda: self._live == 0 or len(self._pending) == self._live)
+                    if self._live == 0:
+                        break
+                    rows = [self._pending[s] for s in sorted(self._pending)]
+                    self._pending.clear()
+                    try:
+                        logits = self.model.forward_rows(rows)
+                    except BaseException as e:  # every waiting row gets the error instead of logits
+                        errors.append(e)
+                        logits = [e] * len(rows)
+                    for r, lg in zip(rows, logits):
+                        self._results[r.slot] = lg
+                    self._cond.notify_all()
+            for t in threads:
+                t.join()
+        finally:
+            self._running = False
+        if errors:
+            raise errors[0]
+        return outs
+
+
+class LockstepRow:
+    """One slot of a draft model, as the batch-1 CausalModel a row's drafter holds: its forwards go
+    through the Lockstep (module doc); the rest acts on its slot at once."""
+
+    def __init__(self, lockstep: Lockstep, slot: int) -> None:
+        self.lockstep, self.slot = lockstep, slot
+        self._row = lockstep.model.row(slot)
+        self.vocab_size, self.max_length, self.device = self._row.vocab_size, self._row.max_length, self._row.device
+        self.hidden = None
+
+    @property
+    def length(self) -> int:
+        return self._row.length
+
+    def forward(self, ids: Any, num_logits: int | None = None, attn_mask: Any = None, positions: Any = None) -> Any:
+        from outrider.models.llama import RowForward
+
+        out = self.lockstep.forward(RowForward(self.slot, ids, num_logits, attn_mask, positions))
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def rollback(self, length: int) -> None:
+        self._row.rollback(length)
+
+    def keep_path(self, start: int, path: list[int]) -> None:
+        self._row.keep_path(start, path)
+
+    def capture_hidden(self, layers: Sequence[int]) -> None:
+        self._row.capture_hidden(layers)
+
+    def reset(self) -> None:
+        self._row.reset()
+
+
 @dataclass
 class Row:
     """One sequence of a batch, from `add` until it finishes (or `remove`)."""
@@ -113,7 +224,7 @@ class BatchDecoder:
 
     The decoder's target must be on the native backend (it gets `max_batch` cache slots; use the
     BatchDecoder, not the decoder, from then on) and its method one whose drafter batches
-    (autoregressive, prompt_lookup, suffix). gate: drop drafts that cost more than they bring
+    (autoregressive, prompt_lookup, suffix, draft_model with a native draft). gate: drop drafts that cost more than they bring
     (see the module doc); costs: the table it decides by (None: measured now)."""
 
     def __init__(self, decoder: SpeculativeDecoder, max_batch: int = 4, *, gate: bool = True,
@@ -125,10 +236,19 @@ class BatchDecoder:
             raise ValueError(
                 f"batching needs the native backend (Llama, Mistral, Qwen2), but the target runs on "
                 f"{type(model).__name__}: load it with backend='native', or use max_batch=1")
-        if not getattr(type(decoder.drafter), "batches", False) or decoder.new_drafter is None:
+        if decoder.new_drafter is None:
             raise ValueError(
-                f"method {decoder.method!r} does not batch yet: use autoregressive, prompt_lookup or suffix "
-                "(their drafters are model-free), or max_batch=1 through SpeculativeDecoder")
+                "this decoder was built by hand, so a batch cannot build its rows' drafters: build it with "
+                "SpeculativeDecoder.from_pretrained, or set decoder.new_drafter to a function returning one")
+        if not getattr(type(decoder.drafter), "batches", False):
+            raise ValueError(
+                f"method {decoder.method!r} does not batch yet: use autoregressive, prompt_lookup, suffix or "
+                "draft_model, or max_batch=1 through SpeculativeDecoder")
+        draft = getattr(decoder.drafter, "model", None) if type(decoder.drafter).uses_draft_model else None
+        if draft is not None and not hasattr(draft, "forward_rows"):
+            raise ValueError(
+                f"batching draft_model needs the draft on the native backend too, but it runs on "
+                f"{type(draft).__name__}: load both with backend='native', or use max_batch=1")
         self.decoder = decoder
         self.model = model
         self.max_batch = max_batch
@@ -137,7 +257,14 @@ class BatchDecoder:
         self.gate = gate and decoder.k > 0
         self.costs = costs if costs is not None or not self.gate else BatchCosts.measure(model, max_batch)
         # Per slot, reused by the requests that slot serves: a suffix drafter remembers their outputs.
-        self._drafters = [decoder.new_drafter() for _ in range(max_batch)]
+        # A draft model gets a slot per row too; its rows draft in lockstep.
+        self._lockstep = None
+        if draft is not None:
+            draft.set_slots(max_batch)
+            self._lockstep = Lockstep(draft)
+            self._drafters = [decoder.new_drafter(LockstepRow(self._lockstep, i)) for i in range(max_batch)]
+        else:
+            self._drafters = [decoder.new_drafter() for _ in range(max_batch)]
         self._adaptives = [copy.deepcopy(decoder.adaptive) for _ in range(max_batch)]
         self._rows: list[Row | None] = [None] * max_batch
 
@@ -177,7 +304,10 @@ class BatchDecoder:
         if not rows:
             return []
         dec = self.decoder
-        plans = [dec._plan(r.state) for r in rows]
+        if self._lockstep is not None:
+            plans = self._lockstep.run([functools.partial(dec._plan, r.state) for r in rows])
+        else:
+            plans = [dec._plan(r.state) for r in rows]
         if self.gate:
             self._gate(rows, plans)
         logits = self.model.forward_rows(
@@ -240,6 +370,7 @@ class BatchDecoder:
             r = rows[i]
             if drop > keep:
                 plans[i] = _without_draft(plans[i])
+                r.state.drafter.update([])  # as if all rejected: a draft model rolls back what it fed
                 gain -= expected
                 tokens -= d
                 r.dropped_streak += 1

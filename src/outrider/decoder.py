@@ -11,6 +11,7 @@ the drafter is told the accepted path.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -282,7 +283,8 @@ class SpeculativeDecoder:
         if self.hidden_layers:
             target.model.capture_hidden(self.hidden_layers)
         self._learning = False  # True during calibrate_acceptance: requests then add to one history
-        self.new_drafter: Callable[[], Drafter] | None = None  # a fresh drafter like this one (from_pretrained)
+        # A fresh drafter like this one (set by from_pretrained; batch.py builds one per row).
+        self.new_drafter: Callable[..., Drafter] | None = None
 
     @classmethod
     def from_pretrained(
@@ -369,8 +371,13 @@ class SpeculativeDecoder:
                 costs = _calibrated(loaded_target, loaded_draft, probe, str(head_path) if head_path else None)
             adaptive = AdaptiveK(k_max=AUTO_K_MAX, costs=costs)
         decoder = cls(loaded_target, drafter, k=k, method=method, adaptive=adaptive)
-        # A batch (batch.py) gives each row a drafter of its own, built the same way.
-        decoder.new_drafter = lambda: cls_.build(BuildContext(loaded_target, loaded_draft, k, width, head_path))
+        # A batch (batch.py) gives each row a drafter of its own, built the same way (on its own
+        # view of the draft model, for a drafter that has one).
+        def new_drafter(draft_model: Any = None) -> Drafter:
+            draft = loaded_draft if draft_model is None else dataclasses.replace(loaded_draft, model=draft_model)
+            return cls_.build(BuildContext(loaded_target, draft, k, width, head_path))
+
+        decoder.new_drafter = new_drafter
         decoder.chat_template = read_chat_template(chat_template)
         if adaptive is not None:
             decoder.calibrate_acceptance()

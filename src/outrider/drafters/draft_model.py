@@ -72,6 +72,9 @@ class DraftModel:
     # k=None means "auto" for this drafter (SpeculativeDecoder.from_pretrained); 3 is the best
     # fixed k measured on the embedded pair (benchmarks/pair_speed.py), for DraftModel(...) itself.
     default_k: ClassVar[int] = 3
+    # In a batch each row drafts on its own slot of the draft model, and the rows' draft forwards
+    # run together, one per depth (batch.py: lockstep).
+    batches: ClassVar[bool] = True
 
     def __init__(
         self, model: CausalModel, target_vocab_size: int, k: int = 4, width: int = 1, depth: int | None = None,
