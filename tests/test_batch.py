@@ -262,3 +262,21 @@ def test_bench_batch_size_reports_each_batch_size(target_dir, tmp_path, capsys):
     assert "| 2 | prompt_lookup |" in capsys.readouterr().out and (out / "batch.md").exists()
     assert main(["bench", "--batch-size", "0,2", "--target", str(target_dir), "--methods", "prompt_lookup",
                  "--out", str(tmp_path / "c")]) == 2
+
+
+def test_the_gate_skips_a_draft_model_that_cannot_pay(model_dirs):
+    """When a draft forward costs as much as ten target steps, draft_model rows skip drafting (but
+    for probes): the draft model runs far fewer forwards, and the outputs do not change."""
+    target, draft = model_dirs
+
+    def run(draft_s: float):
+        dec = SpeculativeDecoder.from_pretrained(target, draft=draft, method="draft_model", k=3, dtype="float32",
+                                                 backend="native")
+        dear = BatchCosts((1, 2), tuple((draft_s, draft_s) for _ in range(3)))
+        batch = BatchDecoder(dec, max_batch=3, costs=flat_costs(0.0, rows=3), draft_costs=dear)
+        return batch.generate(REQUESTS)
+
+    cheap, dear = run(0.0), run(10.0)
+    assert [r.token_ids for r in cheap] == [r.token_ids for r in dear]
+    drafted = lambda results: sum(r.stats.drafted for r in results)  # noqa: E731
+    assert 0 < drafted(dear) < drafted(cheap) / 3

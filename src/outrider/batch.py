@@ -23,8 +23,11 @@ each forward the gate keeps a row's draft only if it raises the step's expected 
 second, from the frozen cost table (BatchCosts: seconds of a forward of B rows x n tokens,
 measured once) and each row's measured accepted tokens per verified draft. A row whose drafts
 were dropped `probe_every` steps in a row is verified once anyway, so its estimate follows the
-text. Seeded sampling rows are never gated: their random draws depend on the drafts, and a seeded
-request must give the same tokens alone or in a batch (contract 3).
+text. A draft model's forwards cost time before any draft exists, so for it the gate decides
+earlier too: before drafting, whether this batch's drafts are expected to pay for the lockstep
+draft forwards and the larger verify (the draft model's own cost table); if not, the rows skip
+drafting this step. Seeded sampling rows are never gated: their random draws depend on the
+drafts, and a seeded request must give the same tokens alone or in a batch (contract 3).
 """
 
 from __future__ import annotations
@@ -212,11 +215,16 @@ class Row:
     # The gate's estimate of accepted tokens per verified draft: decayed sums, a prior of 1 in 1.
     accepted_sum: float = 1.0
     verified_sum: float = 1.0
+    drafted_sum: float = 1.0  # drafted tokens per verified draft, the same way (set to k at add)
     dropped_streak: int = 0
 
     @property
     def expected_accepted(self) -> float:
         return self.accepted_sum / self.verified_sum
+
+    @property
+    def expected_drafted(self) -> float:
+        return self.drafted_sum / self.verified_sum
 
 
 class BatchDecoder:
@@ -224,11 +232,14 @@ class BatchDecoder:
 
     The decoder's target must be on the native backend (it gets `max_batch` cache slots; use the
     BatchDecoder, not the decoder, from then on) and its method one whose drafter batches
-    (autoregressive, prompt_lookup, suffix, draft_model with a native draft). gate: drop drafts that cost more than they bring
-    (see the module doc); costs: the table it decides by (None: measured now)."""
+    (autoregressive, prompt_lookup, suffix, draft_model with a native draft). gate: skip drafts that
+    cost more than they bring (module doc); costs / draft_costs: the target's and the draft model's
+    tables it decides by (None: measured now). probe_every: a gated row's draft is verified after
+    this many skipped ones; decay: the weight of a row's older drafts in its acceptance estimate."""
 
     def __init__(self, decoder: SpeculativeDecoder, max_batch: int = 4, *, gate: bool = True,
-                 costs: BatchCosts | None = None, probe_every: int = 8, decay: float = 0.9) -> None:
+                 costs: BatchCosts | None = None, draft_costs: BatchCosts | None = None, probe_every: int = 8,
+                 decay: float = 0.9) -> None:
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} is invalid: use an integer >= 1")
         model = decoder.target.model
@@ -259,8 +270,11 @@ class BatchDecoder:
         # Per slot, reused by the requests that slot serves: a suffix drafter remembers their outputs.
         # A draft model gets a slot per row too; its rows draft in lockstep.
         self._lockstep = None
+        self.draft_costs = draft_costs
         if draft is not None:
             draft.set_slots(max_batch)
+            if self.gate and draft_costs is None:
+                self.draft_costs = BatchCosts.measure(draft, max_batch, sizes=(1, 2))
             self._lockstep = Lockstep(draft)
             self._drafters = [decoder.new_drafter(LockstepRow(self._lockstep, i)) for i in range(max_batch)]
         else:
@@ -286,7 +300,8 @@ class BatchDecoder:
         state = dec._new_sequence(request, stats, True, self.model.row(slot), self._drafters[slot],
                                   self._adaptives[slot])
         dec._prefill(state)
-        row = Row(slot, request, state, stats, exempt=request.seed is not None and not request.sampling.greedy)
+        row = Row(slot, request, state, stats, exempt=request.seed is not None and not request.sampling.greedy,
+                  drafted_sum=float(max(1, dec.k)))
         self._rows[slot] = row
         return row
 
@@ -305,7 +320,8 @@ class BatchDecoder:
             return []
         dec = self.decoder
         if self._lockstep is not None:
-            plans = self._lockstep.run([functools.partial(dec._plan, r.state) for r in rows])
+            caps = self._draft_caps(rows) if self.gate else [None] * len(rows)
+            plans = self._lockstep.run([functools.partial(dec._plan, r.state, c) for r, c in zip(rows, caps)])
         else:
             plans = [dec._plan(r.state) for r in rows]
         if self.gate:
@@ -316,7 +332,7 @@ class BatchDecoder:
         for r, p, lg in zip(rows, plans, logits):
             chunk = dec._complete(r.state, p, lg)
             if p.draft is not None and p.draft.size:
-                self._observe(r, sum(chunk.drafted))
+                self._observe(r, sum(chunk.drafted), p.draft.size)
             r.collected.add(chunk)
             out.append((r, chunk))
             if chunk.finish_reason is not None:
@@ -343,9 +359,35 @@ class BatchDecoder:
 
     # ---- the gate -------------------------------------------------------------------------
 
-    def _observe(self, row: Row, accepted: int) -> None:
+    def _observe(self, row: Row, accepted: int, drafted: int) -> None:
         row.accepted_sum = self.decay * row.accepted_sum + accepted
+        row.drafted_sum = self.decay * row.drafted_sum + drafted
         row.verified_sum = self.decay * row.verified_sum + 1.0
+
+    def _draft_caps(self, rows: list[Row]) -> list[int | None]:
+        """Before a draft model drafts (its forwards cost time the verify gate cannot give back):
+        None (draft as usual) for every row when the batch's drafts are expected to pay, else 0
+        (no draft) for all but seeded rows and rows due a probe. Drafting pays when the expected
+        committed tokens per second, one lockstep draft forward per drafted depth plus the larger
+        verify forward, beat a plain decode step's."""
+        B = len(rows)
+        depth = max(r.expected_drafted for r in rows)  # lockstep: the deepest row sets the draft forwards
+        tokens = B + sum(r.expected_drafted for r in rows)
+        gain = B + sum(min(r.expected_drafted, r.expected_accepted) for r in rows)
+        spent = depth * self.draft_costs.forward_s(B, B) + self.costs.forward_s(B, round(tokens))
+        if gain / spent > B / self.costs.forward_s(B, B):
+            for r in rows:
+                r.dropped_streak = 0
+            return [None] * B
+        caps: list[int | None] = []
+        for r in rows:
+            if r.exempt or r.dropped_streak + 1 >= self.probe_every:
+                r.dropped_streak = 0
+                caps.append(None)
+            else:
+                r.dropped_streak += 1
+                caps.append(0)
+        return caps
 
     def _gate(self, rows: list[Row], plans: list[Any]) -> None:
         """Drop the drafts that lower this step's expected tokens per second (module doc)."""

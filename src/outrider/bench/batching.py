@@ -64,8 +64,13 @@ def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> d
         torch.set_num_threads(cfg.threads)
     load = dict(dtype=cfg.dtype, backend="native" if cfg.backend == "auto" else cfg.backend, device=cfg.device)
     decoders = {"autoregressive": SpeculativeDecoder.from_pretrained(cfg.target, method="autoregressive", **load)}
+    from outrider.bench.runner import model_dirs
+    from outrider.drafters import drafter_class
+
+    draft = model_dirs(cfg)[1]
     for m in methods:
-        decoders[m] = SpeculativeDecoder.from_pretrained(cfg.target, method=m, **load)
+        uses = drafter_class(m).uses_draft_model
+        decoders[m] = SpeculativeDecoder.from_pretrained(cfg.target, draft=draft if uses else None, method=m, **load)
     tok = decoders["autoregressive"].tokenizer
     requests = [GenerationRequest(render_prompt(tok, q, 0, []), max_new_tokens=cfg.max_new_tokens) for q in questions]
     largest = max(batch_sizes)

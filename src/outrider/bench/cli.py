@@ -135,8 +135,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         from outrider.bench.runner import load_questions
 
         cfg.check()
-        if cfg.target is None:
-            cfg.target = str(model_dirs(cfg)[0])
+        if cfg.target is None:  # the embedded pair, draft included
+            cfg.target, cfg.draft = (str(p) for p in model_dirs(cfg))
         print(format_batch_markdown(run_batch_bench(cfg, args.batch_size, load_questions(cfg))))
         print(f"Written to {cfg.out}/", file=sys.stderr)
         return 0
