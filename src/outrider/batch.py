@@ -73,7 +73,7 @@ class BatchCosts:
     def measure(cls, model: Any, max_batch: int, sizes: Sequence[int] = COST_SIZES, context: int = COST_CONTEXT,
                 repeats: int = 3) -> BatchCosts:
         """Time forward_rows on `model` (whose slots are then empty) for 1..max_batch rows."""
-        from outrider.models.llama import RowForward
+        from outrider.models.base import RowForward
 
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.vocab_size, (max_batch, context + max(sizes)), generator=gen)
@@ -181,7 +181,7 @@ class LockstepRow:
         return self._row.length
 
     def forward(self, ids: Any, num_logits: int | None = None, attn_mask: Any = None, positions: Any = None) -> Any:
-        from outrider.models.llama import RowForward
+        from outrider.models.base import RowForward
 
         out = self.lockstep.forward(RowForward(self.slot, ids, num_logits, attn_mask, positions))
         if isinstance(out, BaseException):
@@ -230,8 +230,10 @@ class Row:
 class BatchDecoder:
     """Up to max_batch sequences decoded together by one SpeculativeDecoder's target and method.
 
-    The decoder's target must be on the native backend (it gets `max_batch` cache slots; use the
-    BatchDecoder, not the decoder, from then on) and its method one whose drafter batches
+    The decoder's target gets `max_batch` cache slots (use the BatchDecoder, not the decoder, from
+    then on): on the native backend all rows share one forward; on the hf backend (any
+    transformers model) they run one after another, interleaved step by step but with no
+    throughput gain. Its method must be one whose drafter batches
     (autoregressive, prompt_lookup, suffix, draft_model with a native draft). gate: skip drafts that
     cost more than they bring (module doc); costs / draft_costs: the target's and the draft model's
     tables it decides by (None: measured now). probe_every: a gated row's draft is verified after
@@ -245,8 +247,8 @@ class BatchDecoder:
         model = decoder.target.model
         if not hasattr(model, "forward_rows"):
             raise ValueError(
-                f"batching needs the native backend (Llama, Mistral, Qwen2), but the target runs on "
-                f"{type(model).__name__}: load it with backend='native', or use max_batch=1")
+                f"batching needs a backend with cache slots (native or hf), but the target runs on "
+                f"{type(model).__name__}: load it with backend='native' or 'hf', or use max_batch=1")
         if decoder.new_drafter is None:
             raise ValueError(
                 "this decoder was built by hand, so a batch cannot build its rows' drafters: build it with "
@@ -258,7 +260,7 @@ class BatchDecoder:
         draft = getattr(decoder.drafter, "model", None) if type(decoder.drafter).uses_draft_model else None
         if draft is not None and not hasattr(draft, "forward_rows"):
             raise ValueError(
-                f"batching draft_model needs the draft on the native backend too, but it runs on "
+                f"batching draft_model needs a draft with cache slots (native or hf), but it runs on "
                 f"{type(draft).__name__}: load both with backend='native', or use max_batch=1")
         self.decoder = decoder
         self.model = model
@@ -313,7 +315,7 @@ class BatchDecoder:
     def step(self) -> list[tuple[Row, Chunk]]:
         """One draft -> verify -> commit step for every row, in one target forward. Returns each
         row's committed chunk; rows that finished leave the batch."""
-        from outrider.models.llama import RowForward
+        from outrider.models.base import RowForward
 
         rows = [r for r in self._rows if r is not None]
         if not rows:

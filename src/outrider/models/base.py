@@ -22,7 +22,8 @@ output, i the output of decoder layer i, and num_hidden_layers the last layer af
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -71,3 +72,51 @@ class CausalModel(Protocol):
     def reset(self) -> None:
         """Empty the cache for a new sequence."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class RowForward:
+    """One row of a batched forward (`forward_rows` of a backend with slots): append `ids` (n,)
+    long to the cache of `slot`; num_logits, attn_mask and positions as in CausalModel.forward."""
+
+    slot: int
+    ids: torch.Tensor
+    num_logits: int | None = None
+    attn_mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+
+class SlotRow:
+    """One slot of a backend that holds several sequences (set_slots / forward_rows) as a batch-1
+    CausalModel: the model a sequence of a batch holds. Its forward runs that row alone; a batch
+    decoder runs all rows' steps in one forward_rows and hands each row its hidden states."""
+
+    def __init__(self, model: Any, slot: int) -> None:
+        if not 0 <= slot < model.slots:
+            raise ValueError(f"slot={slot} is outside the cache's {model.slots} slots: call set_slots first")
+        self.model, self.slot = model, slot
+        self.vocab_size, self.max_length, self.device = model.vocab_size, model.max_length, model.device
+        self.hidden: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.model.slot_length(self.slot)
+
+    def forward(self, ids: torch.Tensor, num_logits: int | None = None, attn_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.model.forward_rows([RowForward(self.slot, ids, num_logits, attn_mask, positions)])[0]
+        self.hidden = self.model.row_hidden[0] if self.model.row_hidden is not None else None
+        return logits
+
+    def rollback(self, length: int) -> None:
+        self.model.rollback(length, self.slot)
+
+    def keep_path(self, start: int, path: list[int]) -> None:
+        self.model.keep_path(start, path, self.slot)
+
+    def capture_hidden(self, layers: Sequence[int]) -> None:
+        self.model.capture_hidden(layers)
+
+    def reset(self) -> None:
+        self.model.reset(self.slot)
+        self.hidden = None

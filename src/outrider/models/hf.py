@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -91,10 +92,59 @@ class HFModel:
         self._num_layers = int(model.config.get_text_config().num_hidden_layers)
         self._capture: tuple[int, ...] = ()
         self.hidden: torch.Tensor | None = None
+        self.row_hidden: list[torch.Tensor] | None = None
+        # Slots (batch.py): one cache per sequence; _cache/_length are the current slot's.
+        self._slot_caches: list[Any] = [self._cache]
+        self._slot_lengths = [0]
+        self._slot = 0
 
     @property
     def length(self) -> int:
         return self._length
+
+    # ---- slots: several sequences, one cache each ------------------------------------------
+    # transformers' caches keep one length for the whole batch, so rows of different lengths run
+    # one after another here: a batch serves every model, with the native backend's throughput
+    # gain only where rows share a forward (models/llama.py).
+
+    def set_slots(self, slots: int) -> None:
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
+            raise ValueError(f"slots={slots!r} is invalid: use an integer >= 1 (sequences held at once)")
+        self._slot_caches = [DynamicCache(config=self.model.config) for _ in range(slots)]
+        self._slot_lengths = [0] * slots
+        self._slot = 0
+        self._cache, self._length = self._slot_caches[0], 0
+
+    @property
+    def slots(self) -> int:
+        return len(self._slot_caches)
+
+    def slot_length(self, slot: int) -> int:
+        return self._length if slot == self._slot else self._slot_lengths[slot]
+
+    def row(self, slot: int) -> Any:
+        from outrider.models.base import SlotRow
+
+        return SlotRow(self, slot)
+
+    def _use(self, slot: int) -> None:
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"slot {slot} is invalid: use a slot in [0, {self.slots})")
+        if slot != self._slot:
+            self._slot_caches[self._slot], self._slot_lengths[self._slot] = self._cache, self._length
+            self._slot, self._cache, self._length = slot, self._slot_caches[slot], self._slot_lengths[slot]
+
+    def forward_rows(self, rows: Sequence[Any]) -> list[torch.Tensor]:
+        """Each row's forward on its own slot's cache, one after another (see the slots note)."""
+        if len({r.slot for r in rows}) != len(rows):
+            raise ValueError("forward_rows needs distinct slots")
+        out, hidden = [], []
+        for r in rows:
+            self._use(r.slot)
+            out.append(self.forward(r.ids, r.num_logits, r.attn_mask, r.positions))
+            hidden.append(self.hidden)
+        self.row_hidden = hidden if self._capture else None
+        return out
 
     def capture_hidden(self, layers: Sequence[int]) -> None:
         """Record these layers' hidden states (transformers' output_hidden_states indices) in
@@ -166,11 +216,13 @@ class HFModel:
         return None
 
     @torch.inference_mode()
-    def keep_path(self, start: int, path: list[int]) -> None:
+    def keep_path(self, start: int, path: list[int], slot: int | None = None) -> None:
         """After a tree forward that appended tokens at [start, length): keep only those at offsets
         `path` (increasing), moved to [start, start + len(path)); the cache length becomes
         start + len(path). Their keys were computed at depth positions start + i, which is where
         they land, so the cache then equals that of the path fed as a chain."""
+        if slot is not None:
+            self._use(slot)
         check_path(start, path, self._length)
         reason = self._tree_unsupported(self._length)
         if reason is not None:
@@ -186,13 +238,18 @@ class HFModel:
                 layer.values[..., start:kept, :] = layer.values[..., idx, :]
         self.rollback(kept)
 
-    def rollback(self, length: int) -> None:
+    def rollback(self, length: int, slot: int | None = None) -> None:
+        if slot is not None:
+            self._use(slot)
         assert 0 <= length <= self._length, (length, self._length)
         if length < self._length:
             self._cache.crop(length - self._length)
             self._length = length
 
-    def reset(self) -> None:
-        self._cache = DynamicCache(config=self.model.config)
-        self._length = 0
+    def reset(self, slot: int | None = None) -> None:
+        """Empty one slot's cache (None: every slot) for a new sequence."""
+        for i in range(self.slots) if slot is None else (slot,):
+            self._use(i)
+            self._cache = DynamicCache(config=self.model.config)
+            self._length = 0
         self.hidden = None

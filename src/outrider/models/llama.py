@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from outrider.models.base import RowForward, SlotRow
 from outrider.models.hf import check_path, check_tree_args, context_length, hidden_layer_indices
 from outrider.models.quant import quant_linear, quantizer
 
@@ -40,8 +41,7 @@ DEFAULT_CAPACITY = 4096  # tokens; a larger cache costs memory, never speed (att
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa came in 2.5
 _USE_HF = "use backend='hf'"
 
-__all__ = ["DEFAULT_CAPACITY", "MODEL_TYPES", "NativeLlama", "NativeRow", "RowForward", "supports",
-           "unsupported_reason"]
+__all__ = ["DEFAULT_CAPACITY", "MODEL_TYPES", "NativeLlama", "RowForward", "supports", "unsupported_reason"]
 
 
 # ---- what the backend can run -------------------------------------------------------------------
@@ -263,18 +263,6 @@ def linear_packer(dtype: torch.dtype, device: torch.device, pack: bool | None = 
 
 
 @dataclass(frozen=True, slots=True)
-class RowForward:
-    """One row of a batched forward (NativeLlama.forward_rows): append `ids` (n,) long to the cache
-    of `slot`; num_logits, attn_mask and positions as in NativeLlama.forward."""
-
-    slot: int
-    ids: Tensor
-    num_logits: int | None = None
-    attn_mask: Tensor | None = None
-    positions: Tensor | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class _RowPlan:
     slot: int
     start: int  # the slot's cache length before this forward
@@ -412,11 +400,9 @@ class NativeLlama:
     def slot_length(self, slot: int) -> int:
         return self._lengths[slot]
 
-    def row(self, slot: int) -> NativeRow:
+    def row(self, slot: int) -> SlotRow:
         """Slot `slot` as a batch-1 CausalModel (base.py) of its own."""
-        if not 0 <= slot < self.slots:
-            raise ValueError(f"slot={slot} is outside the cache's {self.slots} slots: call set_slots first")
-        return NativeRow(self, slot)
+        return SlotRow(self, slot)
 
     def forward(
         self,
@@ -603,36 +589,3 @@ class NativeLlama:
             self._lengths[slot] = 0
         self.hidden = None
 
-
-class NativeRow:
-    """One slot of a NativeLlama as a batch-1 CausalModel (base.py): the model a sequence of a
-    batch holds. Its forward runs that row alone; a batch decoder runs all rows' steps in one
-    forward_rows and hands each row its hidden states."""
-
-    def __init__(self, model: NativeLlama, slot: int) -> None:
-        self.model, self.slot = model, slot
-        self.vocab_size, self.max_length, self.device = model.vocab_size, model.max_length, model.device
-        self.hidden: Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return self.model.slot_length(self.slot)
-
-    def forward(self, ids: Tensor, num_logits: int | None = None, attn_mask: Tensor | None = None,
-                positions: Tensor | None = None) -> Tensor:
-        logits = self.model.forward_rows([RowForward(self.slot, ids, num_logits, attn_mask, positions)])[0]
-        self.hidden = self.model.row_hidden[0] if self.model.row_hidden is not None else None
-        return logits
-
-    def rollback(self, length: int) -> None:
-        self.model.rollback(length, self.slot)
-
-    def keep_path(self, start: int, path: list[int]) -> None:
-        self.model.keep_path(start, path, self.slot)
-
-    def capture_hidden(self, layers: Sequence[int]) -> None:
-        self.model.capture_hidden(layers)
-
-    def reset(self) -> None:
-        self.model.reset(self.slot)
-        self.hidden = None
