@@ -85,3 +85,32 @@ def test_speculative_first_token_follows_p_single_step():
     expected = p[0] * n
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 30.0  # P(chi2_2 > 30) ~ 3e-7
+
+
+def test_verify_greedy_rows_equals_verify_greedy_row_by_row():
+    """The batched greedy chain verifier gives each row what verify_greedy gives it alone."""
+    from outrider.verify import verify_greedy_rows
+
+    gen = torch.Generator().manual_seed(0)
+    V, k = 5, 4
+    lengths = [0, 1, 4, 2, 3, 4]
+    logits = [torch.randn(n + 1, V, generator=gen) for n in lengths]
+    # Drafts that agree with the target for a while, then (sometimes) not.
+    drafts = []
+    for n, lg in zip(lengths, logits):
+        d = lg.argmax(-1)[:n].clone()
+        if n:
+            cut = int(torch.randint(0, n + 1, (1,), generator=gen))
+            d[cut:] = (d[cut:] + 1) % V
+        drafts.append(d)
+    padded = torch.full((len(lengths), k), -1, dtype=torch.long)
+    targets = torch.zeros(len(lengths), k + 1, dtype=torch.long)
+    for i, (d, lg) in enumerate(zip(drafts, logits)):
+        padded[i, : len(d)] = d
+        targets[i, : len(d) + 1] = lg.argmax(-1)
+    accepted, out = verify_greedy_rows(padded, targets)
+    for i, (d, lg) in enumerate(zip(drafts, logits)):
+        a, nxt = verify_greedy(d, lg)
+        assert int(accepted[i]) == a
+        assert out[i].tolist() == d[:a].tolist() + [nxt] + [-1] * (k - a)
+    assert sorted(set(accepted.tolist())) != [0]  # the cases include accepted drafts

@@ -5,8 +5,9 @@ target's KV cache (models/llama.py: set_slots, forward_rows), its own drafter, s
 k policy, stats and stop condition. A step drafts for every row, sends every row's root + draft
 through one `forward_rows` (the weights are read once for all rows; attention runs per row over
 its own cache, so no row sees another), then verifies and commits each row with the very
-functions the single-sequence decoder uses (decoder._plan / _complete). A row's output is
-therefore what it would be alone: token for token in float32 greedy; in bf16 a batched matmul may
+functions the single-sequence decoder uses (decoder._plan / _complete; greedy chains are verified
+for all rows at once as tensors, verify.verify_greedy_rows). A row's output is therefore what it
+would be alone: token for token in float32 greedy; in bf16 a batched matmul may
 round differently, as a verify forward does (DESIGN.md contract 1).
 
 Rows join (`add`) and leave between steps, so a server batches continuously.
@@ -45,6 +46,7 @@ import torch
 
 from outrider.decoder import Chunk, Collector, GenerationRequest, GenerationResult, SpeculativeDecoder, _Sequence
 from outrider.stats import SpecStats
+from outrider.verify import verify_greedy_rows
 
 COST_SIZES = (1, 2, 4, 8, 16)  # tokens per row the cost table measures (root + draft)
 COST_CONTEXT = 64  # tokens already cached in each row while the costs are measured
@@ -330,9 +332,10 @@ class BatchDecoder:
             self._gate(rows, plans)
         logits = self.model.forward_rows(
             [RowForward(r.slot, p.ids, None, p.attn_mask, p.positions) for r, p in zip(rows, plans)])
+        verdicts = _greedy_chain_verdicts(rows, plans, logits)
         out = []
-        for r, p, lg in zip(rows, plans, logits):
-            chunk = dec._complete(r.state, p, lg)
+        for r, p, lg, v in zip(rows, plans, logits, verdicts):
+            chunk = dec._complete(r.state, p, lg, v)
             if p.draft is not None and p.draft.size:
                 self._observe(r, sum(chunk.drafted), p.draft.size)
             r.collected.add(chunk)
@@ -420,6 +423,29 @@ class BatchDecoder:
                 r.dropped_streak += 1
             else:
                 r.dropped_streak = 0
+
+
+def _greedy_chain_verdicts(rows: list[Row], plans: list[Any], logits: list[Any]) -> list[tuple[int, int] | None]:
+    """(accepted, next token) of every greedy chain row, verified together as tensors
+    (verify.verify_greedy_rows: drafts (G, k) and the target's argmax (G, k+1), padded); None for
+    the rows verified alone (sampling rows draw from their own generators, trees walk their own
+    shapes)."""
+    greedy = [i for i, (r, p) in enumerate(zip(rows, plans))
+              if r.state.params.greedy and (p.draft is None or p.draft.is_chain)]
+    verdicts: list[tuple[int, int] | None] = [None] * len(rows)
+    if not greedy:
+        return verdicts
+    k = max(int(plans[i].ids.shape[0]) - 1 for i in greedy)
+    drafts = torch.full((len(greedy), k), -1, dtype=torch.long)
+    targets = torch.zeros(len(greedy), k + 1, dtype=torch.long)
+    for j, i in enumerate(greedy):
+        n = int(plans[i].ids.shape[0])
+        drafts[j, : n - 1] = plans[i].ids[1:].cpu()
+        targets[j, :n] = logits[i].argmax(-1).cpu()
+    accepted, ids = verify_greedy_rows(drafts, targets)
+    for j, (a, row) in enumerate(zip(accepted.tolist(), ids.tolist())):
+        verdicts[greedy[j]] = (a, row[a])
+    return verdicts
 
 
 def _without_draft(plan: Any) -> Any:

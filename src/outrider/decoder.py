@@ -597,9 +597,11 @@ class SpeculativeDecoder:
             attn_mask = verify_mask(draft.parents).to(target.device)
         return _StepPlan(k, draft, hidden, ids, attn_mask, positions, ta, clock())
 
-    def _complete(self, state: _Sequence, plan: _StepPlan, logits: torch.Tensor) -> Chunk:
+    def _complete(self, state: _Sequence, plan: _StepPlan, logits: torch.Tensor,
+                  verdict: tuple[int, int] | None = None) -> Chunk:
         """Verify the step's draft against the target's logits (d+1, V), keep the accepted path in
-        the caches, commit; returns the committed tokens."""
+        the caches, commit; returns the committed tokens. verdict: a greedy chain's (accepted,
+        next token) already verified with the other rows of a batch (batch.py)."""
         target, drafter, clock = state.model, state.drafter, self.clock
         n, seq, params, adaptive, draft, k = state.n, state.seq, state.params, state.adaptive, plan.draft, plan.k
         d = draft.size if draft is not None else 0
@@ -614,7 +616,9 @@ class SpeculativeDecoder:
             depth = int(plan.positions.max()) - (n - 1)
         else:
             tokens = draft.tokens if d else plan.ids[:0]
-            if params.greedy:
+            if verdict is not None:
+                accepted, next_token = verdict
+            elif params.greedy:
                 accepted, next_token = verify_greedy(tokens, logits)
             else:
                 p = probs_from_logits(logits, params)

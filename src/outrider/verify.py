@@ -38,6 +38,23 @@ def verify_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> Ve
     return Verdict(accepted, int(target_tokens[accepted]))
 
 
+def verify_greedy_rows(drafts: torch.Tensor, target_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """verify_greedy for a batch of chains at once. drafts (B, k) long, each row's draft padded
+    with -1 past its length; target_tokens (B, k+1) the target's argmax at each row's root and
+    draft positions (anything past a row's length + 1). Returns accepted (B,) long and the
+    committed ids (B, k+1) long: each row's accepted draft tokens, then the target's token after
+    them, then -1 (vLLM's rejection sampler pads its output the same way)."""
+    B, k = drafts.shape
+    assert target_tokens.shape == (B, k + 1), (drafts.shape, target_tokens.shape)
+    match = (drafts == target_tokens[:, :k]) & (drafts >= 0)  # (B, k)
+    accepted = match.long().cumprod(1).sum(1)  # (B,): the first mismatch (or pad) ends a row
+    cols = torch.arange(k + 1, device=drafts.device)[None]  # (1, k+1)
+    padded = torch.cat([drafts, drafts.new_full((B, 1), -1)], dim=1)  # (B, k+1)
+    out = torch.where(cols < accepted[:, None], padded, torch.full_like(padded, -1))
+    out.scatter_(1, accepted[:, None], target_tokens.gather(1, accepted[:, None]))
+    return accepted, out
+
+
 def residual_distribution(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """norm(max(0, p - q)) over the last dim: what the recovered token is sampled from.
 
