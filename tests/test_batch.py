@@ -4,7 +4,6 @@ law under sampling (chi-square per row)."""
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from conftest import tiny_model
 from outrider import GenerationRequest, SpeculativeDecoder
 from outrider.batch import BatchCosts, BatchDecoder
 from outrider.models.llama import NativeLlama, RowForward
-from outrider.sampling import SamplingParams, probs_from_logits
+from outrider.sampling import SamplingParams
 
 
 def native(vocab_size: int = 96, seed: int = 0) -> NativeLlama:
@@ -220,28 +219,15 @@ def test_batch_refuses_what_it_cannot_do(target_dir):
 
 # ---- losslessness per row: the chi-square test of test_lossless.py on a batch ----------------------
 
-V, H, N = 6, 3, 12000
 PROMPTS = ([1, 2, 3, 1, 2], [4, 5, 4, 5, 4])
 PARAMS = (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3))
-
-
-def exact_law(model, prompt: list[int], params: SamplingParams) -> dict[tuple[int, ...], float]:
-    out = {}
-    with torch.no_grad():
-        for seq in itertools.product(range(V), repeat=H):
-            logits = model(torch.tensor([prompt + list(seq)])).logits[0].float()
-            prob = 1.0
-            for i, t in enumerate(seq):
-                prob *= float(probs_from_logits(logits[len(prompt) - 1 + i], params)[t])
-            out[seq] = prob
-    return out
 
 
 @pytest.mark.slow
 def test_each_row_of_a_mixed_batch_samples_the_target_law():
     """Two kinds of rows interleaved in one batch (another prompt, other sampling parameters), with
     prompt lookup drafting: each kind's samples pass the chi-square test against its exact law."""
-    from test_lossless import P_REJECT, chi_square_p_value, soft_tiny_llama
+    from test_lossless import H, N, P_REJECT, chi_square_p_value, llama_distribution, soft_tiny_llama
 
     from outrider.drafters import PromptLookup
     from outrider.models import LoadedModel
@@ -258,9 +244,9 @@ def test_each_row_of_a_mixed_batch_samples_the_target_law():
         counts: dict[tuple[int, ...], int] = {}
         for r in results[kind::2]:
             counts[tuple(r.token_ids)] = counts.get(tuple(r.token_ids), 0) + 1
-        law = exact_law(model, list(PROMPTS[kind]), PARAMS[kind])
+        law = llama_distribution(model, PARAMS[kind], list(PROMPTS[kind]))
         assert chi_square_p_value(counts, law, N) > P_REJECT
-        other = exact_law(model, list(PROMPTS[1 - kind]), PARAMS[kind])  # power: the other prompt's law
+        other = llama_distribution(model, PARAMS[kind], list(PROMPTS[1 - kind]))  # power: the other prompt's law
         assert chi_square_p_value(counts, other, N) < P_REJECT
 
 

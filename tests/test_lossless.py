@@ -84,15 +84,15 @@ def soft_tiny_llama(seed: int = 0):
     return model
 
 
-def llama_distribution(model, params: SamplingParams) -> dict[tuple[int, ...], float]:
-    """The exact law of the first H sampled tokens after LLAMA_PROMPT, enumerated."""
+def llama_distribution(model, params: SamplingParams, prompt: list[int] = LLAMA_PROMPT) -> dict[tuple[int, ...], float]:
+    """The exact law of the first H sampled tokens after `prompt`, enumerated."""
     out = {}
     with torch.no_grad():
         for seq in itertools.product(range(V), repeat=H):
-            logits = model(torch.tensor([LLAMA_PROMPT + list(seq)])).logits[0].float()
+            logits = model(torch.tensor([prompt + list(seq)])).logits[0].float()
             prob = 1.0
             for i, t in enumerate(seq):
-                prob *= float(probs_from_logits(logits[len(LLAMA_PROMPT) - 1 + i], params)[t])
+                prob *= float(probs_from_logits(logits[len(prompt) - 1 + i], params)[t])
             out[seq] = prob
     return out
 

@@ -192,16 +192,21 @@ def test_streaming_equals_generate_and_reports_usage(server, reference):
     assert all(c.usage is None for c in chunks)  # no include_usage: no usage chunk
 
 
-def test_async_clients_get_their_own_answers(server, reference):
+def concurrent_texts(url: str, prompts, max_tokens: int) -> list[str]:
+    """The completions of all prompts, sent at once by async clients."""
     async def run() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-        # Three at once: one runs, the others wait in the queue; none is refused.
-        results = await asyncio.gather(*(client.completions.create(model="target", prompt=p, max_tokens=20)
-                                         for p in PROMPTS))
+        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        results = await asyncio.gather(*(client.completions.create(model="target", prompt=p, max_tokens=max_tokens)
+                                         for p in prompts))
         await client.close()
         return [r.choices[0].text for r in results]
 
-    assert asyncio.run(run()) == [reference.generate(p, max_new_tokens=20).text for p in PROMPTS]
+    return asyncio.run(run())
+
+
+def test_async_clients_get_their_own_answers(server, reference):
+    # Three at once: one runs, the others wait in the queue; none is refused.
+    assert concurrent_texts(server.url, PROMPTS, 20) == [reference.generate(p, max_new_tokens=20).text for p in PROMPTS]
 
 
 def test_a_batching_server_answers_each_request_as_alone(serve_model, reference):
@@ -217,18 +222,11 @@ def test_a_batching_server_answers_each_request_as_alone(serve_model, reference)
         while not done.is_set():
             running.append(httpx.get(srv.url + "/health").json()["running"])
 
-    async def run() -> list[str]:
-        client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-        results = await asyncio.gather(*(client.completions.create(model="target", prompt=p, max_tokens=24)
-                                         for p in prompts))
-        await client.close()
-        return [r.choices[0].text for r in results]
-
     try:
         watcher = threading.Thread(target=watch)
         watcher.start()
         try:
-            texts = asyncio.run(run())
+            texts = concurrent_texts(srv.url, prompts, 24)
         finally:
             done.set()
             watcher.join()

@@ -45,6 +45,7 @@ from typing import Any, Sequence
 import torch
 
 from outrider.decoder import Chunk, Collector, GenerationRequest, GenerationResult, SpeculativeDecoder, _Sequence
+from outrider.models.base import RowForward, SlotRow
 from outrider.stats import SpecStats
 from outrider.verify import verify_greedy_rows
 
@@ -75,8 +76,6 @@ class BatchCosts:
     def measure(cls, model: Any, max_batch: int, sizes: Sequence[int] = COST_SIZES, context: int = COST_CONTEXT,
                 repeats: int = 3) -> BatchCosts:
         """Time forward_rows on `model` (whose slots are then empty) for 1..max_batch rows."""
-        from outrider.models.base import RowForward
-
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.vocab_size, (max_batch, context + max(sizes)), generator=gen)
         table = []
@@ -168,39 +167,19 @@ class Lockstep:
         return outs
 
 
-class LockstepRow:
+class LockstepRow(SlotRow):
     """One slot of a draft model, as the batch-1 CausalModel a row's drafter holds: its forwards go
-    through the Lockstep (module doc); the rest acts on its slot at once."""
+    through the Lockstep (module doc); the rest acts on its slot at once (SlotRow)."""
 
     def __init__(self, lockstep: Lockstep, slot: int) -> None:
-        self.lockstep, self.slot = lockstep, slot
-        self._row = lockstep.model.row(slot)
-        self.vocab_size, self.max_length, self.device = self._row.vocab_size, self._row.max_length, self._row.device
-        self.hidden = None
-
-    @property
-    def length(self) -> int:
-        return self._row.length
+        super().__init__(lockstep.model, slot)
+        self.lockstep = lockstep
 
     def forward(self, ids: Any, num_logits: int | None = None, attn_mask: Any = None, positions: Any = None) -> Any:
-        from outrider.models.base import RowForward
-
         out = self.lockstep.forward(RowForward(self.slot, ids, num_logits, attn_mask, positions))
         if isinstance(out, BaseException):
             raise out
         return out
-
-    def rollback(self, length: int) -> None:
-        self._row.rollback(length)
-
-    def keep_path(self, start: int, path: list[int]) -> None:
-        self._row.keep_path(start, path)
-
-    def capture_hidden(self, layers: Sequence[int]) -> None:
-        self._row.capture_hidden(layers)
-
-    def reset(self) -> None:
-        self._row.reset()
 
 
 @dataclass
@@ -319,8 +298,6 @@ class BatchDecoder:
     def step(self) -> list[tuple[Row, Chunk]]:
         """One draft -> verify -> commit step for every row, in one target forward. Returns each
         row's committed chunk; rows that finished leave the batch."""
-        from outrider.models.base import RowForward
-
         rows = [r for r in self._rows if r is not None]
         if not rows:
             return []
@@ -371,6 +348,14 @@ class BatchDecoder:
         row.drafted_sum = self.decay * row.drafted_sum + drafted
         row.verified_sum = self.decay * row.verified_sum + 1.0
 
+    def _must_verify(self, row: Row) -> bool:
+        """Whether the gate must leave this row's draft alone: seeded rows always, the others when
+        they are due a probe (so their estimate is measured again); a verified row's streak ends."""
+        if row.exempt or row.dropped_streak + 1 >= self.probe_every:
+            row.dropped_streak = 0
+            return True
+        return False
+
     def _draft_caps(self, rows: list[Row]) -> list[int | None]:
         """Before a draft model drafts (its forwards cost time the verify gate cannot give back):
         None (draft as usual) for every row when the batch's drafts are expected to pay, else 0
@@ -388,8 +373,7 @@ class BatchDecoder:
             return [None] * B
         caps: list[int | None] = []
         for r in rows:
-            if r.exempt or r.dropped_streak + 1 >= self.probe_every:
-                r.dropped_streak = 0
+            if self._must_verify(r):
                 caps.append(None)
             else:
                 r.dropped_streak += 1
@@ -408,8 +392,7 @@ class BatchDecoder:
                 continue
             expected = min(float(d), r.expected_accepted)
             gain += expected
-            if r.exempt or r.dropped_streak + 1 >= self.probe_every:
-                r.dropped_streak = 0  # verified: seeded rows always, the others to re-measure
+            if self._must_verify(r):
                 continue
             candidates.append((expected / d, i, d, expected))
         # Least accepted per drafted token first: drop while that raises tokens per second.
