@@ -98,6 +98,19 @@ def test_greedy_rows_equal_their_output_alone(target_dir, method, kw):
         assert sum(g.stats.accepted for g in got) > 0
 
 
+def count_lockstep_calls(batch: BatchDecoder) -> list[int]:
+    """The number of rows in each joint call of the batch's drafting lockstep, as it runs."""
+    calls: list[int] = []
+    run_rows = batch._lockstep.run_rows
+
+    def counted(items):
+        calls.append(len(items))
+        return run_rows(items)
+
+    batch._lockstep.run_rows = counted
+    return calls
+
+
 @pytest.mark.parametrize("kw", [{"k": 3}, {"k": "auto"}, {"k": 6, "width": 2}], ids=["chain", "auto", "tree"])
 def test_draft_model_rows_draft_in_lockstep_and_equal_their_output_alone(model_dirs, kw):
     """draft_model in a batch: each row drafts on its own slot of the draft, the rows' draft
@@ -111,14 +124,7 @@ def test_draft_model_rows_draft_in_lockstep_and_equal_their_output_alone(model_d
     dec = SpeculativeDecoder.from_pretrained(target, draft=draft, method="draft_model", dtype="float32",
                                              backend="native", **kw)
     batch = BatchDecoder(dec, max_batch=3)
-    calls = []
-    forward_rows = dec.drafter.model.forward_rows
-
-    def counted(rows):
-        calls.append(len(rows))
-        return forward_rows(rows)
-
-    dec.drafter.model.forward_rows = counted
+    calls = count_lockstep_calls(batch)
     got = batch.generate(reqs)
     assert [g.token_ids for g in got] == want
     assert sum(g.stats.accepted for g in got) > 0
@@ -133,6 +139,50 @@ def test_seeded_sampling_rows_reproduce_alone(target_dir):
     want = [alone.generate(r).token_ids for r in reqs]
     dec = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
     assert [r.token_ids for r in BatchDecoder(dec, max_batch=4).generate(reqs)] == want
+
+
+@pytest.fixture(scope="module")
+def head_dirs(target_dir):
+    """An (untrained) EAGLE head and Medusa heads saved for the batch tests' target."""
+    from transformers import AutoModelForCausalLM
+
+    from outrider.drafters.eagle import new_head
+    from outrider.drafters.medusa import new_heads
+
+    model = AutoModelForCausalLM.from_pretrained(target_dir)
+    embed = model.get_input_embeddings().weight.detach()
+    d2t = torch.arange(embed.shape[0])[:60]
+    new_head(model.config, embed, "tiny", d2t, seed=1, max_positions=256).save(target_dir.parent / "eagle")
+    new_heads(model.config, embed, model.get_output_embeddings().weight.detach(), "tiny", d2t).save(
+        target_dir.parent / "medusa")
+    return {"eagle": target_dir.parent / "eagle", "medusa": target_dir.parent / "medusa"}
+
+
+@pytest.mark.parametrize("method, kw", [("eagle", {"k": 3}), ("eagle", {"k": "auto"}), ("eagle", {"k": 6, "width": 2}),
+                                        ("eagle+suffix", {}), ("medusa", {})],
+                         ids=["eagle-chain", "eagle-auto", "eagle-tree", "eagle+suffix", "medusa"])
+def test_head_rows_draft_in_lockstep_and_equal_their_output_alone(target_dir, head_dirs, method, kw):
+    """Self-drafting heads in a batch: the rows share one copy of the head, their head steps run
+    together (fewer calls than rows x depths), each row's head reads its own row's hidden states,
+    and float32 greedy outputs (and a seeded sampling row's) equal each request's output alone."""
+    head = head_dirs["medusa" if method == "medusa" else "eagle"]
+    reqs = REQUESTS + [GenerationRequest("def add(a, b):\n    return", max_new_tokens=16, temperature=0.9, seed=4)]
+    load = lambda: SpeculativeDecoder.from_pretrained(target_dir, draft=head, method=method, dtype="float32",  # noqa: E731
+                                                      backend="native", **kw)
+    alone = load()
+    want = [alone.generate(r) for r in reqs]
+    dec = load()
+    batch = BatchDecoder(dec, max_batch=3, gate=False)
+    calls = count_lockstep_calls(batch)
+    got = batch.generate(reqs)
+    if method == "eagle+suffix":
+        # Its suffix tries remember earlier outputs, per slot in a batch, so its drafts (and with
+        # them a sampled row's draws) depend on which requests came before: compare greedy rows.
+        reqs, got, want = reqs[:-1], got[:-1], want[:-1]
+    else:  # the same drafts as alone: a row that read another row's states would draft differently
+        assert [g.stats.drafted for g in got] == [w.stats.drafted for w in want]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert sum(g.stats.drafted for g in got) > 0 and max(calls) > 1
 
 
 def flat_costs(per_token: float, rows: int = 4) -> BatchCosts:
@@ -196,11 +246,11 @@ def test_batch_refuses_what_it_cannot_do(target_dir):
     hand = SpeculativeDecoder(ok.target, ok.drafter, k=2)  # no drafter factory
     with pytest.raises(ValueError, match="built by hand"):
         BatchDecoder(hand, max_batch=2)
-    from outrider.drafters.medusa import MedusaDrafter
+    class Unbatched:  # a user's drafter that does not say it batches
+        pass
 
-    hand.new_drafter, hand.method = (lambda: None), "medusa"
-    hand.drafter = object.__new__(MedusaDrafter)  # a head drafter: no batching yet
-    with pytest.raises(ValueError, match="method 'medusa' does not batch yet"):
+    hand.new_drafter, hand.method, hand.drafter = Unbatched, "mine", Unbatched()
+    with pytest.raises(ValueError, match="method 'mine' does not batch"):
         BatchDecoder(hand, max_batch=2)
     draft_hf = SpeculativeDecoder.from_pretrained(target_dir, draft=target_dir, method="draft_model", k=2,
                                                   dtype="float32", backend="native")

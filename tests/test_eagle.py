@@ -4,13 +4,15 @@ another target."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from conftest import tiny_model
 from test_e2e_hf import hf_greedy as greedy
 from outrider import SpeculativeDecoder
-from outrider.drafters.eagle import EagleDrafter, EagleHead, new_head
+from outrider.drafters.eagle import EagleDrafter, EagleHead, PairFeed, new_head
 from outrider.drafters.heads import fingerprint, target_embedding
 from outrider.models import load_model
 from outrider.sampling import SamplingParams
@@ -100,8 +102,39 @@ def test_drafting_runs_the_layer_training_runs():
         cos, sin = _rope(torch.arange(7), head.cfg.head_dim, head.cfg.rope_theta, x.dtype)
         want, _, _ = head.block(x[None], cos, sin, None, None, None)
         want_logits = head.logits(want[0])
-    feats = drafter._linear(torch.cat(list(hidden.unbind(0)), -1), drafter._w[6])
-    pairs = drafter._pair(feats, tokens)
-    got = torch.cat([drafter._run(pairs[:4], 0), drafter._run(pairs[4:], 4)])
+    run = drafter.runner.run_rows
+    first, _ = run([PairFeed(0, 0, tokens[:4], hidden[:, :4], fuse=True)])[0]
+    second, last_logits = run([PairFeed(0, 4, tokens[4:], hidden[:, 4:], fuse=True, logits=True)])[0]
+    got = torch.cat([first, second])
     assert torch.allclose(got, want[0], atol=1e-5)
-    assert torch.allclose(drafter._logits(got), want_logits, atol=1e-5)
+    assert torch.allclose(drafter.runner.logits(got), want_logits, atol=1e-5)
+    assert torch.allclose(last_logits, want_logits[-1], atol=1e-5)
+
+
+def test_runner_rows_fed_together_equal_each_fed_alone():
+    """EagleRunner.run_rows with several slots (a batch's head steps in one pass): rows of
+    different lengths and cache positions, target states and stand-in features mixed, give what
+    each gives fed alone, and no row's cache sees another's."""
+    from outrider.drafters.eagle import EagleRunner
+
+    model = tiny_model("llama", seed=2)
+    embed = model.get_input_embeddings().weight.detach()
+    head = new_head(model.config, embed, "tiny", torch.arange(50), seed=3, max_positions=64)
+    g = torch.Generator().manual_seed(1)
+    D, V = head.cfg.hidden_size, embed.shape[0]
+    firsts = [PairFeed(s, 0, torch.randint(0, V, (n,), generator=g), torch.randn(3, n, embed.shape[1], generator=g),
+                       fuse=True) for s, n in enumerate((5, 2, 7))]
+    seconds = [PairFeed(0, 5, torch.randint(0, V, (1,), generator=g), torch.randn(1, D, generator=g), logits=True),
+               PairFeed(1, 2, torch.randint(0, V, (3,), generator=g), torch.randn(3, embed.shape[1], generator=g)[None]
+                        .expand(3, 3, -1).contiguous(), fuse=True, logits=True),
+               PairFeed(2, 7, torch.randint(0, V, (2,), generator=g), torch.randn(2, D, generator=g))]
+    alone = []
+    for a, b in zip(firsts, seconds):
+        r = EagleRunner(head, embed)
+        r.run_rows([replace(a, slot=0)])
+        alone.append(r.run_rows([replace(b, slot=0)])[0])
+    together = EagleRunner(head, embed, slots=3)
+    together.run_rows(firsts)
+    for (out, lg), (want_out, want_lg) in zip(together.run_rows(seconds), alone):
+        assert torch.allclose(out, want_out, atol=1e-5)
+        assert (lg is None) == (want_lg is None) and (lg is None or torch.allclose(lg, want_lg, atol=1e-5))

@@ -368,6 +368,10 @@ def test_bench_serve_counts_tokens_from_usage(bare_server, reference, tmp_path, 
         assert (row["ok"], row["errors"]) == (4, {})
         assert row["output_tokens"] == tokens  # from usage, not from the number of chunks
         assert row["ttft_ms"]["p50"] <= row["e2e_ms"]["p50"]
-        assert row["output_tokens_per_s"] > 0 and row["mean_tau"] >= 1
+        assert row["output_tokens_per_s"] > 0 and row["mean_tau"] >= 1 and row["per_request_tokens_per_s"] > 0
+        assert row["alpha"] is not None and 0 <= row["alpha"] <= 1  # prompt lookup drafted
+    assert [r["vs_first"] for r in rows[::2]] == [1.0, 1.0]  # a is the first server at each level
+    assert abs(rows[1]["vs_first"] - rows[1]["output_tokens_per_s"] / rows[0]["output_tokens_per_s"]) < 1e-9
     assert "| a | c=1 | 4/4 | 0 |" in capsys.readouterr().out
     assert (tmp_path / "out" / "serve.md").read_text().count("\n| ") == 5  # header + 4 rows
+    assert (tmp_path / "out" / "serve.png").stat().st_size > 0  # matplotlib: the bench extra, installed by make

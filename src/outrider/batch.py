@@ -12,11 +12,10 @@ round differently, as a verify forward does (DESIGN.md contract 1).
 
 Rows join (`add`) and leave between steps, so a server batches continuously.
 
-Drafters with a model of their own (draft_model) draft on their own slot of that model, in
-lockstep: each row's `propose` runs in a worker thread, and whenever every unfinished row waits
-in a draft forward, those forwards run as one `forward_rows` (so a chain of depth d costs d draft
-forwards for all rows together, not per row). The rows' Python runs one at a time under the GIL;
-each row reads only its own slot and its own results, so the order threads run in changes nothing.
+Drafters with a model of their own draft on their own slot of it, in lockstep (lockstep.py): a
+draft model's rows each hold a slot of the draft (LockstepRow), a head's rows share one copy of
+the head (the drafter class's `join_rows`); either way a chain of depth d costs d draft forwards
+for all rows together, not per row.
 
 Speculation is gated by measured cost. On a CPU verifying n tokens costs v(n) > 1 steps, and B
 rows' drafts add up: at some batch size a draft no longer pays for the tokens it costs. Before
@@ -24,10 +23,10 @@ each forward the gate keeps a row's draft only if it raises the step's expected 
 second, from the frozen cost table (BatchCosts: seconds of a forward of B rows x n tokens,
 measured once) and each row's measured accepted tokens per verified draft. A row whose drafts
 were dropped `probe_every` steps in a row is verified once anyway, so its estimate follows the
-text. A draft model's forwards cost time before any draft exists, so for it the gate decides
-earlier too: before drafting, whether this batch's drafts are expected to pay for the lockstep
-draft forwards and the larger verify (the draft model's own cost table); if not, the rows skip
-drafting this step. Seeded sampling rows are never gated: their random draws depend on the
+text. A draft model's or a head's forwards cost time before any draft exists, so for them the gate
+decides earlier too: before drafting, whether this batch's drafts are expected to pay for the
+lockstep draft forwards and the larger verify (the drafter's own cost table); if not, the rows
+skip drafting this step. Seeded sampling rows are never gated: their random draws depend on the
 drafts, and a seeded request must give the same tokens alone or in a batch (contract 3).
 """
 
@@ -36,7 +35,6 @@ from __future__ import annotations
 import copy
 import functools
 import statistics
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -45,14 +43,15 @@ from typing import Any, Sequence
 import torch
 
 from outrider.decoder import Chunk, Collector, GenerationRequest, GenerationResult, SpeculativeDecoder, _Sequence
-from outrider.models.base import RowForward, SlotRow
+from outrider.lockstep import Lockstep, LockstepRow
+from outrider.models.base import RowForward
 from outrider.stats import SpecStats
 from outrider.verify import verify_greedy_rows
 
 COST_SIZES = (1, 2, 4, 8, 16)  # tokens per row the cost table measures (root + draft)
 COST_CONTEXT = 64  # tokens already cached in each row while the costs are measured
 
-__all__ = ["BatchCosts", "BatchDecoder", "Lockstep", "LockstepRow", "Row"]
+__all__ = ["BatchCosts", "BatchDecoder", "Row"]
 
 
 @dataclass(frozen=True)
@@ -98,88 +97,21 @@ class BatchCosts:
         model.reset()
         return cls(tuple(sizes), tuple(table))
 
-
-class Lockstep:
-    """Runs several rows' calls together so that their forwards on one model meet: every forward
-    of a LockstepRow waits until each unfinished call waits in one too; then all run as one
-    forward_rows (rows in slot order, so the arithmetic does not depend on thread timing)."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self._cond = threading.Condition()
-        self._pending: dict[int, Any] = {}  # slot -> its RowForward
-        self._results: dict[int, Any] = {}
-        self._live = 0
-        self._running = False
-
-    def forward(self, row: Any) -> Any:
-        """Logits of one row's forward: at once outside `run` (a prefill), else with the others."""
-        if not self._running:
-            return self.model.forward_rows([row])[0]
-        with self._cond:
-            self._pending[row.slot] = row
-            self._cond.notify_all()
-            while row.slot not in self._results:
-                self._cond.wait()
-            return self._results.pop(row.slot)
-
-    def run(self, calls: Sequence[Any]) -> list[Any]:
-        """Each call's result; they run in worker threads, their forwards batched (class doc)."""
-        outs: list[Any] = [None] * len(calls)
-        errors: list[BaseException] = []
-
-        def work(i: int, call: Any) -> None:
-            try:
-                outs[i] = call()
-            except BaseException as e:  # re-raised in the caller's thread below
-                errors.append(e)
-            finally:
-                with self._cond:
-                    self._live -= 1
-                    self._cond.notify_all()
-
-        self._live, self._running = len(calls), True
-        threads = [threading.Thread(target=work, args=(i, c), daemon=True) for i, c in enumerate(calls)]
-        try:
-            for t in threads:
-                t.start()
-            with self._cond:
-                while True:
-                    self._cond.wait_for(lambda: self._live == 0 or len(self._pending) == self._live)
-                    if self._live == 0:
-                        break
-                    rows = [self._pending[s] for s in sorted(self._pending)]
-                    self._pending.clear()
-                    try:
-                        logits = self.model.forward_rows(rows)
-                    except BaseException as e:  # every waiting row gets the error instead of logits
-                        errors.append(e)
-                        logits = [e] * len(rows)
-                    for r, lg in zip(rows, logits):
-                        self._results[r.slot] = lg
-                    self._cond.notify_all()
-            for t in threads:
-                t.join()
-        finally:
-            self._running = False
-        if errors:
-            raise errors[0]
-        return outs
-
-
-class LockstepRow(SlotRow):
-    """One slot of a draft model, as the batch-1 CausalModel a row's drafter holds: its forwards go
-    through the Lockstep (module doc); the rest acts on its slot at once (SlotRow)."""
-
-    def __init__(self, lockstep: Lockstep, slot: int) -> None:
-        super().__init__(lockstep.model, slot)
-        self.lockstep = lockstep
-
-    def forward(self, ids: Any, num_logits: int | None = None, attn_mask: Any = None, positions: Any = None) -> Any:
-        out = self.lockstep.forward(RowForward(self.slot, ids, num_logits, attn_mask, positions))
-        if isinstance(out, BaseException):
-            raise out
-        return out
+    @classmethod
+    def measure_probe(cls, probe: Any, max_batch: int, repeats: int = 3) -> BatchCosts:
+        """A head's table: seconds of probe(rows), one draft step of `rows` rows, for 1..max_batch
+        (a step feeds one token per row, so every size reads the same)."""
+        table = []
+        for rows in range(1, max_batch + 1):
+            runs = []
+            for i in range(repeats + 1):  # the first run warms up
+                t0 = time.perf_counter()
+                probe(rows)
+                if i:
+                    runs.append(time.perf_counter() - t0)
+            s = statistics.median(runs)
+            table.append((s, s))
+        return cls((1, 2), tuple(table))
 
 
 @dataclass
@@ -198,6 +130,7 @@ class Row:
     verified_sum: float = 1.0
     drafted_sum: float = 1.0  # drafted tokens per verified draft, the same way (a prior set at add)
     dropped_streak: int = 0
+    joining: bool = True  # admitted, not prefilled yet (the next step prefills it)
 
     @property
     def expected_accepted(self) -> float:
@@ -214,10 +147,10 @@ class BatchDecoder:
     The decoder's target gets `max_batch` cache slots (use the BatchDecoder, not the decoder, from
     then on): on the native backend all rows share one forward; on the hf backend (any
     transformers model) they run one after another, interleaved step by step but with no
-    throughput gain. Its method must be one whose drafter batches
-    (autoregressive, prompt_lookup, suffix, draft_model with a native draft). gate: skip drafts that
-    cost more than they bring (module doc); costs / draft_costs: the target's and the draft model's
-    tables it decides by (None: measured now). probe_every: a gated row's draft is verified after
+    throughput gain. Its method must be one whose drafter batches (every built-in one: draft_model
+    needs a draft with slots). gate: skip drafts that cost more than they bring (module doc);
+    costs / draft_costs: the target's and the drafter's model's tables it decides by (None:
+    measured now). probe_every: a gated row's draft is verified after
     this many skipped ones; decay: the weight of a row's older drafts in its acceptance estimate."""
 
     def __init__(self, decoder: SpeculativeDecoder, max_batch: int = 4, *, gate: bool = True,
@@ -236,8 +169,8 @@ class BatchDecoder:
                 "SpeculativeDecoder.from_pretrained, or set decoder.new_drafter to a function returning one")
         if not getattr(type(decoder.drafter), "batches", False):
             raise ValueError(
-                f"method {decoder.method!r} does not batch yet: use autoregressive, prompt_lookup, suffix or "
-                "draft_model, or max_batch=1 through SpeculativeDecoder")
+                f"method {decoder.method!r} does not batch: use one whose drafter sets `batches` (every "
+                "built-in method does), or max_batch=1 through SpeculativeDecoder")
         draft = getattr(decoder.drafter, "model", None) if type(decoder.drafter).uses_draft_model else None
         if draft is not None and not hasattr(draft, "forward_rows"):
             raise ValueError(
@@ -251,17 +184,23 @@ class BatchDecoder:
         self.gate = gate and decoder.k > 0
         self.costs = costs if costs is not None or not self.gate else BatchCosts.measure(model, max_batch)
         # Per slot, reused by the requests that slot serves: a suffix drafter remembers their outputs.
-        # A draft model gets a slot per row too; its rows draft in lockstep.
-        self._lockstep = None
+        # A draft model gets a slot per row too, a head one copy for all rows; their rows draft in
+        # lockstep, and the gate reads their cost per draft step from a table of their own.
+        self._lockstep: Lockstep | None = None
         self.draft_costs = draft_costs
+        join = getattr(type(decoder.drafter), "join_rows", None)
         if draft is not None:
             draft.set_slots(max_batch)
             if self.gate and draft_costs is None:
                 self.draft_costs = BatchCosts.measure(draft, max_batch, sizes=(1, 2))
-            self._lockstep = Lockstep(draft)
-            self._drafters = [decoder.new_drafter(LockstepRow(self._lockstep, i)) for i in range(max_batch)]
+            self._lockstep = Lockstep(draft.forward_rows)
+            self._drafters = [decoder.new_drafter(LockstepRow(self._lockstep, draft, i)) for i in range(max_batch)]
         else:
             self._drafters = [decoder.new_drafter() for _ in range(max_batch)]
+            if join is not None:
+                self._lockstep, probe = join(self._drafters)
+                if self.gate and draft_costs is None:
+                    self.draft_costs = BatchCosts.measure_probe(probe, max_batch)
         self._adaptives = [copy.deepcopy(decoder.adaptive) for _ in range(max_batch)]
         self._rows: list[Row | None] = [None] * max_batch
 
@@ -274,7 +213,9 @@ class BatchDecoder:
         return self.max_batch - self.active
 
     def add(self, request: GenerationRequest, stats: SpecStats | None = None) -> Row:
-        """Admit a request into a free slot and prefill it; it advances with the next step."""
+        """Admit a request into a free slot. The next step prefills it, in the same forward as the
+        other rows' step (the weights read once for both: chunked prefill); it drafts from the
+        step after."""
         slot = next((i for i, r in enumerate(self._rows) if r is None), None)
         if slot is None:
             raise RuntimeError(f"the batch is full ({self.max_batch} rows): wait for a row to finish")
@@ -282,7 +223,7 @@ class BatchDecoder:
         dec = self.decoder
         state = dec._new_sequence(request, stats, True, self.model.row(slot), self._drafters[slot],
                                   self._adaptives[slot])
-        dec._prefill(state)
+        state.model.reset()
         # Prior: 2 drafted tokens per draft. k is only a cap (k="auto" drafters stop far earlier),
         # and a prior of k made the gate skip a draft model's drafts at batch 4-8 (0.9x measured).
         row = Row(slot, request, state, stats, exempt=request.seed is not None and not request.sampling.greedy,
@@ -296,21 +237,35 @@ class BatchDecoder:
             self._rows[row.slot] = None
 
     def step(self) -> list[tuple[Row, Chunk]]:
-        """One draft -> verify -> commit step for every row, in one target forward. Returns each
-        row's committed chunk; rows that finished leave the batch."""
-        rows = [r for r in self._rows if r is not None]
-        if not rows:
+        """One draft -> verify -> commit step for every row, in one target forward that also
+        prefills the rows admitted since the last step. Returns each stepped row's committed
+        chunk; rows that finished leave the batch."""
+        rows = [r for r in self._rows if r is not None and not r.joining]
+        joining = [r for r in self._rows if r is not None and r.joining]
+        if not rows and not joining:
             return []
         dec = self.decoder
-        if self._lockstep is not None:
+        t0 = dec.clock()
+        if not rows:
+            plans = []
+        elif self._lockstep is not None:
             caps = self._draft_caps(rows) if self.gate else [None] * len(rows)
             plans = self._lockstep.run([functools.partial(dec._plan, r.state, c) for r, c in zip(rows, caps)])
         else:
             plans = [dec._plan(r.state) for r in rows]
-        if self.gate:
+        if self.gate and rows:
             self._gate(rows, plans)
-        logits = self.model.forward_rows(
-            [RowForward(r.slot, p.ids, None, p.attn_mask, p.positions) for r, p in zip(rows, plans)])
+        feeds = [RowForward(r.slot, p.ids, None, p.attn_mask, p.positions) for r, p in zip(rows, plans)]
+        prefills = [(r, dec._prefill_ids(r.state)) for r in joining]
+        feeds += [RowForward(r.slot, ids.to(self.model.device), 0) for r, ids in prefills if ids is not None]
+        logits = self.model.forward_rows(feeds) if feeds else []
+        hidden = self.model.row_hidden if dec.hidden_layers and feeds else [None] * len(feeds)
+        for r, h in zip(rows, hidden):  # each row's hidden states of this forward, for its head (_complete)
+            r.state.model.hidden = h
+        later = iter(hidden[len(rows):])
+        for r, ids in prefills:
+            dec._begin(r.state, next(later) if ids is not None else None, t0)
+            r.joining = False
         verdicts = _greedy_chain_verdicts(rows, plans, logits)
         out = []
         for r, p, lg, v in zip(rows, plans, logits, verdicts):

@@ -555,11 +555,21 @@ class SpeculativeDecoder:
         t0 = self.clock()
         target = state.model
         target.reset()
-        if state.n_prompt > 1:
-            # The last prompt token is fed with the first draft, so every step scores d+1 tokens.
-            target.forward(state.seq[: state.n_prompt - 1].to(target.device), num_logits=0)
-            if self.hidden_layers:
-                state.hidden = target.hidden
+        ids = self._prefill_ids(state)
+        if ids is not None:
+            target.forward(ids.to(target.device), num_logits=0)
+        self._begin(state, target.hidden if ids is not None else None, t0)
+
+    @staticmethod
+    def _prefill_ids(state: _Sequence) -> torch.Tensor | None:
+        """The prompt tokens a prefill feeds (all but the last: it is fed with the first draft, so
+        every step scores d+1 tokens); None for a one-token prompt."""
+        return state.seq[: state.n_prompt - 1] if state.n_prompt > 1 else None
+
+    def _begin(self, state: _Sequence, hidden: torch.Tensor | None, t0: float) -> None:
+        """After the prefill forward (hidden: its captured states): start the drafter and the stats."""
+        if self.hidden_layers:
+            state.hidden = hidden
         state.drafter.begin(state.seq[: state.n_prompt])
         if state.adaptive is not None and not self._learning:
             state.adaptive.reset()  # each request decides from the prior and its own history (contract 3)

@@ -64,13 +64,18 @@ def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> d
         torch.set_num_threads(cfg.threads)
     load = dict(dtype=cfg.dtype, backend="native" if cfg.backend == "auto" else cfg.backend, device=cfg.device)
     decoders = {"autoregressive": SpeculativeDecoder.from_pretrained(cfg.target, method="autoregressive", **load)}
+    from outrider.bench.peers import split_options
     from outrider.bench.runner import model_dirs
     from outrider.drafters import drafter_class
 
     draft = model_dirs(cfg)[1]
     for m in methods:
-        uses = drafter_class(m).uses_draft_model
-        decoders[m] = SpeculativeDecoder.from_pretrained(cfg.target, draft=draft if uses else None, method=m, **load)
+        name, options = split_options(m)  # e.g. eagle@w=2@k=6
+        cls = drafter_class(name)
+        # A head folder takes the draft's place (None: the embedded target's own head).
+        path = cfg.head if getattr(cls, "uses_head", False) else draft if cls.uses_draft_model else None
+        decoders[m] = SpeculativeDecoder.from_pretrained(cfg.target, draft=path, method=name, k=options.get("k", cfg.k),
+                                                         width=options.get("w"), **load)
     tok = decoders["autoregressive"].tokenizer
     requests = [GenerationRequest(render_prompt(tok, q, 0, []), max_new_tokens=cfg.max_new_tokens) for q in questions]
     largest = max(batch_sizes)
@@ -87,7 +92,7 @@ def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> d
         runs = [("autoregressive", decoders["autoregressive"], False)]
         runs += [(m, decoders[m], True) for m in methods] + [(f"{m} (no gate)", decoders[m], False) for m in methods]
         for label, dec, gate in runs:
-            name = label.split(" ")[0]
+            name = label.split(" (")[0]
             batch = BatchDecoder(dec, max_batch=size, gate=gate, costs=costs.get(name))
             batch.generate(warm)  # warm-up
             wall, results = _run(batch, requests)

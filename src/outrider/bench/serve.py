@@ -36,7 +36,9 @@ class RequestResult:
     e2e_s: float | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0  # from usage: committed tokens
-    tau: float | None = None  # outrider's per-request figure, when the server sends it
+    tau: float | None = None  # outrider's per-request figures, when the server sends them
+    drafted: int = 0
+    accepted: int = 0
 
     @property
     def tpot_s(self) -> float | None:
@@ -154,7 +156,9 @@ async def send(client: Any, cfg: LoadConfig, target: Target, model: str, prompt:
                     result.prompt_tokens = obj["usage"]["prompt_tokens"]
                     result.output_tokens = obj["usage"]["completion_tokens"]
                 if obj.get("outrider"):
-                    result.tau = obj["outrider"].get("tau")
+                    figures = obj["outrider"]
+                    result.tau = figures.get("tau")
+                    result.drafted, result.accepted = figures.get("drafted", 0), figures.get("accepted", 0)
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         return RequestResult(ok=False, error=type(e).__name__)
     result.e2e_s = time.perf_counter() - t0
@@ -206,6 +210,8 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO) -> 
         if not r.ok:
             errors[r.error or "error"] = errors.get(r.error or "error", 0) + 1
     taus = [r.tau for r in ok if r.tau is not None]
+    drafted = sum(r.drafted for r in ok)
+    per_request = [r.output_tokens / r.e2e_s for r in ok if r.e2e_s]
     return {
         "requests": len(results), "ok": len(ok), "errors": errors, "duration_s": duration_s,
         "ttft_ms": _percentiles([r.ttft_s for r in ok]),
@@ -215,7 +221,9 @@ def summarize(results: Sequence[RequestResult], duration_s: float, slo: SLO) -> 
         "output_tokens_per_s": sum(r.output_tokens for r in ok) / duration_s if duration_s > 0 else 0.0,
         "requests_per_s": len(ok) / duration_s if duration_s > 0 else 0.0,
         "goodput_requests_per_s": sum(slo.met(r) for r in results) / duration_s if duration_s > 0 else 0.0,
+        "per_request_tokens_per_s": float(np.mean(per_request)) if per_request else None,
         "mean_tau": sum(taus) / len(taus) if taus else None,
+        "alpha": sum(r.accepted for r in ok) / drafted if drafted else None,
     }
 
 
@@ -241,6 +249,10 @@ async def run_load(cfg: LoadConfig) -> list[dict[str, Any]]:
             results, duration = await run_level(cfg, target, models[target], level)
             rows.append({"server": target.label, "url": target.url, "model": models[target],
                          "concurrency": level, "rate": cfg.rate, **summarize(results, duration, cfg.slo)})
+        # Each server's throughput against the first one's at this level (e.g. speculation on vs off).
+        first = rows[-len(cfg.targets)]["output_tokens_per_s"]
+        for row in rows[-len(cfg.targets):]:
+            row["vs_first"] = row["output_tokens_per_s"] / first if first else None
     return rows
 
 
@@ -256,17 +268,44 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"{report['config']['max_tokens']}, temperature {report['config']['temperature']}; goodput SLO: {limits}",
         "",
         "| server | load | ok | errors | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms | e2e p50/p90/p99 ms "
-        "| output tok/s | goodput req/s | tau |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| output tok/s | vs {report['results'][0]['server'] if report['results'] else 'first'} "
+        "| per-request tok/s | goodput req/s | tau | alpha |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["results"]:
         load = f"c={row['concurrency']}" if row["concurrency"] is not None else f"{row['rate']:g} req/s"
         errors = ", ".join(f"{k}: {v}" for k, v in row["errors"].items()) or "0"
         tau = f"{row['mean_tau']:.2f}" if row["mean_tau"] is not None else "-"
+        alpha = f"{row['alpha']:.2f}" if row.get("alpha") is not None else "-"
+        vs = f"{row['vs_first']:.2f}x" if row.get("vs_first") is not None else "-"
+        per = f"{row['per_request_tokens_per_s']:.1f}" if row.get("per_request_tokens_per_s") is not None else "-"
         lines.append(f"| {row['server']} | {load} | {row['ok']}/{row['requests']} | {errors} | {_fmt(row['ttft_ms'])} "
-                     f"| {_fmt(row['tpot_ms'])} | {_fmt(row['e2e_ms'])} | {row['output_tokens_per_s']:.1f} "
-                     f"| {row['goodput_requests_per_s']:.2f} | {tau} |")
+                     f"| {_fmt(row['tpot_ms'])} | {_fmt(row['e2e_ms'])} | {row['output_tokens_per_s']:.1f} | {vs} "
+                     f"| {per} | {row['goodput_requests_per_s']:.2f} | {tau} | {alpha} |")
     return "\n".join(lines) + "\n"
+
+
+def _plot(out: Path, report: dict[str, Any]) -> bool:
+    """serve.png: output tokens/s against concurrency, one line per server (with matplotlib)."""
+    from outrider.bench.report import _pyplot
+
+    rows = [r for r in report["results"] if r["concurrency"] is not None]
+    plt = _pyplot()
+    if plt is None or not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for server in dict.fromkeys(r["server"] for r in rows):
+        pts = [(r["concurrency"], r["output_tokens_per_s"]) for r in rows if r["server"] == server]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=server)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("output tokens/s")
+    ax.set_xticks(sorted({r["concurrency"] for r in rows}))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "serve.png", dpi=120)
+    plt.close(fig)
+    return True
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
@@ -333,5 +372,6 @@ def run_from_args(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "serve.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "serve.md").write_text(markdown)
-        print(f"Written to {out}/serve.json and serve.md")
+        plotted = _plot(out, report)
+        print(f"Written to {out}/serve.json and serve.md" + (" and serve.png" if plotted else ""))
     return 0

@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, empty_draft, register
 from outrider.drafters.heads import fingerprint, load_head, save_head, target_embedding
+from outrider.lockstep import Lockstep
 from outrider.sampling import probs_from_logits, sample
 
 CONFIG_NAME = "eagle_config.json"
@@ -147,12 +148,120 @@ class EagleHead(nn.Module):
                          dtype, device)
 
 
+@dataclass
+class PairFeed:
+    """One row's pairs for the head's layer (EagleRunner.run_rows): pair j is (its feature, the
+    embedding of tokens[j]), written at cache position start + j of the row's slot."""
+
+    slot: int
+    start: int
+    tokens: Tensor  # (T,) long: the token after each pair's feature
+    states: Tensor  # (T, D) head outputs standing in for features; with fuse, (L, T, D_t) target states
+    fuse: bool = False  # states are the target's: fuse them into features first
+    mask: Tensor | None = None  # (T, start + T) bool; None: causal after the cache
+    positions: Tensor | None = None  # (T,) RoPE positions; None: the cache positions
+    logits: bool = False  # also return the reduced-vocabulary logits (N,) at the last pair
+
+
+class EagleRunner:
+    """The head's arithmetic for `slots` sequences: its weights packed once, RoPE tables, and per
+    slot a KV cache and the head's output at every position. run_rows feeds several rows' pairs in
+    one pass: every matmul over all rows' pairs at once (the weights are read once for all rows),
+    attention per row over its own slot (so no row sees another)."""
+
+    def __init__(self, head: EagleHead, embed: Tensor, slots: int = 1) -> None:
+        cfg = head.cfg
+        self.head, self.embed, self.slots = head, embed, slots
+        self.device = embed.device
+        self.dtype = next(head.parameters()).dtype
+        H, hd, cap = cfg.num_heads, cfg.head_dim, cfg.max_positions
+        self.k_cache = torch.zeros(slots, H, cap, hd, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros(slots, H, cap, hd, dtype=self.dtype, device=self.device)
+        self.outs = torch.zeros(slots, cap, cfg.hidden_size, dtype=self.dtype, device=self.device)
+        self._cos, self._sin = _rope(torch.arange(cap, device=self.device), hd, cfg.rope_theta, self.dtype)
+        # Drafting runs a few pairs at a time: bf16 weights packed once for oneDNN where that works
+        # (the native backend's measured 2-2.6x faster matmuls), else plain F.linear.
+        from outrider.models.llama import _packed_linear, linear_packer
+
+        pack = linear_packer(self.dtype, self.device)
+        weights = (head.inp.weight, head.wqkv.weight, head.wo.weight, head.w_gate_up.weight, head.w_down.weight,
+                   head.lm_head.weight, head.fuse.weight)
+        self._w = [pack(w.detach()) if pack else w.detach() for w in weights]
+        self._linear = (lambda x, w: _packed_linear(x, w, None)) if pack else (lambda x, w: F.linear(x, w))
+
+    def logits(self, out: Tensor) -> Tensor:
+        """Head outputs (..., D) -> reduced-vocabulary logits (..., N) (EagleHead.logits)."""
+        return self._linear(_rms(out, self.head.norm, self.head.cfg.rms_norm_eps), self._w[5])
+
+    @torch.inference_mode()
+    def run_rows(self, feeds: list[PairFeed]) -> list[tuple[Tensor, Tensor | None]]:
+        """Each feed's head outputs (T, D) and, when it asks, its last pair's logits (N,) float32."""
+        cfg, lin = self.head.cfg, self._linear
+        H, hd, eps, cap = cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps, cfg.max_positions
+        w_inp, w_qkv, w_o, w_gu, w_down = self._w[:5]
+        sizes = [int(f.tokens.shape[0]) for f in feeds]
+        for f, T in zip(feeds, sizes):
+            if f.start + T > cap:
+                raise ValueError(f"the EAGLE head holds {cap} positions; the sequence needs {f.start + T}")
+        feats = [f.states for f in feeds]
+        fused = [i for i, f in enumerate(feeds) if f.fuse]
+        if fused:  # EagleHead.fuse_features, for all rows' target states in one matmul
+            states = torch.cat([torch.cat(list(feeds[i].states.to(self.dtype).unbind(0)), -1) for i in fused])
+            for i, part in zip(fused, lin(states, self._w[6]).split([sizes[i] for i in fused])):
+                feats[i] = part
+        tokens = torch.cat([f.tokens for f in feeds]).to(self.device)
+        x = lin(torch.cat([torch.cat(feats), F.embedding(tokens, self.embed)], dim=-1), w_inp)  # EagleHead.pairs
+        # The head's block (EagleHead.block), keys and values written into each row's slot.
+        q, k, v = lin(_rms(x, self.head.attn_norm, eps), w_qkv).view(-1, 3, H, hd).unbind(1)  # (N, H, hd) each
+        ys = []
+        for f, qi, ki, vi in zip(feeds, q.split(sizes), k.split(sizes), v.split(sizes)):
+            T, start = qi.shape[0], f.start
+            end = start + T
+            if f.positions is None:
+                cos, sin = self._cos[start:end], self._sin[start:end]
+            else:
+                cos, sin = self._cos[f.positions], self._sin[f.positions]
+            mask = f.mask
+            if mask is None and T > 1:
+                ar = torch.arange(end, device=self.device)
+                mask = ar[None, :] <= ar[start:end, None]  # (T, end) causal after the cache
+            self.k_cache[f.slot, :, start:end] = _apply_rope(ki, cos, sin).transpose(0, 1)
+            self.v_cache[f.slot, :, start:end] = vi.transpose(0, 1)
+            y = F.scaled_dot_product_attention(_apply_rope(qi, cos, sin).transpose(0, 1)[None],
+                                               self.k_cache[f.slot : f.slot + 1, :, :end],
+                                               self.v_cache[f.slot : f.slot + 1, :, :end], attn_mask=mask)
+            ys.append(y[0].transpose(0, 1).reshape(T, H * hd))
+        x = x + lin(torch.cat(ys), w_o)
+        gate, up = lin(_rms(x, self.head.mlp_norm, eps), w_gu).chunk(2, dim=-1)
+        outs = list((x + lin(F.silu(gate) * up, w_down)).split(sizes))
+        for f, o in zip(feeds, outs):
+            self.outs[f.slot, f.start : f.start + o.shape[0]] = o
+        logits: list[Tensor | None] = [None] * len(feeds)
+        want = [i for i, f in enumerate(feeds) if f.logits]
+        if want:  # the output layer (the head's largest matmul) once for all rows that asked
+            for i, lg in zip(want, self.logits(torch.stack([outs[i][-1] for i in want])).float().unbind(0)):
+                logits[i] = lg
+        return list(zip(outs, logits))
+
+    def probe_rows(self, rows: int) -> None:
+        """One draft step for `rows` rows on scratch pairs (the batch gate times it; call it while
+        the slots hold no sequence)."""
+        D = self.head.cfg.hidden_size
+        at = min(64, self.head.cfg.max_positions - 1)
+        zero = torch.zeros(1, D, dtype=self.dtype, device=self.device)
+        self.run_rows([PairFeed(s, at, torch.zeros(1, dtype=torch.long, device=self.device), zero, logits=True)
+                       for s in range(rows)])
+
+
 @register("eagle")
 class EagleDrafter:
     uses_draft_model: ClassVar[bool] = False
     uses_head: ClassVar[bool] = True  # `draft` is a head folder written by `outrider train drafter`
     stops_on_confidence: ClassVar[bool] = True
     default_k: ClassVar[int] = 4
+    # In a batch the rows share one EagleRunner, a slot each, and their head steps run together,
+    # one per depth (lockstep.py; join_rows).
+    batches: ClassVar[bool] = True
 
     def __init__(self, head: EagleHead, embed: Tensor, target_vocab_size: int, k: int = 4, width: int = 1) -> None:
         if k < 1:
@@ -171,29 +280,32 @@ class EagleDrafter:
         self.hidden_layers = cfg.target_layers
         self.device = embed.device
         self.dtype = next(head.parameters()).dtype
-        H, hd, cap = cfg.num_heads, cfg.head_dim, cfg.max_positions
-        self._k_cache = torch.zeros(1, H, cap, hd, dtype=self.dtype, device=self.device)
-        self._v_cache = torch.zeros(1, H, cap, hd, dtype=self.dtype, device=self.device)
-        self._cos, self._sin = _rope(torch.arange(cap, device=self.device), hd, cfg.rope_theta, self.dtype)
+        self._attach(EagleRunner(self.head, embed), 0, None)
         self._pairs = 0  # pairs with the target's own features in the cache
         self._last_out: Tensor | None = None  # (D,) head output at the last such pair
-        self._outs = torch.zeros(cap, cfg.hidden_size, dtype=self.dtype, device=self.device)  # output per slot
-        # Drafting runs one pair at a time: bf16 weights packed once for oneDNN where that works
-        # (the native backend's measured 2-2.6x faster matmuls), else plain F.linear.
-        from outrider.models.llama import _packed_linear, linear_packer
-
-        pack = linear_packer(self.dtype, self.device)
-        h = self.head
-        weights = (h.inp.weight, h.wqkv.weight, h.wo.weight, h.w_gate_up.weight, h.w_down.weight, h.lm_head.weight,
-                   h.fuse.weight)
-        self._w = [pack(w.detach()) if pack else w.detach() for w in weights]
-        self._linear = (lambda x, w: _packed_linear(x, w, None)) if pack else (lambda x, w: F.linear(x, w))
+        self._last_logits: Tensor | None = None  # (N,) its logits, when read computed them
         self.width = width
         self._grower = None
         if width > 1:  # EAGLE-2 trees: the draft model's tree growth over this head's pair positions
             from outrider.drafters.draft_model import DraftModel
 
             self._grower = DraftModel(_PairModel(self), target_vocab_size, k=k, width=width)
+
+    def _attach(self, runner: EagleRunner, slot: int, call: Any) -> None:
+        """Run on `slot` of `runner`, feeding through `call` (a Lockstep's; None: the runner alone)."""
+        self.runner, self.slot = runner, slot
+        self._call = call if call is not None else (lambda feed: runner.run_rows([feed])[0])
+
+    @classmethod
+    def join_rows(cls, drafters: list[EagleDrafter]) -> tuple[Lockstep, Any]:
+        """Make a batch's per-row drafters share one runner, a slot each, their head steps in one
+        Lockstep. Returns the lockstep and a probe(rows) for timing a step of `rows` rows."""
+        runner = EagleRunner(drafters[0].head, drafters[0].embed, slots=len(drafters))
+        lockstep = Lockstep(runner.run_rows)
+        for slot, d in enumerate(drafters):
+            d.head, d.embed = runner.head, runner.embed  # one copy of the weights for all rows
+            d._attach(runner, slot, lockstep.call)
+        return lockstep, runner.probe_rows
 
     @classmethod
     def build(cls, ctx: BuildContext) -> EagleDrafter:
@@ -213,53 +325,14 @@ class EagleDrafter:
 
     def begin(self, prompt: Tensor) -> None:
         self._pairs = 0
-        self._last_out = None
+        self._last_out = self._last_logits = None
         if self._grower is not None:
             self._grower.model.reset()
 
-    @torch.inference_mode()
-    def _run(self, x: Tensor, start: int, mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
-        """Feed pair inputs x (T, D) at cache slots start.. ; returns outputs (T, D). mask (T, start + T)
-        bool (None: causal) and positions (T,) (None: the slots) serve trees."""
-        T = x.shape[0]
-        end = start + T
-        if end > self.head.cfg.max_positions:
-            raise ValueError(f"the EAGLE head holds {self.head.cfg.max_positions} positions; the sequence needs {end}")
-        if positions is None:
-            cos, sin = self._cos[start:end], self._sin[start:end]
-        else:
-            cos, sin = self._cos[positions], self._sin[positions]
-        if mask is None and T > 1:
-            ar = torch.arange(end, device=self.device)
-            mask = ar[None, :] <= ar[start:end, None]  # (T, end) causal after the cache
-        cfg, lin = self.head.cfg, self._linear
-        H, hd, eps = cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps
-        w_qkv, w_o, w_gu, w_down = self._w[1:5]
-        # The head's block (EagleHead.block), one sequence, keys and values written into the cache.
-        q, k, v = lin(_rms(x, self.head.attn_norm, eps), w_qkv).view(T, 3, H, hd).unbind(1)  # (T, H, hd) each
-        self._k_cache[0, :, start:end] = _apply_rope(k, cos, sin).transpose(0, 1)
-        self._v_cache[0, :, start:end] = v.transpose(0, 1)
-        y = F.scaled_dot_product_attention(_apply_rope(q, cos, sin).transpose(0, 1)[None],
-                                           self._k_cache[:, :, :end], self._v_cache[:, :, :end], attn_mask=mask)
-        x = x + lin(y[0].transpose(0, 1).reshape(T, H * hd), w_o)
-        gate, up = lin(_rms(x, self.head.mlp_norm, eps), w_gu).chunk(2, dim=-1)
-        out = x + lin(F.silu(gate) * up, w_down)
-        self._outs[start:end] = out
-        return out
-
-    def _pair(self, feats: Tensor, tokens: Tensor) -> Tensor:
-        """Pair inputs (T, D) from features (T, D) and the next tokens (T,) (EagleHead.pairs)."""
-        return self._linear(torch.cat([feats, F.embedding(tokens, self.embed)], dim=-1), self._w[0])
-
-    def _logits(self, out: Tensor) -> Tensor:
-        """Head outputs (..., D) -> reduced-vocabulary logits (..., N) (EagleHead.logits)."""
-        return self._linear(_rms(out, self.head.norm, self.head.cfg.rms_norm_eps), self._w[5])
-
-    def _q(self, out: Tensor, step: DraftStep, confident: bool) -> tuple[Tensor, Tensor | None, float | None]:
-        """Head output (D,) -> (draft token id, q over the full vocabulary (V,) when sampling, and
+    def _q(self, logits: Tensor, step: DraftStep, confident: bool) -> tuple[Tensor, Tensor | None, float | None]:
+        """Reduced logits (N,) -> (draft token id, q over the full vocabulary (V,) when sampling, and
         q of the token when `confident` asks for it: k="auto" reads it; otherwise it costs a
         softmax and a host sync per token for nothing)."""
-        logits = self._logits(out[None])[0].float()  # (N,)
         d2t = self.head.d2t
         if step.sampling.greedy:
             i = logits.argmax(-1)
@@ -276,17 +349,22 @@ class EagleDrafter:
         return self.draft(step)
 
     @torch.inference_mode()
-    def read(self, step: DraftStep) -> None:
+    def read(self, step: DraftStep, logits: bool = True) -> None:
         """Feed the target's states of the newly committed tokens into the head's cache (every step,
-        whether or not the head drafts then: drafters/hybrid.py may draft from elsewhere)."""
+        whether or not the head drafts then: drafters/hybrid.py may draft from elsewhere; it passes
+        logits=False when it will not, which saves the output layer)."""
         if step.hidden is not None and step.hidden.shape[1]:
-            feats = self._linear(torch.cat(list(step.hidden.to(self.dtype).unbind(0)), -1), self._w[6])  # (m, D)
-            m = feats.shape[0]
+            m = step.hidden.shape[1]
             j0 = self._pairs
             nxt = step.tokens[j0 + 1 : j0 + 1 + m].to(self.device)  # token j+1 of each pair j
-            out = self._run(self._pair(feats, nxt), j0)
+            out, self._last_logits = self._call(PairFeed(self.slot, j0, nxt, step.hidden, fuse=True, logits=logits))
             self._pairs += m
             self._last_out = out[-1]
+
+    def _root_logits(self) -> Tensor:
+        if self._last_logits is None:  # read skipped the output layer
+            self._last_logits = self.runner.logits(self._last_out[None])[0].float()
+        return self._last_logits
 
     @torch.inference_mode()
     def draft(self, step: DraftStep) -> Draft:
@@ -295,16 +373,15 @@ class EagleDrafter:
         if k < 1 or self._last_out is None:
             return empty_draft(self.device)
         if self._grower is not None and k > 1:
-            logits = self._logits(self._last_out[None])[0].float()  # (N,)
-            full = logits.new_full((self.vocab_size,), float("-inf"))
-            full[self.head.d2t] = logits
+            full = self._root_logits().new_full((self.vocab_size,), float("-inf"))
+            full[self.head.d2t] = self._root_logits()
             return self._grower.grow_tree(step, full, k)
         keep_drafting = step.adaptive.keep_drafting if step.adaptive is not None else None
         tokens, probs = [], []
         confidences: list[float] | None = [] if keep_drafting is not None else None
-        out = self._last_out
+        logits = self._root_logits()
         for i in range(k):
-            x, q, confidence = self._q(out, step, confidences is not None)
+            x, q, confidence = self._q(logits, step, confidences is not None)
             tokens.append(x)
             if q is not None:
                 probs.append(q)
@@ -312,8 +389,9 @@ class EagleDrafter:
                 confidences.append(confidence)
             if i + 1 == k or (confidences is not None and not keep_drafting(confidences)):
                 break
-            # The next pair: this output stands in for the feature of the token just drafted.
-            out = self._run(self._pair(out[None], x.view(1)), self._pairs + i)[-1]
+            # The next pair: the last output stands in for the feature of the token just drafted.
+            out = self.runner.outs[self.slot, self._pairs - 1 + i]
+            _, logits = self._call(PairFeed(self.slot, self._pairs + i, x.view(1), out[None], logits=True))
         return Draft(torch.stack(tokens), torch.stack(probs) if probs else None, confidences, forwards=len(tokens))
 
     def update(self, path: list[int]) -> None:
@@ -321,15 +399,13 @@ class EagleDrafter:
         if self._grower is not None:
             self._grower.model.reset()
 
-
     @torch.inference_mode()
     def probe(self) -> None:
         """One draft step on a scratch pair (for cost calibration; the committed pairs are kept)."""
         D = self.head.cfg.hidden_size
-        pair = self._pair(torch.zeros(1, D, dtype=self.dtype, device=self.device),
-                          torch.zeros(1, dtype=torch.long, device=self.device))
         at = min(self._pairs + 64, self.head.cfg.max_positions - 1)
-        self._logits(self._run(pair, at)).argmax(-1)
+        self._call(PairFeed(self.slot, at, torch.zeros(1, dtype=torch.long, device=self.device),
+                            torch.zeros(1, D, dtype=self.dtype, device=self.device), logits=True))
 
 
 def new_head(
@@ -383,10 +459,11 @@ class _PairModel:
         assert attn_mask is not None and attn_mask.shape == (ids.shape[0], start + ids.shape[0]), "tree feeds only"
         seen = attn_mask[:, :start].to(self.device)
         parent_slot = (seen * torch.arange(1, start + 1, device=self.device)).argmax(-1)  # last visible slot
-        feats = e._outs[parent_slot]  # (T, D)
-        out = e._run(e._pair(feats, ids.to(self.device)), start, attn_mask.to(self.device), positions)
+        feats = e.runner.outs[e.slot][parent_slot]  # (T, D)
+        out, _ = e._call(PairFeed(e.slot, start, ids.to(self.device), feats, mask=attn_mask.to(self.device),
+                                  positions=positions))
         self._extra += ids.shape[0]
-        small = e._logits(out).float()  # (T, N)
+        small = e.runner.logits(out).float()  # (T, N)
         full = small.new_full((ids.shape[0], self.vocab_size), float("-inf"))
         full[:, e.head.d2t] = small
         return full

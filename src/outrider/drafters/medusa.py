@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, empty_draft, register
 from outrider.drafters.heads import fingerprint, load_head, save_head, target_embedding
+from outrider.lockstep import Lockstep
 
 CONFIG_NAME = "medusa_config.json"
 
@@ -97,12 +98,21 @@ def new_heads(target_config: object, embed: Tensor, lm_head: Tensor, name: str, 
     return heads
 
 
+@dataclass
+class HeadsFeed:
+    """One row's newest target state (D,) for the heads (a batch runs all rows' at once)."""
+
+    slot: int
+    state: Tensor
+
+
 @register("medusa")
 class MedusaDrafter:
     uses_draft_model: ClassVar[bool] = False
     uses_head: ClassVar[bool] = True
     stops_on_confidence: ClassVar[bool] = False
     default_k: ClassVar[int] = 10  # tree nodes
+    batches: ClassVar[bool] = True  # the rows' heads run together in a batch (join_rows)
 
     def __init__(self, heads: MedusaHeads, vocab_size: int, k: int = 10) -> None:
         if k < 1:
@@ -120,6 +130,8 @@ class MedusaDrafter:
         self.dtype = next(heads.parameters()).dtype
         self._last: Tensor | None = None  # (D,) the newest known target state
         self._shapes: dict[int, tuple[list[int], list[int], list[int]]] = {}
+        self.slot = 0  # in a batch, the row's slot in the heads' lockstep (join_rows)
+        self._call = lambda feed: self.heads(feed.state.to(self.dtype)).float()
 
     @classmethod
     def build(cls, ctx: BuildContext) -> MedusaDrafter:
@@ -136,6 +148,27 @@ class MedusaDrafter:
 
     def begin(self, prompt: Tensor) -> None:
         self._last = None
+
+    @classmethod
+    def join_rows(cls, drafters: list[MedusaDrafter]) -> tuple[Lockstep, Any]:
+        """A batch's rows share one copy of the heads and run them together, on all rows' newest
+        states in one call. Returns the lockstep and a probe(rows) for timing a call of `rows` rows."""
+        heads = drafters[0].heads
+
+        def run_rows(feeds: list[HeadsFeed]) -> list[Tensor]:
+            with torch.inference_mode():
+                return list(heads(torch.stack([f.state for f in feeds]).to(drafters[0].dtype)).float().unbind(1))
+
+        lockstep = Lockstep(run_rows)
+        for slot, d in enumerate(drafters):
+            d.heads, d._call = heads, lockstep.call
+            d.slot = slot
+
+        def probe(rows: int) -> None:
+            zero = torch.zeros(heads.cfg.target_hidden, dtype=drafters[0].dtype, device=drafters[0].device)
+            run_rows([HeadsFeed(s, zero) for s in range(rows)])
+
+        return lockstep, probe
 
     def _shape(self, k: int) -> tuple[list[int], list[int], list[int]]:
         """The k best nodes of the product tree: (parents, head index, rank), topological."""
@@ -165,7 +198,7 @@ class MedusaDrafter:
         k = min(step.k, self.k)
         if self._last is None or k < 1:
             return empty_draft(self.device)
-        logits = self.heads(self._last.to(self.dtype)).float()  # (K, N)
+        logits = self._call(HeadsFeed(self.slot, self._last))  # (K, N)
         top = [torch.topk(logits[i], w).indices for i, w in enumerate(self.heads.cfg.widths)]
         parents, depth, rank = self._shape(k)
         d2t = self.heads.d2t
