@@ -558,7 +558,7 @@ class SpeculativeDecoder:
         ids = self._prefill_ids(state)
         if ids is not None:
             target.forward(ids.to(target.device), num_logits=0)
-        self._begin(state, target.hidden if ids is not None else None, t0)
+        self._begin(state, target.hidden if ids is not None and self.hidden_layers else None, t0)
 
     @staticmethod
     def _prefill_ids(state: _Sequence) -> torch.Tensor | None:
