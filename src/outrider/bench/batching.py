@@ -5,7 +5,8 @@ Every run decodes the same requests (each question's first turn, through the cha
 instruction model) with all of them queued at once, so `max_batch` rows run together and a row
 that finishes is replaced by the next request (continuous batching). Per batch size, interleaved:
 autoregressive (speculation off), then each method with the cost gate (its normal mode) and
-without it (every draft verified: what the gate saves). Figures per run:
+without it (every draft verified: what the gate saves); with --repeats R the whole round runs R
+times and each figure is the median run's. Figures per run:
 - throughput: new tokens of all requests / wall time of the run;
 - per-request tokens/s: the mean of each request's new tokens / its decode time;
 - tau and alpha over all rows; and the share of requests whose tokens equal the batch-1
@@ -68,12 +69,15 @@ def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> d
     from outrider.bench.runner import model_dirs
     from outrider.drafters import drafter_class
 
+    from outrider.demo import eagle_head
+
     draft = model_dirs(cfg)[1]
+    head = eagle_head(cfg.target, cfg.head, decoders["autoregressive"])  # given, else one shipped for the target
     for m in methods:
         name, options = split_options(m)  # e.g. eagle@w=2@k=6
         cls = drafter_class(name)
-        # A head folder takes the draft's place (None: the embedded target's own head).
-        path = cfg.head if getattr(cls, "uses_head", False) else draft if cls.uses_draft_model else None
+        # A head folder takes the draft's place.
+        path = head if getattr(cls, "uses_head", False) else draft if cls.uses_draft_model else None
         decoders[m] = SpeculativeDecoder.from_pretrained(cfg.target, draft=path, method=name, k=options.get("k", cfg.k),
                                                          width=options.get("w"), **load)
     tok = decoders["autoregressive"].tokenizer
@@ -91,15 +95,23 @@ def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> d
     for size in sorted(batch_sizes):
         runs = [("autoregressive", decoders["autoregressive"], False)]
         runs += [(m, decoders[m], True) for m in methods] + [(f"{m} (no gate)", decoders[m], False) for m in methods]
+        batches = {}
         for label, dec, gate in runs:
             name = label.split(" (")[0]
-            batch = BatchDecoder(dec, max_batch=size, gate=gate, costs=costs.get(name))
-            batch.generate(warm)  # warm-up
-            wall, results = _run(batch, requests)
+            batches[label] = BatchDecoder(dec, max_batch=size, gate=gate, costs=costs.get(name))
+            batches[label].generate(warm)  # warm-up
+        timed: dict[str, list[tuple[float, list[Any]]]] = {label: [] for label, _, _ in runs}
+        for rep in range(cfg.repeats):  # round-robin, so that every run sees the machine alike
+            for label, _, _ in runs:
+                timed[label].append(_run(batches[label], requests))
+                print(f"batch {size} {label} (run {rep + 1}): "
+                      f"{sum(len(r.token_ids) for r in timed[label][-1][1]) / timed[label][-1][0]:.1f} tok/s", flush=True)
+        for label, _, _ in runs:
+            wall, results = sorted(timed[label], key=lambda t: t[0])[(len(timed[label]) - 1) // 2]  # the median run
             if reference is None:
                 reference = [r.token_ids for r in results]  # batch 1 autoregressive comes first
             rows.append(_figures(label, size, wall, results, reference))
-            print(f"batch {size} {label}: {rows[-1]['throughput_tok_s']} tok/s", flush=True)
+            rows[-1]["runs"] = len(timed[label])
     base = {r["batch_size"]: r["throughput_tok_s"] for r in rows if r["method"] == "autoregressive"}
     one = base.get(min(batch_sizes))
     for r in rows:

@@ -61,7 +61,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         "theoretical curve")
     parser.add_argument("--target", default=None, help="target folder (default: the embedded demo pair)")
     parser.add_argument("--draft", default=None, help="draft folder, for draft_model and hf-assisted")
-    parser.add_argument("--head", default=None, help="EAGLE head folder for method eagle (default: the embedded one)")
+    parser.add_argument("--head", default=None, help="EAGLE head folder for the eagle methods (default: the embedded target's shipped head; with --batch-size, a head shipped for the target)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
     parser.add_argument("--backend", default="auto", help="outrider backend: auto, native, hf or compiled")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

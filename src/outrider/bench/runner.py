@@ -152,6 +152,8 @@ def seed_of(question_id: str, turn: int, repeat: int) -> int:
 
 
 def load_methods(cfg: BenchConfig, names: list[str]) -> dict[str, Method]:
+    from outrider.demo import eagle_head  # the embedded target's shipped head when --head is not given
+
     target_dir, draft_dir = model_dirs(cfg)
     out: dict[str, Method] = {}
     hf_target = None  # loaded once for all transformers peers
@@ -167,7 +169,7 @@ def load_methods(cfg: BenchConfig, names: list[str]) -> dict[str, Method]:
             out[name] = HFPeer(name, hf_target, draft_dir, cfg.k, cfg.dtype)
         else:
             out[name] = OutriderMethod(name, cfg.target, cfg.draft, cfg.k, cfg.dtype, cfg.backend, cfg.device,
-                                       head=cfg.head)
+                                       head=cfg.head if cfg.head is not None else eagle_head(cfg.target, None))
     return out
 
 
