@@ -321,19 +321,33 @@ def test_bench_batch_size_reports_each_batch_size(target_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "c")]) == 2
 
 
-def test_the_gate_skips_a_draft_model_that_cannot_pay(model_dirs):
-    """When a draft forward costs as much as ten target steps, draft_model rows skip drafting (but
-    for probes): the draft model runs far fewer forwards, and the outputs do not change."""
+@pytest.mark.parametrize("table_s", [10.0, 0.0], ids=["table-says-dear", "measured-dear"])
+def test_the_gate_skips_a_draft_model_that_cannot_pay(model_dirs, table_s):
+    """When a draft forward costs far more than a target step, draft_model rows skip drafting (but
+    for probes): the draft model runs far fewer forwards than with every draft verified, and the
+    outputs do not change. Dear by its cost table (10 s), or by what the batch measures a lockstep
+    depth to take (50 ms against a target forward of 1 ms) while its table says free."""
+    import time
+
     target, draft = model_dirs
 
-    def run(draft_s: float):
+    def run(draft_s: float, sleep_s: float, gate: bool = True):
         dec = SpeculativeDecoder.from_pretrained(target, draft=draft, method="draft_model", k=3, dtype="float32",
                                                  backend="native")
-        dear = BatchCosts((1, 2), tuple((draft_s, draft_s) for _ in range(3)))
-        batch = BatchDecoder(dec, max_batch=3, costs=flat_costs(0.0, rows=3), draft_costs=dear)
+        table = BatchCosts((1, 2), tuple((draft_s, draft_s) for _ in range(3)))
+        # A target forward costs 1 ms whatever its size: only the draft's cost argues against drafts.
+        flat_ms = BatchCosts((1, 16), tuple((0.001, 0.001) for _ in range(3)))
+        batch = BatchDecoder(dec, max_batch=3, gate=gate, costs=flat_ms, draft_costs=table)
+        run_rows = batch._lockstep.run_rows
+
+        def slow(items):
+            time.sleep(sleep_s)
+            return run_rows(items)
+
+        batch._lockstep.run_rows = slow
         return batch.generate(REQUESTS)
 
-    cheap, dear = run(0.0), run(10.0)
-    assert [r.token_ids for r in cheap] == [r.token_ids for r in dear]
+    every, gated = run(0.0, 0.0, gate=False), run(table_s, 0.05)
+    assert [r.token_ids for r in every] == [r.token_ids for r in gated]
     drafted = lambda results: sum(r.stats.drafted for r in results)  # noqa: E731
-    assert 0 < drafted(dear) < drafted(cheap) / 3
+    assert 0 < drafted(gated) < drafted(every) / 3

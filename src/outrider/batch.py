@@ -25,8 +25,9 @@ measured once) and each row's measured accepted tokens per verified draft. A row
 were dropped `probe_every` steps in a row is verified once anyway, so its estimate follows the
 text. A draft model's or a head's forwards cost time before any draft exists, so for them the gate
 decides earlier too: before drafting, whether this batch's drafts are expected to pay for the
-lockstep draft forwards and the larger verify (the drafter's own cost table); if not, the rows
-skip drafting this step. Seeded sampling rows are never gated: their random draws depend on the
+lockstep draft forwards and the larger verify; if not, the rows skip drafting this step. A depth's
+cost is first the drafter's own cost table (its forward), then what the batch measures a depth to
+take while all rows draft (the rows' drafting Python and thread hand-offs included). Seeded sampling rows are never gated: their random draws depend on the
 drafts, and a seeded request must give the same tokens alone or in a batch (contract 3).
 """
 
@@ -73,45 +74,42 @@ class BatchCosts:
 
     @classmethod
     def measure(cls, model: Any, max_batch: int, sizes: Sequence[int] = COST_SIZES, context: int = COST_CONTEXT,
-                repeats: int = 3) -> BatchCosts:
-        """Time forward_rows on `model` (whose slots are then empty) for 1..max_batch rows."""
+                repeats: int = 5) -> BatchCosts:
+        """Time forward_rows on `model` (whose slots are then empty) for 1..max_batch rows. Each
+        repeat times every (rows, size) once, round-robin, and each entry is the median: a slow
+        moment of a shared machine then lands on every entry alike instead of on one (the gate
+        compares entries, and a skewed table made it drop drafts that pay)."""
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, model.vocab_size, (max_batch, context + max(sizes)), generator=gen)
-        table = []
-        for rows in range(1, max_batch + 1):
-            model.reset()
-            model.forward_rows([RowForward(r, ids[r, :context].to(model.device), 0) for r in range(rows)])
-            times = []
-            for n in sizes:
-                batch = [RowForward(r, ids[r, context : context + n].to(model.device)) for r in range(rows)]
-                runs = []
-                for i in range(repeats + 1):  # the first run warms up
-                    t0 = time.perf_counter()
-                    model.forward_rows(batch)
-                    if i:
-                        runs.append(time.perf_counter() - t0)
-                    for r in range(rows):
-                        model.rollback(context, r)
-                times.append(statistics.median(runs))
-            table.append(tuple(times))
         model.reset()
-        return cls(tuple(sizes), tuple(table))
+        model.forward_rows([RowForward(r, ids[r, :context].to(model.device), 0) for r in range(max_batch)])
+        feeds = {n: [RowForward(r, ids[r, context : context + n].to(model.device)) for r in range(max_batch)]
+                 for n in sizes}
+        runs: dict[tuple[int, int], list[float]] = {(b, n): [] for b in range(1, max_batch + 1) for n in sizes}
+        for i in range(repeats + 1):  # the first round warms up
+            for rows, n in runs:
+                t0 = time.perf_counter()
+                model.forward_rows(feeds[n][:rows])
+                if i:
+                    runs[rows, n].append(time.perf_counter() - t0)
+                for r in range(rows):
+                    model.rollback(context, r)
+        model.reset()
+        return cls(tuple(sizes), tuple(tuple(statistics.median(runs[b, n]) for n in sizes)
+                                       for b in range(1, max_batch + 1)))
 
     @classmethod
-    def measure_probe(cls, probe: Any, max_batch: int, repeats: int = 3) -> BatchCosts:
+    def measure_probe(cls, probe: Any, max_batch: int, repeats: int = 5) -> BatchCosts:
         """A head's table: seconds of probe(rows), one draft step of `rows` rows, for 1..max_batch
-        (a step feeds one token per row, so every size reads the same)."""
-        table = []
-        for rows in range(1, max_batch + 1):
-            runs = []
-            for i in range(repeats + 1):  # the first run warms up
+        (a step feeds one token per row, so every size reads the same); round-robin as measure."""
+        runs: dict[int, list[float]] = {b: [] for b in range(1, max_batch + 1)}
+        for i in range(repeats + 1):  # the first round warms up
+            for rows in runs:
                 t0 = time.perf_counter()
                 probe(rows)
                 if i:
-                    runs.append(time.perf_counter() - t0)
-            s = statistics.median(runs)
-            table.append((s, s))
-        return cls((1, 2), tuple(table))
+                    runs[rows].append(time.perf_counter() - t0)
+        return cls((1, 2), tuple((statistics.median(runs[b]),) * 2 for b in runs))
 
 
 @dataclass
@@ -201,6 +199,7 @@ class BatchDecoder:
                 self._lockstep, probe = join(self._drafters)
                 if self.gate and draft_costs is None:
                     self.draft_costs = BatchCosts.measure_probe(probe, max_batch)
+        self._measured_depth_s: dict[int, float] = {}  # rows -> seconds per lockstep depth (_observe_drafting)
         self._adaptives = [copy.deepcopy(decoder.adaptive) for _ in range(max_batch)]
         self._rows: list[Row | None] = [None] * max_batch
 
@@ -250,7 +249,9 @@ class BatchDecoder:
             plans = []
         elif self._lockstep is not None:
             caps = self._draft_caps(rows) if self.gate else [None] * len(rows)
+            t_draft = time.perf_counter()
             plans = self._lockstep.run([functools.partial(dec._plan, r.state, c) for r, c in zip(rows, caps)])
+            self._observe_drafting(caps, plans, time.perf_counter() - t_draft)
         else:
             plans = [dec._plan(r.state) for r in rows]
         if self.gate and rows:
@@ -311,6 +312,26 @@ class BatchDecoder:
             return True
         return False
 
+    def _observe_drafting(self, caps: list[int | None], plans: list[Any], seconds: float) -> None:
+        """Learn what one lockstep depth really costs when all B rows draft: the draft forward plus
+        each row's drafting Python and the threads' hand-offs, which the draft's cost table (its
+        forward alone) leaves out (on the 14M pair at batch 8 they cost more than the forward)."""
+        depth = max((p.draft.forwards for p in plans if p.draft is not None), default=0)
+        if depth and all(c is None for c in caps):
+            B, per = len(caps), seconds / depth
+            old = self._measured_depth_s.get(B)
+            self._measured_depth_s[B] = per if old is None else self.decay * old + (1 - self.decay) * per
+
+    def _depth_s(self, B: int) -> float:
+        """Seconds of one lockstep draft depth for B rows: as measured while B rows drafted; else
+        the nearest batch size measured, scaled by the table; else the table."""
+        table = self.draft_costs.forward_s(B, B)
+        if not self._measured_depth_s:
+            return table
+        near = min(self._measured_depth_s, key=lambda b: (abs(b - B), b))
+        at_near = self.draft_costs.forward_s(near, near)
+        return self._measured_depth_s[near] * (table / at_near if near != B and at_near > 0 else 1.0)
+
     def _draft_caps(self, rows: list[Row]) -> list[int | None]:
         """Before a draft model drafts (its forwards cost time the verify gate cannot give back):
         None (draft as usual) for every row when the batch's drafts are expected to pay, else 0
@@ -321,7 +342,7 @@ class BatchDecoder:
         depth = max(r.expected_drafted for r in rows)  # lockstep: the deepest row sets the draft forwards
         tokens = B + sum(r.expected_drafted for r in rows)
         gain = B + sum(min(r.expected_drafted, r.expected_accepted) for r in rows)
-        spent = depth * self.draft_costs.forward_s(B, B) + self.costs.forward_s(B, round(tokens))
+        spent = depth * self._depth_s(B) + self.costs.forward_s(B, round(tokens))
         if gain / spent > B / self.costs.forward_s(B, B):
             for r in rows:
                 r.dropped_streak = 0

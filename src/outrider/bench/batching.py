@@ -95,15 +95,19 @@ def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> d
     for size in sorted(batch_sizes):
         runs = [("autoregressive", decoders["autoregressive"], False)]
         runs += [(m, decoders[m], True) for m in methods] + [(f"{m} (no gate)", decoders[m], False) for m in methods]
-        batches = {}
-        for label, dec, gate in runs:
-            name = label.split(" (")[0]
-            batches[label] = BatchDecoder(dec, max_batch=size, gate=gate, costs=costs.get(name))
-            batches[label].generate(warm)  # warm-up
         timed: dict[str, list[tuple[float, list[Any]]]] = {label: [] for label, _, _ in runs}
+        draft_costs: dict[str, Any] = {}  # a draft model's or head's table, measured by this size's first batch
         for rep in range(cfg.repeats):  # round-robin, so that every run sees the machine alike
-            for label, _, _ in runs:
-                timed[label].append(_run(batches[label], requests))
+            for label, dec, gate in runs:
+                # A new batch each run: fresh drafters, so a suffix tree never remembers this run's
+                # requests from the one before (the cost tables are the same).
+                name = label.split(" (")[0]
+                batch = BatchDecoder(dec, max_batch=size, gate=gate, costs=costs.get(name),
+                                     draft_costs=draft_costs.get(name))
+                if gate and batch.draft_costs is not None:
+                    draft_costs[name] = batch.draft_costs
+                batch.generate(warm)  # warm-up
+                timed[label].append(_run(batch, requests))
                 print(f"batch {size} {label} (run {rep + 1}): "
                       f"{sum(len(r.token_ids) for r in timed[label][-1][1]) / timed[label][-1][0]:.1f} tok/s", flush=True)
         for label, _, _ in runs:
