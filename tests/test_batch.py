@@ -98,16 +98,16 @@ def test_greedy_rows_equal_their_output_alone(target_dir, method, kw):
         assert sum(g.stats.accepted for g in got) > 0
 
 
-def count_lockstep_calls(batch: BatchDecoder) -> list[int]:
-    """The number of rows in each joint call of the batch's drafting lockstep, as it runs."""
+def count_calls(obj, name: str = "run_rows") -> list[int]:
+    """The number of rows in each call of obj's rows method (a lockstep's, a head runner's), as it runs."""
     calls: list[int] = []
-    run_rows = batch._lockstep.run_rows
+    run_rows = getattr(obj, name)
 
     def counted(items):
         calls.append(len(items))
         return run_rows(items)
 
-    batch._lockstep.run_rows = counted
+    setattr(obj, name, counted)
     return calls
 
 
@@ -124,7 +124,7 @@ def test_draft_model_rows_draft_in_lockstep_and_equal_their_output_alone(model_d
     dec = SpeculativeDecoder.from_pretrained(target, draft=draft, method="draft_model", dtype="float32",
                                              backend="native", **kw)
     batch = BatchDecoder(dec, max_batch=3)
-    calls = count_lockstep_calls(batch)
+    calls = count_calls(batch._lockstep)
     got = batch.generate(reqs)
     assert [g.token_ids for g in got] == want
     assert sum(g.stats.accepted for g in got) > 0
@@ -163,7 +163,7 @@ def head_dirs(target_dir):
                          ids=["eagle-chain", "eagle-auto", "eagle-tree", "eagle+suffix", "medusa"])
 def test_head_rows_draft_in_lockstep_and_equal_their_output_alone(target_dir, head_dirs, method, kw):
     """Self-drafting heads in a batch: the rows share one copy of the head, their head steps run
-    together (fewer calls than rows x depths), each row's head reads its own row's hidden states,
+    together (propose_rows: one call of the head per depth for all rows), each row's head reads its own row's hidden states,
     and float32 greedy outputs (and a seeded sampling row's) equal each request's output alone."""
     head = head_dirs["medusa" if method == "medusa" else "eagle"]
     reqs = REQUESTS + [GenerationRequest("def add(a, b):\n    return", max_new_tokens=16, temperature=0.9, seed=4)]
@@ -173,7 +173,10 @@ def test_head_rows_draft_in_lockstep_and_equal_their_output_alone(target_dir, he
     want = [alone.generate(r) for r in reqs]
     dec = load()
     batch = BatchDecoder(dec, max_batch=3, gate=False)
-    calls = count_lockstep_calls(batch)
+    # The head's shared compute, which propose_rows calls for all rows at once.
+    first = batch._drafters[0]
+    calls = count_calls(first, "_run_rows") if method == "medusa" else \
+        count_calls(first.head.runner if method == "eagle+suffix" else first.runner)
     got = batch.generate(reqs)
     if method == "eagle+suffix":
         # Its suffix tries remember earlier outputs, per slot in a batch, so its drafts (and with

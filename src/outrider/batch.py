@@ -185,6 +185,7 @@ class BatchDecoder:
         # A draft model gets a slot per row too, a head one copy for all rows; their rows draft in
         # lockstep, and the gate reads their cost per draft step from a table of their own.
         self._lockstep: Lockstep | None = None
+        self._propose_rows = None  # a head class's all-rows proposal (no threads), when it has one
         self.draft_costs = draft_costs
         join = getattr(type(decoder.drafter), "join_rows", None)
         if draft is not None:
@@ -197,6 +198,7 @@ class BatchDecoder:
             self._drafters = [decoder.new_drafter() for _ in range(max_batch)]
             if join is not None:
                 self._lockstep, probe = join(self._drafters)
+                self._propose_rows = getattr(type(decoder.drafter), "propose_rows", None)
                 if self.gate and draft_costs is None:
                     self.draft_costs = BatchCosts.measure_probe(probe, max_batch)
         self._measured_depth_s: dict[int, float] = {}  # rows -> seconds per lockstep depth (_observe_drafting)
@@ -255,8 +257,8 @@ class BatchDecoder:
             drafting = [i for i, c in enumerate(caps) if c != 0]
             if drafting:
                 t_draft = time.perf_counter()
-                for i, plan in zip(drafting, self._lockstep.run(
-                        [functools.partial(dec._plan, rows[i].state, caps[i]) for i in drafting])):
+                for i, plan in zip(drafting, self._draft_together([rows[i] for i in drafting],
+                                                                   [caps[i] for i in drafting])):
                     plans[i] = plan
                 self._observe_drafting(caps, plans, time.perf_counter() - t_draft)
         else:
@@ -318,6 +320,22 @@ class BatchDecoder:
             row.dropped_streak = 0
             return True
         return False
+
+    def _draft_together(self, rows: list[Row], caps: list[int | None]) -> list[Any]:
+        """The plans of rows whose drafters share a model: through the drafter class's
+        propose_rows where it has one (all rows' calls batched in this thread), else each row's
+        `_plan` in the lockstep's threads."""
+        dec = self.decoder
+        if self._propose_rows is None:
+            return self._lockstep.run([functools.partial(dec._plan, r.state, c) for r, c in zip(rows, caps)])
+        made = [dec._draft_step(r.state, c) for r, c in zip(rows, caps)]
+        asked = [i for i, (k, _, _) in enumerate(made) if k > 0]
+        drafts: list[Any] = [None] * len(rows)
+        if asked:
+            for i, draft in zip(asked, self._propose_rows([rows[i].state.drafter for i in asked],
+                                                          [made[i][1] for i in asked])):
+                drafts[i] = draft
+        return [dec._plan_from(r.state, k, step, draft, ta) for r, (k, step, ta), draft in zip(rows, made, drafts)]
 
     def _observe_drafting(self, caps: list[int | None], plans: list[Any], seconds: float) -> None:
         """Learn what one lockstep depth really costs when all B rows draft: the draft forward plus

@@ -586,17 +586,27 @@ class SpeculativeDecoder:
     def _plan(self, state: _Sequence, k_cap: int | None = None) -> _StepPlan:
         """Draft (at most k_cap nodes when given) and build the target's input for this step: the
         last committed token (the root) and the draft's nodes."""
-        target, drafter, clock = state.model, state.drafter, self.clock
-        n, seq, params, adaptive = state.n, state.seq, state.params, state.adaptive
+        k, step, ta = self._draft_step(state, k_cap)
+        draft = state.drafter.propose(step) if k > 0 else None
+        return self._plan_from(state, k, step, draft, ta)
+
+    def _draft_step(self, state: _Sequence, k_cap: int | None = None) -> tuple[int, DraftStep, float]:
+        """The step's draft budget k (0: no draft), what the drafter sees, and the clock before it
+        drafts; the hidden states waiting for the drafter are handed over (in the step)."""
+        drafter, adaptive = state.drafter, state.adaptive
         if adaptive is not None and not getattr(drafter, "stops_on_confidence", False):
             k = adaptive.choose(state.remaining - 1)
         else:
             k = min(self.k, state.remaining - 1)  # an upper bound; adaptive drafters stop earlier
         if k_cap is not None:
             k = min(k, k_cap)
-        ta = clock()
+        ta = self.clock()
         hidden, state.hidden = state.hidden, None
-        draft = drafter.propose(DraftStep(seq[:n], k, params, state.generator, adaptive, hidden)) if k > 0 else None
+        return k, DraftStep(state.seq[: state.n], k, state.params, state.generator, adaptive, hidden), ta
+
+    def _plan_from(self, state: _Sequence, k: int, step: DraftStep, draft: Draft | None, ta: float) -> _StepPlan:
+        """The plan of a step whose draft was proposed (None: k was 0)."""
+        target, n, seq = state.model, state.n, state.seq
         d = draft.size if draft is not None else 0
         root = seq[n - 1 : n].to(target.device)
         ids = torch.cat([root, draft.tokens]) if d else root
@@ -605,7 +615,7 @@ class SpeculativeDecoder:
             # A tree: [root] + nodes in one forward, each node seeing the root and its ancestors.
             positions = verify_positions(draft.parents, n - 1).to(target.device)  # (d+1,): n - 1 + depth
             attn_mask = verify_mask(draft.parents).to(target.device)
-        return _StepPlan(k, draft, hidden, ids, attn_mask, positions, ta, clock())
+        return _StepPlan(k, draft, step.hidden, ids, attn_mask, positions, ta, self.clock())
 
     def _complete(self, state: _Sequence, plan: _StepPlan, logits: torch.Tensor,
                   verdict: tuple[int, int] | None = None) -> Chunk:

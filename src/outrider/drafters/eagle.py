@@ -353,46 +353,53 @@ class EagleDrafter:
         """Feed the target's states of the newly committed tokens into the head's cache (every step,
         whether or not the head drafts then: drafters/hybrid.py may draft from elsewhere; it passes
         logits=False when it will not, which saves the output layer)."""
-        if step.hidden is not None and step.hidden.shape[1]:
-            m = step.hidden.shape[1]
-            j0 = self._pairs
-            nxt = step.tokens[j0 + 1 : j0 + 1 + m].to(self.device)  # token j+1 of each pair j
-            out, self._last_logits = self._call(PairFeed(self.slot, j0, nxt, step.hidden, fuse=True, logits=logits))
-            self._pairs += m
-            self._last_out = out[-1]
+        feed = self._read_feed(step, logits)
+        if feed is not None:
+            self._read_done(feed, *self._call(feed))
+
+    def _read_feed(self, step: DraftStep, logits: bool) -> PairFeed | None:
+        """The pairs `read` feeds: (feature of token j, token j+1) for each newly committed j."""
+        if step.hidden is None or not step.hidden.shape[1]:
+            return None
+        j0, m = self._pairs, step.hidden.shape[1]
+        nxt = step.tokens[j0 + 1 : j0 + 1 + m].to(self.device)  # token j+1 of each pair j
+        return PairFeed(self.slot, j0, nxt, step.hidden, fuse=True, logits=logits)
+
+    def _read_done(self, feed: PairFeed, out: Tensor, logits: Tensor | None) -> None:
+        self._pairs += int(feed.tokens.shape[0])
+        self._last_out, self._last_logits = out[-1], logits
 
     def _root_logits(self) -> Tensor:
         if self._last_logits is None:  # read skipped the output layer
             self._last_logits = self.runner.logits(self._last_out[None])[0].float()
         return self._last_logits
 
+    def _budget(self, step: DraftStep) -> int:
+        k = min(step.k, self.k, self.head.cfg.max_positions - step.tokens.shape[0])
+        return k if self._last_out is not None else 0
+
     @torch.inference_mode()
     def draft(self, step: DraftStep) -> Draft:
         """A chain or tree from the head's output at the last committed pair (after `read`)."""
-        k = min(step.k, self.k, self.head.cfg.max_positions - step.tokens.shape[0])
-        if k < 1 or self._last_out is None:
+        k = self._budget(step)
+        if k < 1:
             return empty_draft(self.device)
         if self._grower is not None and k > 1:
-            full = self._root_logits().new_full((self.vocab_size,), float("-inf"))
-            full[self.head.d2t] = self._root_logits()
-            return self._grower.grow_tree(step, full, k)
-        keep_drafting = step.adaptive.keep_drafting if step.adaptive is not None else None
-        tokens, probs = [], []
-        confidences: list[float] | None = [] if keep_drafting is not None else None
-        logits = self._root_logits()
-        for i in range(k):
-            x, q, confidence = self._q(logits, step, confidences is not None)
-            tokens.append(x)
-            if q is not None:
-                probs.append(q)
-            if confidences is not None:
-                confidences.append(confidence)
-            if i + 1 == k or (confidences is not None and not keep_drafting(confidences)):
-                break
-            # The next pair: the last output stands in for the feature of the token just drafted.
-            out = self.runner.outs[self.slot, self._pairs - 1 + i]
-            _, logits = self._call(PairFeed(self.slot, self._pairs + i, x.view(1), out[None], logits=True))
-        return Draft(torch.stack(tokens), torch.stack(probs) if probs else None, confidences, forwards=len(tokens))
+            return self._tree(step, k)
+        return _chains([self], [step], [k], lambda feeds: [self._call(f) for f in feeds])[0]
+
+    def _tree(self, step: DraftStep, k: int) -> Draft:
+        full = self._root_logits().new_full((self.vocab_size,), float("-inf"))
+        full[self.head.d2t] = self._root_logits()
+        return self._grower.grow_tree(step, full, k)
+
+    @classmethod
+    @torch.inference_mode()
+    def propose_rows(cls, drafters: list[EagleDrafter], steps: list[DraftStep]) -> list[Draft]:
+        """Every row's proposal at once, without threads (drafters joined by join_rows): all
+        rows' reads in one pass of the shared runner, then one pass per chain depth for the rows
+        still drafting. Trees grow per row (their growth is the draft model's)."""
+        return _propose_rows(drafters, steps, [True] * len(drafters))
 
     def update(self, path: list[int]) -> None:
         # Drafted pairs sit past self._pairs in the cache and are overwritten next step.
@@ -406,6 +413,67 @@ class EagleDrafter:
         at = min(self._pairs + 64, self.head.cfg.max_positions - 1)
         self._call(PairFeed(self.slot, at, torch.zeros(1, dtype=torch.long, device=self.device),
                             torch.zeros(1, D, dtype=self.dtype, device=self.device), logits=True))
+
+
+def _propose_rows(drafters: list[EagleDrafter], steps: list[DraftStep], drafts_wanted: list[bool]) -> list[Draft]:
+    """EagleDrafter.propose_rows; rows with drafts_wanted False only read (drafters/hybrid.py)."""
+    runner = drafters[0].runner
+    feeds = [(i, d._read_feed(st, want)) for i, (d, st, want) in enumerate(zip(drafters, steps, drafts_wanted))]
+    feeds = [(i, f) for i, f in feeds if f is not None]
+    if feeds:
+        for (i, f), (out, logits) in zip(feeds, runner.run_rows([f for _, f in feeds])):
+            drafters[i]._read_done(f, out, logits)
+    out: list[Draft | None] = [None] * len(drafters)
+    chains = []
+    for i, (d, st, want) in enumerate(zip(drafters, steps, drafts_wanted)):
+        k = d._budget(st) if want else 0
+        if k < 1:
+            out[i] = empty_draft(d.device)
+        elif d._grower is not None and k > 1:
+            out[i] = d._tree(st, k)
+        else:
+            chains.append((i, k))
+    if chains:
+        got = _chains([drafters[i] for i, _ in chains], [steps[i] for i, _ in chains], [k for _, k in chains],
+                      runner.run_rows)
+        for (i, _), draft in zip(chains, got):
+            out[i] = draft
+    return out  # type: ignore[return-value]
+
+
+def _chains(drafters: list[EagleDrafter], steps: list[DraftStep], ks: list[int], run) -> list[Draft]:
+    """Chains drafted by several rows of one head (after `read`), token by token: each depth's
+    next pairs of all rows still drafting go through one `run` (run_rows of the shared runner, or
+    a single row's own call). A row stops at its k, or where k="auto" says (keep_drafting)."""
+    rows = []
+    for d, st in zip(drafters, steps):
+        keep = st.adaptive.keep_drafting if st.adaptive is not None else None
+        rows.append({"tokens": [], "probs": [], "conf": [] if keep is not None else None, "keep": keep,
+                     "logits": d._root_logits()})
+    live = list(range(len(drafters)))
+    depth = 0
+    while live:
+        feeds, going = [], []
+        for i in live:
+            d, st, r = drafters[i], steps[i], rows[i]
+            x, q, confidence = d._q(r["logits"], st, r["conf"] is not None)
+            r["tokens"].append(x)
+            if q is not None:
+                r["probs"].append(q)
+            if r["conf"] is not None:
+                r["conf"].append(confidence)
+            if depth + 1 == ks[i] or (r["conf"] is not None and not r["keep"](r["conf"])):
+                continue
+            # The next pair: the last output stands in for the feature of the token just drafted.
+            prev = d.runner.outs[d.slot, d._pairs - 1 + depth]
+            feeds.append(PairFeed(d.slot, d._pairs + depth, x.view(1), prev[None], logits=True))
+            going.append(i)
+        if feeds:
+            for i, (_, logits) in zip(going, run(feeds)):
+                rows[i]["logits"] = logits
+        live, depth = going, depth + 1
+    return [Draft(torch.stack(r["tokens"]), torch.stack(r["probs"]) if r["probs"] else None, r["conf"],
+                  forwards=len(r["tokens"])) for r in rows]
 
 
 def new_head(

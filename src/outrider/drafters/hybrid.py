@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, register
-from outrider.drafters.eagle import EagleDrafter
+from outrider.drafters.eagle import EagleDrafter, _propose_rows
 from outrider.drafters.suffix import SuffixDrafter
 from outrider.lockstep import Lockstep
 
@@ -54,6 +54,17 @@ class HeadWithSuffix:
     def join_rows(cls, drafters: list[HeadWithSuffix]) -> tuple[Lockstep, Any]:
         """A batch's rows share one head runner (EagleDrafter.join_rows); each keeps its own tries."""
         return EagleDrafter.join_rows([d.head for d in drafters])
+
+    @classmethod
+    def propose_rows(cls, drafters: list[HeadWithSuffix], steps: list[DraftStep]) -> list[Draft]:
+        """Every row's proposal at once (EagleDrafter.propose_rows): the tries per row, then the
+        heads of all rows read together and those that draft, draft together."""
+        scored = [d.suffix.propose_scored(st) for d, st in zip(drafters, steps)]
+        wants = [value < d.min_value for d, (_, value) in zip(drafters, scored)]
+        heads = _propose_rows([d.head for d in drafters], steps, wants)
+        for d, want in zip(drafters, wants):
+            d.chose_suffix += not want
+        return [head if want else tree for head, (tree, _), want in zip(heads, scored, wants)]
 
     def propose(self, step: DraftStep) -> Draft:
         tree, value = self.suffix.propose_scored(step)  # ~30 µs: first, so the head knows if it drafts

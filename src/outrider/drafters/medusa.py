@@ -131,7 +131,12 @@ class MedusaDrafter:
         self._last: Tensor | None = None  # (D,) the newest known target state
         self._shapes: dict[int, tuple[list[int], list[int], list[int]]] = {}
         self.slot = 0  # in a batch, the row's slot in the heads' lockstep (join_rows)
-        self._call = lambda feed: self.heads(feed.state.to(self.dtype)).float()
+        self._call = lambda feed: self._run_rows([feed])[0]
+
+    def _run_rows(self, feeds: list[HeadsFeed]) -> list[Tensor]:
+        """The heads on several rows' newest states (D,) at once: logits (K, N) float32 per row."""
+        with torch.inference_mode():
+            return list(self.heads(torch.stack([f.state for f in feeds]).to(self.dtype)).float().unbind(1))
 
     @classmethod
     def build(cls, ctx: BuildContext) -> MedusaDrafter:
@@ -153,15 +158,10 @@ class MedusaDrafter:
     def join_rows(cls, drafters: list[MedusaDrafter]) -> tuple[Lockstep, Any]:
         """A batch's rows share one copy of the heads and run them together, on all rows' newest
         states in one call. Returns the lockstep and a probe(rows) for timing a call of `rows` rows."""
-        heads = drafters[0].heads
-
-        def run_rows(feeds: list[HeadsFeed]) -> list[Tensor]:
-            with torch.inference_mode():
-                return list(heads(torch.stack([f.state for f in feeds]).to(drafters[0].dtype)).float().unbind(1))
-
+        heads, run_rows = drafters[0].heads, drafters[0]._run_rows
         lockstep = Lockstep(run_rows)
         for slot, d in enumerate(drafters):
-            d.heads, d._call = heads, lockstep.call
+            d.heads, d._call, d._run_rows = heads, lockstep.call, run_rows
             d.slot = slot
 
         def probe(rows: int) -> None:
@@ -193,12 +193,31 @@ class MedusaDrafter:
 
     @torch.inference_mode()
     def propose(self, step: DraftStep) -> Draft:
+        k = self._budget(step)
+        return self._draft(self._call(HeadsFeed(self.slot, self._last)), k) if k else empty_draft(self.device)
+
+    @classmethod
+    @torch.inference_mode()
+    def propose_rows(cls, drafters: list[MedusaDrafter], steps: list[DraftStep]) -> list[Draft]:
+        """Every row's proposal at once, without threads (drafters joined by join_rows): the heads
+        run once on all drafting rows' newest states."""
+        ks = [d._budget(st) for d, st in zip(drafters, steps)]
+        asked = [i for i, k in enumerate(ks) if k]
+        out = [empty_draft(d.device) for d in drafters]
+        if asked:
+            logits = drafters[0]._run_rows([HeadsFeed(drafters[i].slot, drafters[i]._last) for i in asked])
+            for i, lg in zip(asked, logits):
+                out[i] = drafters[i]._draft(lg, ks[i])
+        return out
+
+    def _budget(self, step: DraftStep) -> int:
+        """Take the newest target state; the tree size to draft (0: none)."""
         if step.hidden is not None and step.hidden.shape[1]:
             self._last = step.hidden[0, -1]
-        k = min(step.k, self.k)
-        if self._last is None or k < 1:
-            return empty_draft(self.device)
-        logits = self._call(HeadsFeed(self.slot, self._last))  # (K, N)
+        return min(step.k, self.k) if self._last is not None else 0
+
+    def _draft(self, logits: Tensor, k: int) -> Draft:
+        """The k-node product tree (_shape) from the heads' logits (K, N)."""
         top = [torch.topk(logits[i], w).indices for i, w in enumerate(self.heads.cfg.widths)]
         parents, depth, rank = self._shape(k)
         d2t = self.heads.d2t
