@@ -175,7 +175,7 @@ def test_head_rows_draft_in_lockstep_and_equal_their_output_alone(target_dir, he
     batch = BatchDecoder(dec, max_batch=3, gate=False)
     # The head's shared compute, which propose_rows calls for all rows at once.
     first = batch._drafters[0]
-    calls = count_calls(first, "_run_rows") if method == "medusa" else \
+    calls = count_calls(first.heads, "forward") if method == "medusa" else \
         count_calls(first.head.runner if method == "eagle+suffix" else first.runner)
     got = batch.generate(reqs)
     if method == "eagle+suffix":

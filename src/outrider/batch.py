@@ -12,10 +12,11 @@ round differently, as a verify forward does (DESIGN.md contract 1).
 
 Rows join (`add`) and leave between steps, so a server batches continuously.
 
-Drafters with a model of their own draft on their own slot of it, in lockstep (lockstep.py): a
-draft model's rows each hold a slot of the draft (LockstepRow), a head's rows share one copy of
-the head (the drafter class's `join_rows`); either way a chain of depth d costs d draft forwards
-for all rows together, not per row.
+Drafters with a model of their own draft together, so that a chain of depth d costs d draft
+forwards for all rows, not per row: a head's rows share one copy of the head (the drafter class's
+`join_rows`) and propose in one call (`propose_rows`: one head pass per depth, in this thread); a
+draft model's rows each hold a slot of the draft and propose in lockstep (lockstep.py: worker
+threads whose draft forwards meet).
 
 Speculation is gated by measured cost. On a CPU verifying n tokens costs v(n) > 1 steps, and B
 rows' drafts add up: at some batch size a draft no longer pays for the tokens it costs. Before
@@ -25,10 +26,11 @@ measured once) and each row's measured accepted tokens per verified draft. A row
 were dropped `probe_every` steps in a row is verified once anyway, so its estimate follows the
 text. A draft model's or a head's forwards cost time before any draft exists, so for them the gate
 decides earlier too: before drafting, whether this batch's drafts are expected to pay for the
-lockstep draft forwards and the larger verify; if not, the rows skip drafting this step. A depth's
+joint draft forwards and the larger verify; if not, the rows skip drafting this step. A depth's
 cost is first the drafter's own cost table (its forward), then what the batch measures a depth to
-take while all rows draft (the rows' drafting Python and thread hand-offs included). Seeded sampling rows are never gated: their random draws depend on the
-drafts, and a seeded request must give the same tokens alone or in a batch (contract 3).
+take while all rows draft (the rows' drafting Python and thread hand-offs included). Seeded
+sampling rows are never gated: their random draws depend on the drafts, and a seeded request must
+give the same tokens alone or in a batch (contract 3).
 """
 
 from __future__ import annotations
@@ -182,10 +184,11 @@ class BatchDecoder:
         self.gate = gate and decoder.k > 0
         self.costs = costs if costs is not None or not self.gate else BatchCosts.measure(model, max_batch)
         # Per slot, reused by the requests that slot serves: a suffix drafter remembers their outputs.
-        # A draft model gets a slot per row too, a head one copy for all rows; their rows draft in
-        # lockstep, and the gate reads their cost per draft step from a table of their own.
+        # A draft model gets a slot per row too (its rows draft in lockstep), a head one copy for all
+        # rows (they propose together); the gate reads their cost per draft step from a table of
+        # their own.
         self._lockstep: Lockstep | None = None
-        self._propose_rows = None  # a head class's all-rows proposal (no threads), when it has one
+        self._propose_rows = None  # a head class's all-rows proposal, when it has one
         self.draft_costs = draft_costs
         join = getattr(type(decoder.drafter), "join_rows", None)
         if draft is not None:
@@ -197,8 +200,8 @@ class BatchDecoder:
         else:
             self._drafters = [decoder.new_drafter() for _ in range(max_batch)]
             if join is not None:
-                self._lockstep, probe = join(self._drafters)
-                self._propose_rows = getattr(type(decoder.drafter), "propose_rows", None)
+                probe = join(self._drafters)
+                self._propose_rows = type(decoder.drafter).propose_rows
                 if self.gate and draft_costs is None:
                     self.draft_costs = BatchCosts.measure_probe(probe, max_batch)
         self._measured_depth_s: dict[int, float] = {}  # rows -> seconds per lockstep depth (_observe_drafting)
@@ -249,10 +252,10 @@ class BatchDecoder:
         t0 = dec.clock()
         if not rows:
             plans = []
-        elif self._lockstep is not None:
+        elif self._lockstep is not None or self._propose_rows is not None:
             caps = self._draft_caps(rows) if self.gate else [None] * len(rows)
-            # Rows that do not draft this step plan at once; only the drafting ones go through the
-            # lockstep's threads (their hand-offs cost ~1-2 ms a depth on this 2-core machine).
+            # Rows that do not draft this step plan at once; only the drafting ones draft together
+            # (a lockstep's thread hand-offs cost ~1-2 ms a depth on this 2-core machine).
             plans = [dec._plan(r.state, 0) if c == 0 else None for r, c in zip(rows, caps)]
             drafting = [i for i, c in enumerate(caps) if c != 0]
             if drafting:
@@ -322,9 +325,8 @@ class BatchDecoder:
         return False
 
     def _draft_together(self, rows: list[Row], caps: list[int | None]) -> list[Any]:
-        """The plans of rows whose drafters share a model: through the drafter class's
-        propose_rows where it has one (all rows' calls batched in this thread), else each row's
-        `_plan` in the lockstep's threads."""
+        """The plans of rows whose drafters share a model: through the head class's propose_rows
+        (all rows' calls batched in this thread), else each row's `_plan` in the lockstep's threads."""
         dec = self.decoder
         if self._propose_rows is None:
             return self._lockstep.run([functools.partial(dec._plan, r.state, c) for r, c in zip(rows, caps)])

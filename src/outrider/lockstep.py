@@ -1,13 +1,14 @@
 """Lockstep: several rows' drafting runs together, so that their forwards on one shared model meet.
 
-A batch (batch.py) gives every row a drafter of its own. Drafters with a model (a draft model, an
-EAGLE head, Medusa heads) would each run that model once per depth per row; in lockstep each row's
-`propose` runs in a worker thread, and whenever every unfinished row waits in a call to the shared
-model, those calls run as one `run_rows` (a chain of depth d costs d calls for all rows together).
+A batch (batch.py) gives every row a drafter of its own. A draft model's rows would each run the
+draft once per depth per row; in lockstep each row's unchanged `propose` runs in a worker thread,
+and whenever every unfinished row waits in a call to the shared model, those calls run as one
+`run_rows` (a chain of depth d costs d calls for all rows together). Heads need none of this: their
+classes propose for all rows at once (propose_rows), which costs no thread hand-offs.
 The rows' Python runs one at a time under the GIL; each row reads only its own slot and its own
 results, and the calls run in slot order, so the order the threads run in changes nothing.
 
-An item handed to `call` is anything with a `slot` (RowForward for a draft model, a head's feed);
+An item handed to `call` is anything with a `slot` (a RowForward for a draft model);
 `run_rows(items)` returns one result per item, in order.
 """
 

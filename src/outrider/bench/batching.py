@@ -67,9 +67,8 @@ def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> d
     decoders = {"autoregressive": SpeculativeDecoder.from_pretrained(cfg.target, method="autoregressive", **load)}
     from outrider.bench.peers import split_options
     from outrider.bench.runner import model_dirs
-    from outrider.drafters import drafter_class
-
     from outrider.demo import eagle_head
+    from outrider.drafters import drafter_class
 
     draft = model_dirs(cfg)[1]
     head = eagle_head(cfg.target, cfg.head, decoders["autoregressive"])  # given, else one shipped for the target

@@ -152,9 +152,10 @@ def seed_of(question_id: str, turn: int, repeat: int) -> int:
 
 
 def load_methods(cfg: BenchConfig, names: list[str]) -> dict[str, Method]:
-    from outrider.demo import eagle_head  # the embedded target's shipped head when --head is not given
+    from outrider.demo import eagle_head
 
     target_dir, draft_dir = model_dirs(cfg)
+    head = cfg.head if cfg.head is not None else eagle_head(cfg.target, None)  # None: the embedded target's shipped one
     out: dict[str, Method] = {}
     hf_target = None  # loaded once for all transformers peers
     for name in names:
@@ -169,7 +170,7 @@ def load_methods(cfg: BenchConfig, names: list[str]) -> dict[str, Method]:
             out[name] = HFPeer(name, hf_target, draft_dir, cfg.k, cfg.dtype)
         else:
             out[name] = OutriderMethod(name, cfg.target, cfg.draft, cfg.k, cfg.dtype, cfg.backend, cfg.device,
-                                       head=cfg.head if cfg.head is not None else eagle_head(cfg.target, None))
+                                       head=head)
     return out
 
 

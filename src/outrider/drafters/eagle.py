@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,6 @@ from torch import Tensor, nn
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, empty_draft, register
 from outrider.drafters.heads import fingerprint, load_head, save_head, target_embedding
-from outrider.lockstep import Lockstep
 from outrider.sampling import probs_from_logits, sample
 
 CONFIG_NAME = "eagle_config.json"
@@ -259,8 +258,8 @@ class EagleDrafter:
     uses_head: ClassVar[bool] = True  # `draft` is a head folder written by `outrider train drafter`
     stops_on_confidence: ClassVar[bool] = True
     default_k: ClassVar[int] = 4
-    # In a batch the rows share one EagleRunner, a slot each, and their head steps run together,
-    # one per depth (lockstep.py; join_rows).
+    # In a batch the rows share one EagleRunner, a slot each (join_rows), and propose together,
+    # one head pass per depth for all rows (propose_rows).
     batches: ClassVar[bool] = True
 
     def __init__(self, head: EagleHead, embed: Tensor, target_vocab_size: int, k: int = 4, width: int = 1) -> None:
@@ -280,7 +279,7 @@ class EagleDrafter:
         self.hidden_layers = cfg.target_layers
         self.device = embed.device
         self.dtype = next(head.parameters()).dtype
-        self._attach(EagleRunner(self.head, embed), 0, None)
+        self.runner, self.slot = EagleRunner(self.head, embed), 0
         self._pairs = 0  # pairs with the target's own features in the cache
         self._last_out: Tensor | None = None  # (D,) head output at the last such pair
         self._last_logits: Tensor | None = None  # (N,) its logits, when read computed them
@@ -291,21 +290,18 @@ class EagleDrafter:
 
             self._grower = DraftModel(_PairModel(self), target_vocab_size, k=k, width=width)
 
-    def _attach(self, runner: EagleRunner, slot: int, call: Any) -> None:
-        """Run on `slot` of `runner`, feeding through `call` (a Lockstep's; None: the runner alone)."""
-        self.runner, self.slot = runner, slot
-        self._call = call if call is not None else (lambda feed: runner.run_rows([feed])[0])
+    def _run(self, feed: PairFeed) -> tuple[Tensor, Tensor | None]:
+        return self.runner.run_rows([feed])[0]
 
     @classmethod
-    def join_rows(cls, drafters: list[EagleDrafter]) -> tuple[Lockstep, Any]:
-        """Make a batch's per-row drafters share one runner, a slot each, their head steps in one
-        Lockstep. Returns the lockstep and a probe(rows) for timing a step of `rows` rows."""
+    def join_rows(cls, drafters: list[EagleDrafter]) -> Callable[[int], None]:
+        """Make a batch's per-row drafters share one runner, a slot each (then propose_rows drafts
+        for all of them at once). Returns a probe(rows) timing a draft step of `rows` rows."""
         runner = EagleRunner(drafters[0].head, drafters[0].embed, slots=len(drafters))
-        lockstep = Lockstep(runner.run_rows)
         for slot, d in enumerate(drafters):
             d.head, d.embed = runner.head, runner.embed  # one copy of the weights for all rows
-            d._attach(runner, slot, lockstep.call)
-        return lockstep, runner.probe_rows
+            d.runner, d.slot = runner, slot
+        return runner.probe_rows
 
     @classmethod
     def build(cls, ctx: BuildContext) -> EagleDrafter:
@@ -343,22 +339,14 @@ class EagleDrafter:
         q[d2t] = q_small  # zero outside the reduced vocabulary: still a distribution over V
         return d2t[i], q, float(q_small[i]) if confident else None
 
-    @torch.inference_mode()
     def propose(self, step: DraftStep) -> Draft:
-        self.read(step)
-        return self.draft(step)
-
-    @torch.inference_mode()
-    def read(self, step: DraftStep, logits: bool = True) -> None:
-        """Feed the target's states of the newly committed tokens into the head's cache (every step,
-        whether or not the head drafts then: drafters/hybrid.py may draft from elsewhere; it passes
-        logits=False when it will not, which saves the output layer)."""
-        feed = self._read_feed(step, logits)
-        if feed is not None:
-            self._read_done(feed, *self._call(feed))
+        return self.propose_rows([self], [step])[0]
 
     def _read_feed(self, step: DraftStep, logits: bool) -> PairFeed | None:
-        """The pairs `read` feeds: (feature of token j, token j+1) for each newly committed j."""
+        """The pairs that feed the target's states of the newly committed tokens into the head's
+        cache: (feature of token j, token j+1) for each new j. Fed every step, whether or not the
+        head drafts then (drafters/hybrid.py may draft from elsewhere; logits=False then saves the
+        output layer)."""
         if step.hidden is None or not step.hidden.shape[1]:
             return None
         j0, m = self._pairs, step.hidden.shape[1]
@@ -378,16 +366,6 @@ class EagleDrafter:
         k = min(step.k, self.k, self.head.cfg.max_positions - step.tokens.shape[0])
         return k if self._last_out is not None else 0
 
-    @torch.inference_mode()
-    def draft(self, step: DraftStep) -> Draft:
-        """A chain or tree from the head's output at the last committed pair (after `read`)."""
-        k = self._budget(step)
-        if k < 1:
-            return empty_draft(self.device)
-        if self._grower is not None and k > 1:
-            return self._tree(step, k)
-        return _chains([self], [step], [k], lambda feeds: [self._call(f) for f in feeds])[0]
-
     def _tree(self, step: DraftStep, k: int) -> Draft:
         full = self._root_logits().new_full((self.vocab_size,), float("-inf"))
         full[self.head.d2t] = self._root_logits()
@@ -395,11 +373,34 @@ class EagleDrafter:
 
     @classmethod
     @torch.inference_mode()
-    def propose_rows(cls, drafters: list[EagleDrafter], steps: list[DraftStep]) -> list[Draft]:
-        """Every row's proposal at once, without threads (drafters joined by join_rows): all
-        rows' reads in one pass of the shared runner, then one pass per chain depth for the rows
-        still drafting. Trees grow per row (their growth is the draft model's)."""
-        return _propose_rows(drafters, steps, [True] * len(drafters))
+    def propose_rows(cls, drafters: list[EagleDrafter], steps: list[DraftStep],
+                     wanted: list[bool] | None = None) -> list[Draft]:
+        """Every row's proposal at once (a batch's drafters joined by join_rows, or one drafter
+        alone): all rows' reads in one pass of the runner, then one pass per chain depth for the
+        rows still drafting. Trees grow per row (their growth is the draft model's). Rows whose
+        `wanted` is False only read (drafters/hybrid.py)."""
+        runner = drafters[0].runner
+        wanted = wanted or [True] * len(drafters)
+        feeds = [(i, d._read_feed(st, want)) for i, (d, st, want) in enumerate(zip(drafters, steps, wanted))]
+        feeds = [(i, f) for i, f in feeds if f is not None]
+        if feeds:
+            for (i, f), (out, logits) in zip(feeds, runner.run_rows([f for _, f in feeds])):
+                drafters[i]._read_done(f, out, logits)
+        drafts: list[Draft | None] = [None] * len(drafters)
+        chains = []
+        for i, (d, st, want) in enumerate(zip(drafters, steps, wanted)):
+            k = d._budget(st) if want else 0
+            if k < 1:
+                drafts[i] = empty_draft(d.device)
+            elif d._grower is not None and k > 1:
+                drafts[i] = d._tree(st, k)
+            else:
+                chains.append((i, k))
+        if chains:
+            got = _chains([drafters[i] for i, _ in chains], [steps[i] for i, _ in chains], [k for _, k in chains])
+            for (i, _), draft in zip(chains, got):
+                drafts[i] = draft
+        return drafts  # type: ignore[return-value]
 
     def update(self, path: list[int]) -> None:
         # Drafted pairs sit past self._pairs in the cache and are overwritten next step.
@@ -411,40 +412,14 @@ class EagleDrafter:
         """One draft step on a scratch pair (for cost calibration; the committed pairs are kept)."""
         D = self.head.cfg.hidden_size
         at = min(self._pairs + 64, self.head.cfg.max_positions - 1)
-        self._call(PairFeed(self.slot, at, torch.zeros(1, dtype=torch.long, device=self.device),
-                            torch.zeros(1, D, dtype=self.dtype, device=self.device), logits=True))
+        self._run(PairFeed(self.slot, at, torch.zeros(1, dtype=torch.long, device=self.device),
+                           torch.zeros(1, D, dtype=self.dtype, device=self.device), logits=True))
 
 
-def _propose_rows(drafters: list[EagleDrafter], steps: list[DraftStep], drafts_wanted: list[bool]) -> list[Draft]:
-    """EagleDrafter.propose_rows; rows with drafts_wanted False only read (drafters/hybrid.py)."""
-    runner = drafters[0].runner
-    feeds = [(i, d._read_feed(st, want)) for i, (d, st, want) in enumerate(zip(drafters, steps, drafts_wanted))]
-    feeds = [(i, f) for i, f in feeds if f is not None]
-    if feeds:
-        for (i, f), (out, logits) in zip(feeds, runner.run_rows([f for _, f in feeds])):
-            drafters[i]._read_done(f, out, logits)
-    out: list[Draft | None] = [None] * len(drafters)
-    chains = []
-    for i, (d, st, want) in enumerate(zip(drafters, steps, drafts_wanted)):
-        k = d._budget(st) if want else 0
-        if k < 1:
-            out[i] = empty_draft(d.device)
-        elif d._grower is not None and k > 1:
-            out[i] = d._tree(st, k)
-        else:
-            chains.append((i, k))
-    if chains:
-        got = _chains([drafters[i] for i, _ in chains], [steps[i] for i, _ in chains], [k for _, k in chains],
-                      runner.run_rows)
-        for (i, _), draft in zip(chains, got):
-            out[i] = draft
-    return out  # type: ignore[return-value]
-
-
-def _chains(drafters: list[EagleDrafter], steps: list[DraftStep], ks: list[int], run) -> list[Draft]:
-    """Chains drafted by several rows of one head (after `read`), token by token: each depth's
-    next pairs of all rows still drafting go through one `run` (run_rows of the shared runner, or
-    a single row's own call). A row stops at its k, or where k="auto" says (keep_drafting)."""
+def _chains(drafters: list[EagleDrafter], steps: list[DraftStep], ks: list[int]) -> list[Draft]:
+    """Chains drafted by several rows of one runner (after their reads), token by token: each
+    depth's next pairs of all rows still drafting go through one run_rows. A row stops at its k,
+    or where k="auto" says (keep_drafting)."""
     rows = []
     for d, st in zip(drafters, steps):
         keep = st.adaptive.keep_drafting if st.adaptive is not None else None
@@ -469,7 +444,7 @@ def _chains(drafters: list[EagleDrafter], steps: list[DraftStep], ks: list[int],
             feeds.append(PairFeed(d.slot, d._pairs + depth, x.view(1), prev[None], logits=True))
             going.append(i)
         if feeds:
-            for i, (_, logits) in zip(going, run(feeds)):
+            for i, (_, logits) in zip(going, drafters[0].runner.run_rows(feeds)):
                 rows[i]["logits"] = logits
         live, depth = going, depth + 1
     return [Draft(torch.stack(r["tokens"]), torch.stack(r["probs"]) if r["probs"] else None, r["conf"],
@@ -528,8 +503,8 @@ class _PairModel:
         seen = attn_mask[:, :start].to(self.device)
         parent_slot = (seen * torch.arange(1, start + 1, device=self.device)).argmax(-1)  # last visible slot
         feats = e.runner.outs[e.slot][parent_slot]  # (T, D)
-        out, _ = e._call(PairFeed(e.slot, start, ids.to(self.device), feats, mask=attn_mask.to(self.device),
-                                  positions=positions))
+        out, _ = e._run(PairFeed(e.slot, start, ids.to(self.device), feats, mask=attn_mask.to(self.device),
+                                 positions=positions))
         self._extra += ids.shape[0]
         small = e.runner.logits(out).float()  # (T, N)
         full = small.new_full((ids.shape[0], self.vocab_size), float("-inf"))

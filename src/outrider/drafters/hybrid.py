@@ -14,14 +14,13 @@ head's samples carry q), and the choice reads only the committed tokens, never a
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Callable, ClassVar
 
 from torch import Tensor
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, register
-from outrider.drafters.eagle import EagleDrafter, _propose_rows
+from outrider.drafters.eagle import EagleDrafter
 from outrider.drafters.suffix import SuffixDrafter
-from outrider.lockstep import Lockstep
 
 
 @register("eagle+suffix")
@@ -31,7 +30,7 @@ class HeadWithSuffix:
     head_method: ClassVar[str] = "eagle"  # the head folder it reads (`outrider train drafter --method eagle`)
     stops_on_confidence: ClassVar[bool] = True  # the head's drafts stop per token under k="auto"
     default_k: ClassVar[int] = EagleDrafter.default_k
-    batches: ClassVar[bool] = True  # the head's steps in lockstep, the tries per row
+    batches: ClassVar[bool] = True  # the heads propose together (propose_rows), the tries per row
 
     def __init__(self, head: EagleDrafter, suffix: SuffixDrafter, min_value: float = 1.0) -> None:
         if not min_value > 0:
@@ -51,29 +50,24 @@ class HeadWithSuffix:
         self.suffix.begin(prompt)
 
     @classmethod
-    def join_rows(cls, drafters: list[HeadWithSuffix]) -> tuple[Lockstep, Any]:
+    def join_rows(cls, drafters: list[HeadWithSuffix]) -> Callable[[int], None]:
         """A batch's rows share one head runner (EagleDrafter.join_rows); each keeps its own tries."""
         return EagleDrafter.join_rows([d.head for d in drafters])
 
     @classmethod
     def propose_rows(cls, drafters: list[HeadWithSuffix], steps: list[DraftStep]) -> list[Draft]:
-        """Every row's proposal at once (EagleDrafter.propose_rows): the tries per row, then the
-        heads of all rows read together and those that draft, draft together."""
+        """Every row's proposal at once (EagleDrafter.propose_rows): the tries per row first
+        (~30 µs, no forward), so each head knows whether it drafts; then the heads of all rows read
+        together and those that draft, draft together."""
         scored = [d.suffix.propose_scored(st) for d, st in zip(drafters, steps)]
         wants = [value < d.min_value for d, (_, value) in zip(drafters, scored)]
-        heads = _propose_rows([d.head for d in drafters], steps, wants)
+        heads = EagleDrafter.propose_rows([d.head for d in drafters], steps, wants)
         for d, want in zip(drafters, wants):
             d.chose_suffix += not want
         return [head if want else tree for head, (tree, _), want in zip(heads, scored, wants)]
 
     def propose(self, step: DraftStep) -> Draft:
-        tree, value = self.suffix.propose_scored(step)  # ~30 µs: first, so the head knows if it drafts
-        chose_suffix = value >= self.min_value
-        self.head.read(step, logits=not chose_suffix)
-        if chose_suffix:
-            self.chose_suffix += 1
-            return tree
-        return self.head.draft(step)
+        return self.propose_rows([self], [step])[0]
 
     def update(self, path: list[int]) -> None:
         self.head.update(path)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, empty_draft, register
 from outrider.drafters.heads import fingerprint, load_head, save_head, target_embedding
-from outrider.lockstep import Lockstep
 
 CONFIG_NAME = "medusa_config.json"
 
@@ -98,21 +97,13 @@ def new_heads(target_config: object, embed: Tensor, lm_head: Tensor, name: str, 
     return heads
 
 
-@dataclass
-class HeadsFeed:
-    """One row's newest target state (D,) for the heads (a batch runs all rows' at once)."""
-
-    slot: int
-    state: Tensor
-
-
 @register("medusa")
 class MedusaDrafter:
     uses_draft_model: ClassVar[bool] = False
     uses_head: ClassVar[bool] = True
     stops_on_confidence: ClassVar[bool] = False
     default_k: ClassVar[int] = 10  # tree nodes
-    batches: ClassVar[bool] = True  # the rows' heads run together in a batch (join_rows)
+    batches: ClassVar[bool] = True  # a batch's rows share the heads (join_rows) and run them at once (propose_rows)
 
     def __init__(self, heads: MedusaHeads, vocab_size: int, k: int = 10) -> None:
         if k < 1:
@@ -130,13 +121,10 @@ class MedusaDrafter:
         self.dtype = next(heads.parameters()).dtype
         self._last: Tensor | None = None  # (D,) the newest known target state
         self._shapes: dict[int, tuple[list[int], list[int], list[int]]] = {}
-        self.slot = 0  # in a batch, the row's slot in the heads' lockstep (join_rows)
-        self._call = lambda feed: self._run_rows([feed])[0]
 
-    def _run_rows(self, feeds: list[HeadsFeed]) -> list[Tensor]:
+    def _run_rows(self, states: list[Tensor]) -> list[Tensor]:
         """The heads on several rows' newest states (D,) at once: logits (K, N) float32 per row."""
-        with torch.inference_mode():
-            return list(self.heads(torch.stack([f.state for f in feeds]).to(self.dtype)).float().unbind(1))
+        return list(self.heads(torch.stack(states).to(self.dtype)).float().unbind(1))
 
     @classmethod
     def build(cls, ctx: BuildContext) -> MedusaDrafter:
@@ -155,20 +143,18 @@ class MedusaDrafter:
         self._last = None
 
     @classmethod
-    def join_rows(cls, drafters: list[MedusaDrafter]) -> tuple[Lockstep, Any]:
-        """A batch's rows share one copy of the heads and run them together, on all rows' newest
-        states in one call. Returns the lockstep and a probe(rows) for timing a call of `rows` rows."""
-        heads, run_rows = drafters[0].heads, drafters[0]._run_rows
-        lockstep = Lockstep(run_rows)
-        for slot, d in enumerate(drafters):
-            d.heads, d._call, d._run_rows = heads, lockstep.call, run_rows
-            d.slot = slot
+    def join_rows(cls, drafters: list[MedusaDrafter]) -> Callable[[int], None]:
+        """A batch's rows share one copy of the heads (propose_rows then runs them on all rows'
+        newest states in one call). Returns a probe(rows) timing a call of `rows` rows."""
+        first = drafters[0]
+        for d in drafters:
+            d.heads = first.heads
 
+        @torch.inference_mode()
         def probe(rows: int) -> None:
-            zero = torch.zeros(heads.cfg.target_hidden, dtype=drafters[0].dtype, device=drafters[0].device)
-            run_rows([HeadsFeed(s, zero) for s in range(rows)])
+            first._run_rows([torch.zeros(first.heads.cfg.target_hidden, dtype=first.dtype, device=first.device)] * rows)
 
-        return lockstep, probe
+        return probe
 
     def _shape(self, k: int) -> tuple[list[int], list[int], list[int]]:
         """The k best nodes of the product tree: (parents, head index, rank), topological."""
@@ -191,21 +177,19 @@ class MedusaDrafter:
         self._shapes[k] = ([n[3] for n in nodes], [n[1] for n in nodes], [n[2] for n in nodes])
         return self._shapes[k]
 
-    @torch.inference_mode()
     def propose(self, step: DraftStep) -> Draft:
-        k = self._budget(step)
-        return self._draft(self._call(HeadsFeed(self.slot, self._last)), k) if k else empty_draft(self.device)
+        return self.propose_rows([self], [step])[0]
 
     @classmethod
     @torch.inference_mode()
     def propose_rows(cls, drafters: list[MedusaDrafter], steps: list[DraftStep]) -> list[Draft]:
-        """Every row's proposal at once, without threads (drafters joined by join_rows): the heads
-        run once on all drafting rows' newest states."""
+        """Every row's proposal at once (a batch's drafters joined by join_rows, or one alone): the
+        heads run once on all drafting rows' newest states."""
         ks = [d._budget(st) for d, st in zip(drafters, steps)]
         asked = [i for i, k in enumerate(ks) if k]
         out = [empty_draft(d.device) for d in drafters]
         if asked:
-            logits = drafters[0]._run_rows([HeadsFeed(drafters[i].slot, drafters[i]._last) for i in asked])
+            logits = drafters[0]._run_rows([drafters[i]._last for i in asked])
             for i, lg in zip(asked, logits):
                 out[i] = drafters[i]._draft(lg, ks[i])
         return out
