@@ -85,6 +85,80 @@ def test_chat_answers_end_at_eos_and_rows_are_right_padded():
     assert rows.tolist() == [[2, 6, 6, 6, 6], [3, 3, 9, PAD, PAD], [1, 1, 1, 5, 9]]
 
 
+def test_answer_starts_mark_where_each_row_answers(tokenizer):
+    """The held-out figures score answer tokens only: the starts follow self_distill's row order,
+    and for data saved without them, the chat template's assistant cue finds them."""
+    import copy
+
+    from outrider.train.selfdistill import answer_starts, chat_answer_starts, chat_prompt_ids, self_distill
+
+    prompts = [[1, 1, 1], [2], [3, 3]]
+    rows = self_distill(_ScriptedGenerator({1: [5, 9, 9, 9], 2: [6, 6, 6, 6], 3: [9, 4, 4, 4]}), prompts,
+                        gen_len=4, batch=8, seed=0, eos=(9,))
+    starts = answer_starts(prompts)
+    assert [r[:s].tolist() for r, s in zip(rows, starts)] == [[2], [3, 3], [1, 1, 1]]
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    asks = [chat_prompt_ids(chat, t) for t in ("def add(a, b):", "print(1)")]
+    answer = chat("    return a + b", add_special_tokens=False)["input_ids"]
+    rows = torch.tensor([asks[0] + answer, asks[1] + answer + [-1] * (len(asks[0]) - len(asks[1]))])
+    assert chat_answer_starts(rows, chat).tolist() == [len(asks[0]), len(asks[1])]
+
+
+def test_heldout_scores_only_answer_tokens(tokenizer):
+    """A head that always drafts token c (two draft tokens, zero output weights: ties pick the first)
+    agrees with the target exactly where the target prefers c to c2; with starts, only the answer
+    pairs count."""
+    from outrider.drafters.eagle import new_head
+    from outrider.train.eagle import evaluate
+    from outrider.train.loop import autocast
+
+    target = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=4)
+    embed = target.get_input_embeddings().weight.detach()
+    c, c2 = 5, 17
+    head = new_head(target.config, embed, "t", torch.tensor([c, c2]), (0, 2, 4))
+    with torch.no_grad():
+        head.lm_head.weight.zero_()
+    rows = torch.randint(0, len(tokenizer), (6, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), autocast(rows.device):
+        logits = target(input_ids=rows).logits.float()
+    prefers_c = (logits[..., c] >= logits[..., c2]).float()  # (6, 12): position t predicts token t+1
+    # Pair j predicts token j+2 from the target's logits at j+1; answers from token 8 on: j+1 = 7..10.
+    late = evaluate(head, target, embed, rows, 2, starts=torch.full((6,), 8))
+    assert late["by_depth"][0] == late["chain"][0] == round(float(prefers_c[:, 7:11].mean()), 4)
+    # Depth 2 of a chain from pair j: right where the target prefers c at j+1 and at j+2 (both answer pairs).
+    both = prefers_c[:, 7:10] * prefers_c[:, 8:11]
+    assert late["chain"][1] == round(float(both.mean()), 4)
+    assert late["by_depth"][1] == round(float(both.sum() / prefers_c[:, 7:10].sum()), 4)
+    every = evaluate(head, target, embed, rows, 1)
+    assert every["by_depth"] == [round(float(prefers_c[:, 1:11].mean()), 4)]
+    assert evaluate(head, target, embed, rows, 1, starts=torch.zeros(6, dtype=torch.long)) == every
+    nothing = torch.tensor([8, 8, 8, 99, 99, 99])  # rows 3-5 answer after their end: they add nothing
+    assert evaluate(head, target, embed, rows, 1, starts=nothing)["by_depth"] == [round(float(prefers_c[:3, 7:11].mean()), 4)]
+
+
+def test_chains_are_counted_as_decoding_walks_them():
+    from outrider.train.eagle import chain_counts, stepped_counts
+
+    # One row, 8 pairs, 2 depths. hits[s][j]: depth s+1 of the chain ending at pair j is right.
+    h1 = torch.tensor([[1, 1, 0, 1, 1, 1, 0, 1]], dtype=torch.bool)
+    h2 = torch.tensor([[0, 1, 1, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    score = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)  # pair 0 is the prompt's
+    # From every scored pair i (1..7): depth 1 right at 1, 3, 4, 5, 7; of those, depth 2 (at pair i+1)
+    # drafted for i = 1, 3, 4, 5 (pair 8 does not exist) and right at pairs 2, 4, 5, 6.
+    assert chain_counts([h1, h2], score) == ([7.0, 4.0], [5.0, 4.0])
+    # Decoding: chain at 1 keeps 2 -> bonus -> chain at 4 keeps 2 -> chain at 7: depth 1 right, no pair 8.
+    assert stepped_counts([h1, h2], score) == ([3.0, 2.0], [3.0, 2.0])
+    # Chain at 1 misses at depth 1 and still drafted depth 2 (right, but not accepted); next at 2...
+    h1b = torch.tensor([[1, 0, 1, 1, 1, 1, 0, 1]], dtype=torch.bool)
+    # Chain at 1 keeps 2; then every chain misses at once and the next starts one pair on: 4, 5, 6, 7.
+    miss = torch.tensor([[0, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert stepped_counts([miss, h2], score) == ([5.0, 4.0], [1.0, 1.0])
+    # ...chain at 2 keeps 2 (pairs 2, 3: h2[3] misses -> keeps 1) -> chain at 4 keeps 2 -> at 7 keeps 1.
+    assert stepped_counts([h1b, h2], score) == ([4.0, 3.0], [3.0, 1.0])
+
+
 def test_padding_changes_no_loss(tokenizer):
     """Right padding must be invisible: a row with a PAD tail scores exactly as the row alone."""
     from outrider.drafters.eagle import new_head
@@ -98,8 +172,8 @@ def test_padding_changes_no_loss(tokenizer):
 
     def losses(batch):
         hidden, logits = target_pass(target, batch, head.cfg.target_layers)
-        loss, agree = unrolled_losses(head, embed, batch, hidden, logits[..., head.d2t], 3)
-        return torch.stack(loss), torch.stack(agree)
+        loss, hits = unrolled_losses(head, embed, batch, hidden, logits[..., head.d2t], 3)
+        return torch.stack(loss), torch.stack(hits)[..., : row.shape[1] - 1]  # (steps, 1, the row's pairs)
 
     (l1, a1), (l2, a2) = losses(row), losses(padded)
     assert torch.allclose(l1, l2, atol=1e-5) and torch.equal(a1, a2)
@@ -154,3 +228,4 @@ def test_a_rerun_with_more_prompts_extends_the_data_and_keeps_the_head(tmp_path,
     new_prompts = {re.match(r"def g(\d+)", tokenizer.decode(r[r >= 0].tolist())).group(1) for r in more["train"][12:]}
     assert new_prompts == {str(i) for i in range(12, 20)}
     assert torch.equal(EagleHead.load(tmp_path / "head").d2t, first_d2t)
+

@@ -477,6 +477,7 @@ def new_head(
     head.d2t.copy_(d2t)
     return head
 
+
 class _PairModel:
     """The head seen as a causal model over its pair slots, for the draft model's tree growth: a
     token fed at a slot is paired with the head's output at its parent's slot (the last slot its

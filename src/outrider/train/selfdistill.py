@@ -156,6 +156,29 @@ def self_distill(model: Any, prompts: list[list[int]], gen_len: int, batch: int,
     return torch.tensor([r + [PAD] * (T - len(r)) for r in rows], dtype=torch.long)
 
 
+def answer_starts(prompts: list[list[int]]) -> torch.Tensor:
+    """(S,) long: where each row of `self_distill(prompts)` begins the target's answer (its prompt's
+    length), in the rows' order (self_distill sorts them by prompt length, stably)."""
+    return torch.tensor(sorted(len(p) for p in prompts), dtype=torch.long)
+
+
+def chat_answer_starts(rows: torch.Tensor, tokenizer: Any) -> torch.Tensor | None:
+    """(S,) long: for rows of one chat request and its answer, where the answer begins: just after
+    the template's cue that opens the assistant's turn (found by rendering a turn with and without
+    it). None when the template has no such cue. For data saved before the starts were kept."""
+    turn = [{"role": "user", "content": "x"}]
+    cued = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    plain = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=False)
+    if not cued.startswith(plain) or len(cued) == len(plain):
+        return None
+    cue = tokenizer(cued[len(plain):], add_special_tokens=False)["input_ids"]
+    starts = []
+    for row in rows.tolist():
+        at = next((i + len(cue) for i in range(len(row) - len(cue) + 1) if row[i : i + len(cue)] == cue), 0)
+        starts.append(at)
+    return torch.tensor(starts, dtype=torch.long)
+
+
 def scored(batch: torch.Tensor, ahead: int, length: int) -> torch.Tensor:
     """(B, length) bool: position j has a real (unpadded) token at j + ahead to learn, for rows
     (B, T) right-padded with PAD. Losses and metrics weight by it, so padding never counts."""
@@ -202,10 +225,10 @@ def load_or_generate(target: Any, tokenizer: Any, recipe: Any, path: Path) -> di
     new_rows = self_distill(target, prompt_windows(tokenizer, recipe, False, recipe.prompts, seed, target, skip=have),
                             recipe.gen_len, recipe.gen_batch, seed, eos)
     if data is None:
-        held_rows = self_distill(target, prompt_windows(tokenizer, recipe, True, recipe.heldout_prompts,
-                                                        recipe.seed + 1, target),
-                                 recipe.gen_len, recipe.gen_batch, recipe.seed + 1, eos)
-        data = {"train": new_rows, "heldout": held_rows, "generate_s": 0.0}
+        held_prompts = prompt_windows(tokenizer, recipe, True, recipe.heldout_prompts, recipe.seed + 1, target)
+        held_rows = self_distill(target, held_prompts, recipe.gen_len, recipe.gen_batch, recipe.seed + 1, eos)
+        data = {"train": new_rows, "heldout": held_rows, "generate_s": 0.0,
+                "heldout_starts": answer_starts(held_prompts)}
     else:
         data["train"] = cat_rows(data["train"], new_rows)
     data["generate_s"] = float(data["generate_s"]) + time.monotonic() - t0
@@ -252,6 +275,10 @@ def start_run(recipe: Any, device: torch.device) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(recipe.target)
     embed = target.get_input_embeddings().weight.detach()
     data = load_or_generate(target, tokenizer, recipe, work / "data.pt")
+    if "heldout_starts" not in data and uses_chat(tokenizer, recipe):  # data saved before starts were kept
+        starts = chat_answer_starts(data["heldout"], tokenizer)
+        if starts is not None:
+            data["heldout_starts"] = starts
     # A resumed head keeps the vocabulary it was trained on, even when its data grew since.
     d2t = saved_d2t(work)
     if d2t is None:
