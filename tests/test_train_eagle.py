@@ -229,3 +229,35 @@ def test_a_rerun_with_more_prompts_extends_the_data_and_keeps_the_head(tmp_path,
     assert new_prompts == {str(i) for i in range(12, 20)}
     assert torch.equal(EagleHead.load(tmp_path / "head").d2t, first_d2t)
 
+
+
+def test_generation_stopped_midway_resumes_from_its_last_chunk(tmp_path, tokenizer, monkeypatch):
+    """Self-distillation saves every chunk: a run stopped while generating keeps what it wrote, and
+    the rerun generates only the rest."""
+    from transformers import AutoModelForCausalLM
+
+    from outrider.train import selfdistill
+
+    recipe = tiny_recipe(tmp_path, tokenizer, 2, "def h{i}(x):\n    return x - {i}", "head", 8, 6)
+    target = AutoModelForCausalLM.from_pretrained(recipe.target).eval()
+    monkeypatch.setattr(selfdistill, "GEN_CHUNK_BATCHES", 1)  # chunks of gen_batch = 8 rows
+    real, calls = selfdistill.self_distill, []
+
+    def stopping(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 3:  # the first chunk (8 rows) and the held-out set are done
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(selfdistill, "self_distill", stopping)
+    path = tmp_path / "data.pt"
+    with pytest.raises(KeyboardInterrupt):
+        selfdistill.load_or_generate(target, tokenizer, recipe, path)
+    kept = torch.load(path)
+    assert kept["train"].shape[0] == 8 and kept["heldout"].shape[0] == 8
+    monkeypatch.setattr(selfdistill, "self_distill", real)
+    done = selfdistill.load_or_generate(target, tokenizer, recipe, path)
+    assert done["train"].shape[0] == 24 and torch.equal(done["heldout"], kept["heldout"])
+    assert torch.equal(done["train"][:8, : kept["train"].shape[1]], kept["train"])
+    names = {re.match(r"def h(\d+)", tokenizer.decode(r[r >= 0].tolist())).group(1) for r in done["train"]}
+    assert names == {str(i) for i in range(24)}  # every training prompt of the file, once

@@ -209,33 +209,40 @@ class RowSampler:
         return self.rows[pick]
 
 
+GEN_CHUNK_BATCHES = 4  # generation batches per saved chunk: a stopped run loses at most one chunk
+
+
 def load_or_generate(target: Any, tokenizer: Any, recipe: Any, path: Path) -> dict[str, Any]:
-    """{"train": (S, L), "heldout": (S', L'), "generate_s"}: read from `path` when an earlier run
-    saved it there (a resumed run trains on the same data), else generated; saved atomically.
-    A rerun asking for more prompts than `path` holds generates only the missing ones (from a seed
-    stream of their own) and appends them: a finished run is extended with data, not redone."""
+    """{"train": (S, L), "heldout": (S', L'), "heldout_starts", "generate_s"}: read from `path` when
+    an earlier run saved it there (a resumed run trains on the same data), else generated. Rows are
+    generated and saved (atomically) in chunks of GEN_CHUNK_BATCHES batches, so a run stopped while
+    generating resumes from its last chunk. A rerun asking for more prompts than `path` holds
+    generates only the missing ones and appends them: a finished run is extended with data, not
+    redone."""
     data = torch.load(path) if path.exists() else None
-    have = 0 if data is None else int(data["train"].shape[0])
-    if data is not None and have >= recipe.prompts:
-        return data
-    t0 = time.monotonic()
     eos = eos_ids_of(target, tokenizer) if uses_chat(tokenizer, recipe) else ()
-    # recipe.seed + 1 is the held-out set's stream; an extension of `have` rows takes its own.
-    seed = recipe.seed if data is None else recipe.seed + 2 + have
-    new_rows = self_distill(target, prompt_windows(tokenizer, recipe, False, recipe.prompts, seed, target, skip=have),
-                            recipe.gen_len, recipe.gen_batch, seed, eos)
-    if data is None:
-        held_prompts = prompt_windows(tokenizer, recipe, True, recipe.heldout_prompts, recipe.seed + 1, target)
-        held_rows = self_distill(target, held_prompts, recipe.gen_len, recipe.gen_batch, recipe.seed + 1, eos)
-        data = {"train": new_rows, "heldout": held_rows, "generate_s": 0.0,
-                "heldout_starts": answer_starts(held_prompts)}
-    else:
-        data["train"] = cat_rows(data["train"], new_rows)
-    data["generate_s"] = float(data["generate_s"]) + time.monotonic() - t0
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(data, tmp)
-    tmp.replace(path)
-    return data
+    chunk = GEN_CHUNK_BATCHES * recipe.gen_batch
+    while True:
+        have = 0 if data is None else int(data["train"].shape[0])
+        if data is not None and have >= recipe.prompts:
+            return data
+        t0 = time.monotonic()
+        n = min(recipe.prompts, have + chunk)
+        # recipe.seed + 1 is the held-out set's stream; a chunk after `have` rows takes its own.
+        seed = recipe.seed if data is None else recipe.seed + 2 + have
+        new_rows = self_distill(target, prompt_windows(tokenizer, recipe, False, n, seed, target, skip=have),
+                                recipe.gen_len, recipe.gen_batch, seed, eos)
+        if data is None:
+            held_prompts = prompt_windows(tokenizer, recipe, True, recipe.heldout_prompts, recipe.seed + 1, target)
+            held_rows = self_distill(target, held_prompts, recipe.gen_len, recipe.gen_batch, recipe.seed + 1, eos)
+            data = {"train": new_rows, "heldout": held_rows, "generate_s": 0.0,
+                    "heldout_starts": answer_starts(held_prompts)}
+        else:
+            data["train"] = cat_rows(data["train"], new_rows)
+        data["generate_s"] = float(data["generate_s"]) + time.monotonic() - t0
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(data, tmp)
+        tmp.replace(path)
 
 
 def cat_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
