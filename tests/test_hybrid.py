@@ -42,6 +42,40 @@ def test_hybrid_is_exact_under_greedy_and_uses_both(backend, width, k):
     assert 0 < dec.drafter.chose_suffix < steps  # some steps from the tries, the others from the head
 
 
+def test_the_head_reads_only_when_it_drafts_and_drafts_the_same(monkeypatch):
+    """On the suffix's steps the head keeps the new hidden states and reads them with the next
+    step's: fewer head passes, the same drafts (a later read sees the same pairs)."""
+    model = tiny_model("llama")
+    passes, drafts = [], []
+    propose_rows = EagleDrafter.propose_rows.__func__
+
+    def recorded(cls, heads, steps, wanted=None):
+        out = propose_rows(cls, heads, steps, wanted)
+        drafts.extend(d.tokens.tolist() for d, w in zip(out, wanted or [True] * len(out)) if w)
+        return out
+
+    monkeypatch.setattr(EagleDrafter, "propose_rows", classmethod(recorded))
+
+    def run(keep_for_later: bool):
+        dec = hybrid_decoder(model, "native", k=4)
+        runner = dec.drafter.head.runner
+        real = runner.run_rows
+        passes.clear()
+        drafts.clear()
+        monkeypatch.setattr(runner, "run_rows", lambda feeds: passes.append(len(feeds)) or real(feeds))
+        if not keep_for_later:  # the reference: a read every step, drafting or not
+            read = EagleDrafter._read_feed
+            monkeypatch.setattr(dec.drafter.head, "_read_feed", lambda step, drafts: read(dec.drafter.head, step, True))
+        res = [dec.generate(p, max_new_tokens=40) for p in (PROMPT, [7, 8, 9, 10])]
+        return [r.token_ids for r in res], list(drafts), len(passes), dec.drafter.chose_suffix
+
+    ids, head_drafts, deferred, chose = run(True)
+    ref_ids, ref_drafts, every, _ = run(False)
+    assert chose > 0 and ids == ref_ids
+    assert head_drafts == ref_drafts and len(head_drafts) > 0  # the head drafted the same tokens each time
+    assert deferred < every
+
+
 def test_min_value_is_validated():
     model = tiny_model("llama")
     dec = hybrid_decoder(model)

@@ -281,6 +281,7 @@ class EagleDrafter:
         self.dtype = next(head.parameters()).dtype
         self.runner, self.slot = EagleRunner(self.head, embed), 0
         self._pairs = 0  # pairs with the target's own features in the cache
+        self._pending: Tensor | None = None  # (L, m, D_t) target states handed over but not read yet
         self._last_out: Tensor | None = None  # (D,) head output at the last such pair
         self._last_logits: Tensor | None = None  # (N,) its logits, when read computed them
         self.width = width
@@ -321,6 +322,7 @@ class EagleDrafter:
 
     def begin(self, prompt: Tensor) -> None:
         self._pairs = 0
+        self._pending = None
         self._last_out = self._last_logits = None
         if self._grower is not None:
             self._grower.model.reset()
@@ -342,23 +344,31 @@ class EagleDrafter:
     def propose(self, step: DraftStep) -> Draft:
         return self.propose_rows([self], [step])[0]
 
-    def _read_feed(self, step: DraftStep, logits: bool) -> PairFeed | None:
+    def _read_feed(self, step: DraftStep, drafts: bool) -> PairFeed | None:
         """The pairs that feed the target's states of the newly committed tokens into the head's
-        cache: (feature of token j, token j+1) for each new j. Fed every step, whether or not the
-        head drafts then (drafters/hybrid.py may draft from elsewhere; logits=False then saves the
-        output layer)."""
-        if step.hidden is None or not step.hidden.shape[1]:
+        cache: (feature of token j, token j+1) for each new j. A step where the head does not draft
+        (drafters/hybrid.py drafts from elsewhere then) only keeps the states: they are read with
+        the next step's, in the same pass, when the head drafts again (a pass of m pairs reads the
+        weights once, like a pass of one)."""
+        hidden = step.hidden
+        if self._pending is not None:
+            hidden = self._pending if hidden is None else torch.cat([self._pending, hidden.to(self._pending)], 1)
+            self._pending = None
+        if hidden is None or not hidden.shape[1]:
             return None
-        j0, m = self._pairs, step.hidden.shape[1]
+        if not drafts:
+            self._pending = hidden
+            return None
+        j0, m = self._pairs, hidden.shape[1]
         nxt = step.tokens[j0 + 1 : j0 + 1 + m].to(self.device)  # token j+1 of each pair j
-        return PairFeed(self.slot, j0, nxt, step.hidden, fuse=True, logits=logits)
+        return PairFeed(self.slot, j0, nxt, hidden, fuse=True, logits=True)
 
     def _read_done(self, feed: PairFeed, out: Tensor, logits: Tensor | None) -> None:
         self._pairs += int(feed.tokens.shape[0])
         self._last_out, self._last_logits = out[-1], logits
 
     def _root_logits(self) -> Tensor:
-        if self._last_logits is None:  # read skipped the output layer
+        if self._last_logits is None:  # not computed by the read (a step with no new states)
             self._last_logits = self.runner.logits(self._last_out[None])[0].float()
         return self._last_logits
 
@@ -378,7 +388,7 @@ class EagleDrafter:
         """Every row's proposal at once (a batch's drafters joined by join_rows, or one drafter
         alone): all rows' reads in one pass of the runner, then one pass per chain depth for the
         rows still drafting. Trees grow per row (their growth is the draft model's). Rows whose
-        `wanted` is False only read (drafters/hybrid.py)."""
+        `wanted` is False keep their new states for a later read (drafters/hybrid.py)."""
         runner = drafters[0].runner
         wanted = wanted or [True] * len(drafters)
         feeds = [(i, d._read_feed(st, want)) for i, (d, st, want) in enumerate(zip(drafters, steps, wanted))]

@@ -5,8 +5,9 @@ states, wherever the text goes; suffix tries predict text that repeats what came
 prompt being summarised or quoted, a list that repeats its shape, earlier outputs), and there
 they draft long and exactly, for no forward at all. Each step the suffix tries propose a tree
 (~30 µs, no forward); when its expected accepted length (the sum of its path scores) reaches
-`min_value`, that tree is the draft, else the head drafts. The head reads the target's hidden
-states every step either way, so its cache stays whole.
+`min_value`, that tree is the draft, else the head drafts. On the suffix's steps the head only
+keeps the target's new hidden states; it reads them all, in one pass, the next time it drafts, so
+its cache stays whole and a step it does not draft costs it nothing.
 
 Lossless: a step's draft is wholly one drafter's (suffix trees are deterministic, probs None; the
 head's samples carry q), and the choice reads only the committed tokens, never a random draw.
