@@ -43,3 +43,19 @@ def test_bf16_on_cuda_runs_close_to_transformers():
         ref = model(ids[None].cuda()).logits[0].float()
     out = native.forward(ids)
     assert (out - ref).abs().max().item() <= 0.02 * ref.abs().max().item()
+
+
+def test_train_drafter_runs_on_cuda(tmp_path, tokenizer):
+    """`outrider train drafter --device cuda`: self-distillation, features and training on the GPU;
+    the head it writes drafts exactly on the CPU."""
+    from test_train_eagle import tiny_recipe
+
+    from outrider.train.eagle import train_eagle
+
+    recipe = tiny_recipe(tmp_path, tokenizer, 4, "def f{i}(a, b):\n    return a + {i}", "head", 8, 16)
+    report = train_eagle(recipe, torch.device("cuda"))
+    assert report["steps"] > 0 and len(report["heldout_acceptance_by_depth"]) == 3
+    dec = SpeculativeDecoder.from_pretrained(recipe.target, draft=recipe.out, method="eagle", k=3, dtype="float32")
+    ref = SpeculativeDecoder.from_pretrained(recipe.target, method="autoregressive", dtype="float32")
+    assert dec.generate("def f3(a, b):\n", max_new_tokens=16).token_ids == ref.generate("def f3(a, b):\n",
+                                                                                     max_new_tokens=16).token_ids

@@ -47,6 +47,8 @@ def test_request_opening_is_the_template_up_to_the_user_message(tokenizer):
 class _Writer:
     """A stand-in target whose generate() writes fixed rows after the opening (cycled)."""
 
+    device = torch.device("cpu")
+
     def __init__(self, rows: list[list[int]]) -> None:
         self.rows, self.calls = rows, 0
 

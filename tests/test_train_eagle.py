@@ -62,10 +62,18 @@ def test_cli_train_drafter_validates(tmp_path, capsys):
 
     assert main(["train", "drafter", "--target", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    args = ["train", "drafter", "--target", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--device"]
+    assert main(args + ["tpu"]) == 2
+    assert "--device 'tpu' is invalid: use cpu or cuda" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(args + ["cuda"]) == 2
+        assert "torch sees no CUDA device here; use --device cpu" in capsys.readouterr().err
 
 
 class _ScriptedGenerator:
     """A stand-in for a target's generate(): appends fixed new tokens to each left-padded row."""
+
+    device = torch.device("cpu")
 
     def __init__(self, new: dict[int, list[int]]) -> None:
         self.new = new  # first real prompt token -> the new tokens generate returns for that row

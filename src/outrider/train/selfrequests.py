@@ -48,7 +48,7 @@ def target_requests(model: Any, tokenizer: Any, n: int, seed: int, eos: tuple[in
     for r in tqdm(rounds, desc="target-written requests", unit="batch", disable=len(rounds) < 4):
         if len(out) >= n:
             break
-        ids = opening.expand(batch, -1)
+        ids = opening.expand(batch, -1).to(model.device)
         sampler = SeededSampler(params, seed * 1_000_003 + r)
         new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
                              logits_processor=[sampler], eos_token_id=list(eos), pad_token_id=eos[0])
