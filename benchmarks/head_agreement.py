@@ -19,13 +19,13 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 
 def main() -> None:
     from outrider.bench.datasets import load_spec_bench, render_prompt
-    from outrider.drafters.eagle import EagleHead, _rope
+    from outrider.drafters.eagle import EagleHead
     from outrider.models import load_transformers_model, parse_dtype
+    from outrider.train.eagle import target_pass, unrolled_losses
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", required=True)
@@ -53,18 +53,16 @@ def main() -> None:
         ids = render_prompt(tokenizer, q, turn, [answers[(qid, t)]["output_text"] for t in range(turn)])
         seq = torch.tensor([ids + rec["output_ids"]])
         with torch.no_grad():
-            out = target(input_ids=seq, output_hidden_states=True, use_cache=False)
-            hidden = torch.stack([out.hidden_states[i] for i in head.cfg.target_layers]).float()
-            top = out.logits[0].float().argmax(-1)  # (T,): the target's next token after each position
-            P = seq.shape[1] - 1
-            x = head.pairs(head.fuse_features(hidden[:, :, :P]), F.embedding(seq[:, 1:], embed))
-            cos, sin = _rope(torch.arange(P), head.cfg.head_dim, head.cfg.rope_theta, torch.float32)
-            first, _, _ = head.block(x, cos, sin, None, None, None)
-            drafted = head.d2t[head.logits(first)[0].argmax(-1)]  # pair j drafts token j + 2
+            hidden, logits = target_pass(target, seq, head.cfg.target_layers)
+            # hits: the head's top-1 is the target's on the reduced vocabulary; decoding needs the
+            # target's top-1 over all tokens, so a hit counts only where that one is in d2t.
+            _, (hits,) = unrolled_losses(head, embed, seq, hidden.float(), logits[..., head.d2t].float(), 1)
+            top = logits[0, 1:].float().argmax(-1)  # pair j: the target's next token after token j + 1
+            in_reduced = head.d2t[logits[0, 1:, head.d2t].float().argmax(-1)] == top
         counts = agree[q.category]
-        for j in range(len(ids) - 1, P - 1):  # the pairs whose drafted token is an answer token
-            counts[0] += int(drafted[j] == top[j + 1])
-            counts[1] += 1
+        first = len(ids) - 1  # pairs from here on draft an answer token (pair j drafts token j + 2)
+        counts[0] += int((hits[0] & in_reduced)[first : seq.shape[1] - 2].sum())
+        counts[1] += seq.shape[1] - 2 - first
     total = [sum(c[0] for c in agree.values()), sum(c[1] for c in agree.values())]
     print("| category | answer tokens | head's first draft = target's argmax |")
     print("|---|---:|---:|")

@@ -281,9 +281,9 @@ class EagleDrafter:
         self.dtype = next(head.parameters()).dtype
         self.runner, self.slot = EagleRunner(self.head, embed), 0
         self._pairs = 0  # pairs with the target's own features in the cache
-        self._pending: Tensor | None = None  # (L, m, D_t) target states handed over but not read yet
+        self._pending: list[Tensor] = []  # (L, m, D_t) target states handed over but not read yet
         self._last_out: Tensor | None = None  # (D,) head output at the last such pair
-        self._last_logits: Tensor | None = None  # (N,) its logits, when read computed them
+        self._last_logits: Tensor | None = None  # (N,) its logits: the root's children
         self.width = width
         self._grower = None
         if width > 1:  # EAGLE-2 trees: the draft model's tree growth over this head's pair positions
@@ -322,7 +322,7 @@ class EagleDrafter:
 
     def begin(self, prompt: Tensor) -> None:
         self._pairs = 0
-        self._pending = None
+        self._pending = []
         self._last_out = self._last_logits = None
         if self._grower is not None:
             self._grower.model.reset()
@@ -350,15 +350,12 @@ class EagleDrafter:
         (drafters/hybrid.py drafts from elsewhere then) only keeps the states: they are read with
         the next step's, in the same pass, when the head drafts again (a pass of m pairs reads the
         weights once, like a pass of one)."""
-        hidden = step.hidden
-        if self._pending is not None:
-            hidden = self._pending if hidden is None else torch.cat([self._pending, hidden.to(self._pending)], 1)
-            self._pending = None
-        if hidden is None or not hidden.shape[1]:
+        if step.hidden is not None and step.hidden.shape[1]:
+            self._pending.append(step.hidden)
+        if not drafts or not self._pending:
             return None
-        if not drafts:
-            self._pending = hidden
-            return None
+        hidden = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending, 1)  # joined once
+        self._pending = []
         j0, m = self._pairs, hidden.shape[1]
         nxt = step.tokens[j0 + 1 : j0 + 1 + m].to(self.device)  # token j+1 of each pair j
         return PairFeed(self.slot, j0, nxt, hidden, fuse=True, logits=True)
@@ -367,18 +364,13 @@ class EagleDrafter:
         self._pairs += int(feed.tokens.shape[0])
         self._last_out, self._last_logits = out[-1], logits
 
-    def _root_logits(self) -> Tensor:
-        if self._last_logits is None:  # not computed by the read (a step with no new states)
-            self._last_logits = self.runner.logits(self._last_out[None])[0].float()
-        return self._last_logits
-
     def _budget(self, step: DraftStep) -> int:
         k = min(step.k, self.k, self.head.cfg.max_positions - step.tokens.shape[0])
         return k if self._last_out is not None else 0
 
     def _tree(self, step: DraftStep, k: int) -> Draft:
-        full = self._root_logits().new_full((self.vocab_size,), float("-inf"))
-        full[self.head.d2t] = self._root_logits()
+        full = self._last_logits.new_full((self.vocab_size,), float("-inf"))
+        full[self.head.d2t] = self._last_logits
         return self._grower.grow_tree(step, full, k)
 
     @classmethod
@@ -434,7 +426,7 @@ def _chains(drafters: list[EagleDrafter], steps: list[DraftStep], ks: list[int])
     for d, st in zip(drafters, steps):
         keep = st.adaptive.keep_drafting if st.adaptive is not None else None
         rows.append({"tokens": [], "probs": [], "conf": [] if keep is not None else None, "keep": keep,
-                     "logits": d._root_logits()})
+                     "logits": d._last_logits})
     live = list(range(len(drafters)))
     depth = 0
     while live:

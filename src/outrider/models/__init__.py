@@ -52,6 +52,22 @@ def default_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """A training recipe's --device: cpu, cuda or cuda:N, refused by name when torch cannot use it
+    here; None: cuda where torch sees one, else cpu."""
+    if device is None:
+        return default_device(None)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is invalid: use cpu or cuda")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: torch sees no CUDA device here; use --device cpu")
+    return resolved
+
+
 def _check_model_folder(path: Path) -> None:
     """Fail early, naming the path, on folders that transformers would reject obscurely."""
     if not path.exists():

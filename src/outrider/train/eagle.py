@@ -315,7 +315,9 @@ def run_from_args(args: Any) -> int:
                          unroll=args.unroll, seed=args.seed, prompt_len=args.prompt_len, batch_size=args.batch_size,
                          chat=args.chat, dtype=args.dtype, cache_gb=args.cache_gb,
                          self_requests=args.self_requests, gen_batch=args.gen_batch)
-    device = train_device(args.device)
+    from outrider.models import resolve_device
+
+    device = resolve_device(args.device)
     if args.method == "medusa":
         from outrider.train.medusa import train_medusa
 
@@ -326,17 +328,6 @@ def run_from_args(args: Any) -> int:
         print(format_report(report))
     print(f"Written to {args.out}/ (use it with --method {args.method} --draft {args.out})")
     return 0
-
-
-def train_device(name: str | None) -> torch.device:
-    """--device: cpu or cuda; None: cuda where torch sees one, else cpu."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"--device {name!r} is invalid: use cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: torch sees no CUDA device here; use --device cpu")
-    return torch.device(name)
 
 
 def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any, Literal, get_args
 import torch
 import transformers
 
+from outrider.models import resolve_device
 from outrider.train import corpus as corpus_mod
 from outrider.train.config import PRESETS, Budget
 from outrider.train.data import cached_tokens, fixed_windows, prompt_ids
@@ -47,18 +48,6 @@ def _log(message: str) -> None:
 def _check_positive(name: str, value: float | int | None) -> None:
     if value is not None and not value > 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
-
-
-def _resolve_device(device: str) -> torch.device:
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device {device!r} is not a torch device; use 'cpu' or 'cuda'") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available; use 'cpu'")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r} is not supported by the recipe; use 'cpu' or 'cuda'")
-    return resolved
 
 
 @contextmanager
@@ -154,7 +143,7 @@ def train_demo_pair(
         ("threads", threads),
     ]:
         _check_positive(name, value)
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     preset = PRESETS[scale]
     target_budget = preset.target_budget.overridden(target_tokens, target_minutes)
     draft_budget = preset.draft_budget.overridden(draft_tokens, draft_minutes)
