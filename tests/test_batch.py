@@ -123,7 +123,9 @@ def test_draft_model_rows_draft_in_lockstep_and_equal_their_output_alone(model_d
     want = [alone.generate(r).token_ids for r in reqs]
     dec = SpeculativeDecoder.from_pretrained(target, draft=draft, method="draft_model", dtype="float32",
                                              backend="native", **kw)
-    batch = BatchDecoder(dec, max_batch=3)
+    # check_every=0: on this tiny pair the measured check rightly finds plain steps faster, and
+    # would leave only the seeded row drafting.
+    batch = BatchDecoder(dec, max_batch=3, check_every=0)
     calls = count_calls(batch._lockstep)
     got = batch.generate(reqs)
     assert [g.token_ids for g in got] == want
@@ -203,7 +205,8 @@ def test_the_gate_drops_drafts_that_cannot_pay(target_dir):
         dec = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
         if per_token is None:
             return BatchDecoder(dec, max_batch=4, gate=False).generate(requests)
-        return BatchDecoder(dec, max_batch=4, costs=flat_costs(per_token), probe_every=probe_every).generate(requests)
+        return BatchDecoder(dec, max_batch=4, costs=flat_costs(per_token), probe_every=probe_every,
+                            check_every=0).generate(requests)  # the cost model alone
 
     cheap, dear, never, off = run(0.0), run(1.0), run(1.0, probe_every=10**6), run(None)
     assert [r.token_ids for r in cheap] == [r.token_ids for r in dear] == [r.token_ids for r in off]
@@ -212,6 +215,67 @@ def test_the_gate_drops_drafts_that_cannot_pay(target_dir):
     assert kept(never) == 0  # no probes: every draft dropped
     # Probes (every 2nd draft here) still verify some drafts, so the estimate can recover.
     assert 0 < kept(dear) < kept(off)
+
+
+class VirtualClock:
+    """A clock that only the target's forwards advance: 1 per forward, plus per_token per token a
+    row feeds beyond its root (its draft)."""
+
+    def __init__(self, batch: BatchDecoder, per_token: float) -> None:
+        self.now = 0.0
+        forward = batch.model.forward_rows
+
+        def timed(feeds):
+            self.now += 1.0 + per_token * sum(max(int(f.ids.shape[0]) - 1, 0) for f in feeds)
+            return forward(feeds)
+
+        batch.model.forward_rows = timed
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_measured_check_runs_the_faster_mode(target_dir):
+    """The cost model can be wrong (its table here says drafts are free, at any price on the clock);
+    the batch's measured check still finds which mode commits more tokens per second of its clock
+    and runs it, but for one step in check_every and the warm-up. Outputs never change."""
+    requests = [GenerationRequest(p, max_new_tokens=40) for p in
+                ("def add(a, b):\n    return a + b\n\ndef add(", "x = 1\ny = 2\nx = 1\ny = ",
+                 "import os\nimport sys\nimport os\n", "for i in range(10):\n    print(i)\n")]
+
+    def run(per_token: float, check_every: int = 8):
+        dec = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
+        batch = BatchDecoder(dec, max_batch=4, costs=flat_costs(0.0), check_every=check_every)
+        batch.clock = VirtualClock(batch, per_token)
+        return batch, batch.generate(requests)
+
+    (unchecked, every), (dear, dear_out), (cheap, cheap_out) = run(3.0, check_every=0), run(3.0), run(0.0)
+    assert [r.token_ids for r in every] == [r.token_ids for r in dear_out] == [r.token_ids for r in cheap_out]
+    drafted = lambda results: sum(r.stats.drafted for r in results)  # noqa: E731
+    assert drafted(every) > 0 and unchecked.mode_steps["plain"] == 0
+    # Allowed off-mode steps: the warm-up at each batch size seen, and one step in 8 after it.
+    def others(batch, mode):
+        total = sum(batch.mode_steps.values())
+        return batch.mode_steps[mode] <= 2 * len(batch._rates) + total // 8 + 1
+    assert others(dear, "speculating") and dear.mode_steps["plain"] > 2 * dear.mode_steps["speculating"]
+    assert drafted(dear_out) < drafted(every) / 2
+    assert others(cheap, "plain") and cheap.mode_steps["speculating"] > 2 * cheap.mode_steps["plain"]
+    assert drafted(cheap_out) > drafted(every) / 2
+
+
+def test_the_check_never_stops_seeded_rows_drafting(target_dir):
+    """In a plain step seeded sampling rows still draft (their random draws depend on the drafts,
+    contract 3): where the check runs plain steps, a seeded request gives its tokens alone."""
+    reqs = [GenerationRequest("import os\nimport sys\nimport os\n", max_new_tokens=32, temperature=0.2,
+                              seed=3)] + [GenerationRequest(p, max_new_tokens=24) for p in
+                                          ("x = 1\ny = 2\nx = 1\ny = ", "import os\nimport sys\nimport os\n")]
+    alone = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
+    want = [alone.generate(r).token_ids for r in reqs]
+    dec = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
+    batch = BatchDecoder(dec, max_batch=3, costs=flat_costs(0.0))
+    batch.clock = VirtualClock(batch, 5.0)
+    assert [r.token_ids for r in batch.generate(reqs)] == want
+    assert batch.mode_steps["plain"] >= 4  # the check did run plain steps
 
 
 def test_batch_costs_interpolate():

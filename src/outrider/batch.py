@@ -31,6 +31,16 @@ cost is first the drafter's own cost table (its forward), then what the batch me
 take while all rows draft (the rows' drafting Python and thread hand-offs included). Seeded
 sampling rows are never gated: their random draws depend on the drafts, and a seeded request must
 give the same tokens alone or in a batch (contract 3).
+
+Above that cost model sits a measured check, because a model of costs misses some (a head's reads
+of the states it skipped, mixed row lengths, the rows' Python) and on a real model at batch 4-8 it
+let heads run at 0.87x plain decoding. At each batch size the batch keeps two rates, committed
+tokens per second of its recent speculating steps and of its recent plain ones (no drafts but the
+seeded rows'), measured by its own clock on steps that prefill nobody; it runs the faster mode,
+and the other one step in `check_every`, so that both rates follow the text and the machine. A
+row's first speculating step is not measured: a head then reads the whole prompt, once per
+request. The check only decides whether unseeded rows draft, so it changes no output: greedy rows
+commit the target's tokens either way (contract 1), seeded rows always draft.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -53,6 +63,7 @@ from outrider.verify import verify_greedy_rows
 
 COST_SIZES = (1, 2, 4, 8, 16)  # tokens per row the cost table measures (root + draft)
 COST_CONTEXT = 64  # tokens already cached in each row while the costs are measured
+CHECK_WARMUP = 2  # measured steps of each mode at a batch size before the check compares them
 
 __all__ = ["BatchCosts", "BatchDecoder", "Row"]
 
@@ -131,6 +142,7 @@ class Row:
     drafted_sum: float = 1.0  # drafted tokens per verified draft, the same way (a prior set at add)
     dropped_streak: int = 0
     joining: bool = True  # admitted, not prefilled yet (the next step prefills it)
+    speculated: bool = False  # has had a speculating step (its first is not measured: module doc)
 
     @property
     def expected_accepted(self) -> float:
@@ -139,6 +151,25 @@ class Row:
     @property
     def expected_drafted(self) -> float:
         return self.drafted_sum / self.verified_sum
+
+
+@dataclass
+class StepRate:
+    """Committed tokens and seconds of one mode's measured steps at one batch size, older steps
+    weighted down by `decay` per step."""
+
+    tokens: float = 0.0
+    seconds: float = 0.0
+    steps: int = 0
+
+    def add(self, tokens: int, seconds: float, decay: float) -> None:
+        self.tokens = decay * self.tokens + tokens
+        self.seconds = decay * self.seconds + seconds
+        self.steps += 1
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
 class BatchDecoder:
@@ -151,13 +182,22 @@ class BatchDecoder:
     needs a draft with slots). gate: skip drafts that cost more than they bring (module doc);
     costs / draft_costs: the target's and the drafter's model's tables it decides by (None:
     measured now). probe_every: a gated row's draft is verified after
-    this many skipped ones; decay: the weight of a row's older drafts in its acceptance estimate."""
+    this many skipped ones; decay: the weight of a row's older drafts in its acceptance estimate,
+    and of older steps in the check's rates. check_every: with the gate, run the mode the measured
+    check did not choose one step in this many (0: no check, the cost model alone decides); clock:
+    what the check times steps by (tests pass a virtual one). `mode_steps` counts the steps run
+    speculating and plain."""
 
     def __init__(self, decoder: SpeculativeDecoder, max_batch: int = 4, *, gate: bool = True,
                  costs: BatchCosts | None = None, draft_costs: BatchCosts | None = None, probe_every: int = 8,
-                 decay: float = 0.9) -> None:
+                 decay: float = 0.9, check_every: int = 16, clock: Callable[[], float] = time.perf_counter) -> None:
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} is invalid: use an integer >= 1")
+        if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 0:
+            raise ValueError(f"check_every={check_every!r} is invalid: use an integer >= 2, or 0 for no check")
+        if check_every == 1:
+            raise ValueError("check_every=1 would alternate the modes whatever they measure: use >= 2, or 0 "
+                             "for no check")
         model = decoder.target.model
         if not hasattr(model, "forward_rows"):
             raise ValueError(
@@ -207,6 +247,10 @@ class BatchDecoder:
         self._measured_depth_s: dict[int, float] = {}  # rows -> seconds per lockstep depth (_observe_drafting)
         self._adaptives = [copy.deepcopy(decoder.adaptive) for _ in range(max_batch)]
         self._rows: list[Row | None] = [None] * max_batch
+        self.check_every, self.clock = check_every, clock
+        self._rates: dict[int, dict[bool, StepRate]] = {}  # batch size -> speculating? -> its rate
+        self._since_check: dict[int, int] = {}  # batch size -> steps since the other mode last ran
+        self.mode_steps = {"speculating": 0, "plain": 0}
 
     @property
     def active(self) -> int:
@@ -249,25 +293,38 @@ class BatchDecoder:
         if not rows and not joining:
             return []
         dec = self.decoder
-        t0 = dec.clock()
+        t0, t_check = dec.clock(), self.clock()
+        speculate = self._speculate(len(rows)) if rows and self.gate and self.check_every else True
+        # Measured by the check: steps that prefill nobody and start no row's speculation (module doc).
+        measured = bool(rows) and not joining and (not speculate or all(r.speculated for r in rows))
+        if not speculate:
+            caps: list[int | None] = [None if r.exempt else 0 for r in rows]
+        elif rows and self.gate and (self._lockstep is not None or self._propose_rows is not None):
+            caps = self._draft_caps(rows)
+        else:
+            caps = [None] * len(rows)
+        self.mode_steps["speculating" if speculate else "plain"] += bool(rows)
         if not rows:
             plans = []
         elif self._lockstep is not None or self._propose_rows is not None:
-            caps = self._draft_caps(rows) if self.gate else [None] * len(rows)
             # Rows that do not draft this step plan at once; only the drafting ones draft together
             # (a lockstep's thread hand-offs cost ~1-2 ms a depth on this 2-core machine).
             plans = [dec._plan(r.state, 0) if c == 0 else None for r, c in zip(rows, caps)]
             drafting = [i for i, c in enumerate(caps) if c != 0]
             if drafting:
-                t_draft = time.perf_counter()
+                t_draft = self.clock()
                 for i, plan in zip(drafting, self._draft_together([rows[i] for i in drafting],
                                                                    [caps[i] for i in drafting])):
                     plans[i] = plan
-                self._observe_drafting(caps, plans, time.perf_counter() - t_draft)
+                if speculate:
+                    self._observe_drafting(caps, plans, self.clock() - t_draft)
         else:
-            plans = [dec._plan(r.state) for r in rows]
-        if self.gate and rows:
-            self._gate(rows, plans)
+            plans = [dec._plan(r.state, c) for r, c in zip(rows, caps)]
+        if speculate:
+            for r in rows:
+                r.speculated = True
+            if self.gate and rows:
+                self._gate(rows, plans)
         feeds = [RowForward(r.slot, p.ids, None, p.attn_mask, p.positions) for r, p in zip(rows, plans)]
         prefills = [(r, dec._prefill_ids(r.state)) for r in joining]
         feeds += [RowForward(r.slot, ids.to(self.model.device), 0) for r, ids in prefills if ids is not None]
@@ -290,6 +347,9 @@ class BatchDecoder:
             if chunk.finish_reason is not None:
                 r.finished = True
                 self._rows[r.slot] = None
+        if measured and self.gate and self.check_every:
+            self._rates[len(rows)][speculate].add(sum(len(c.token_ids) for _, c in out), self.clock() - t_check,
+                                                  self.decay)
         return out
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -310,6 +370,22 @@ class BatchDecoder:
         return results  # type: ignore[return-value]
 
     # ---- the gate -------------------------------------------------------------------------
+
+    def _speculate(self, B: int) -> bool:
+        """The measured check (module doc): whether this step of B rows speculates. Until both modes
+        have CHECK_WARMUP measured steps at B they take turns; then the faster one runs, and the
+        other once every check_every steps."""
+        rates = self._rates.setdefault(B, {True: StepRate(), False: StepRate()})
+        on, off = rates[True], rates[False]
+        if min(on.steps, off.steps) < CHECK_WARMUP:
+            return on.steps <= off.steps
+        best = on.tokens_per_s >= off.tokens_per_s
+        since = self._since_check.get(B, 0) + 1
+        if since >= self.check_every:
+            self._since_check[B] = 0
+            return not best
+        self._since_check[B] = since
+        return best
 
     def _observe(self, row: Row, accepted: int, drafted: int) -> None:
         row.accepted_sum = self.decay * row.accepted_sum + accepted
