@@ -37,9 +37,12 @@ of the states it skipped, mixed row lengths, the rows' Python) and on a real mod
 let heads run at 0.87x plain decoding. At each batch size the batch keeps two rates, committed
 tokens per second of its recent speculating steps and of its recent plain ones (no drafts but the
 seeded rows'), measured by its own clock on steps that prefill nobody; it runs the faster mode,
-and the other one step in `check_every`, so that both rates follow the text and the machine. A
-row's first speculating step is not measured: a head then reads the whole prompt, once per
-request. The check only decides whether unseeded rows draft, so it changes no output: greedy rows
+and every `check_every` steps the other for CHECK_BURST steps, so that both rates follow the text
+and the machine. The rates are of steady speculation: a speculating step right after a plain one
+is not measured (its drafter first catches up on the tokens it skipped: a head reads their states,
+a draft model feeds them; measured, that catch-up made the pair's heads look slower than plain
+decoding at batch 8 while they ran 1.35x when left on), nor a row's first (a head then reads the
+whole prompt, once per request). The check only decides whether unseeded rows draft, so it changes no output: greedy rows
 commit the target's tokens either way (contract 1), seeded rows always draft.
 """
 
@@ -64,6 +67,7 @@ from outrider.verify import verify_greedy_rows
 COST_SIZES = (1, 2, 4, 8, 16)  # tokens per row the cost table measures (root + draft)
 COST_CONTEXT = 64  # tokens already cached in each row while the costs are measured
 CHECK_WARMUP = 2  # measured steps of each mode at a batch size before the check compares them
+CHECK_BURST = 2  # steps the mode not chosen runs, every check_every steps (the first may catch up)
 
 __all__ = ["BatchCosts", "BatchDecoder", "Row"]
 
@@ -248,8 +252,9 @@ class BatchDecoder:
         self._adaptives = [copy.deepcopy(decoder.adaptive) for _ in range(max_batch)]
         self._rows: list[Row | None] = [None] * max_batch
         self.check_every, self.clock = check_every, clock
-        self._rates: dict[int, dict[bool, StepRate]] = {}  # batch size -> speculating? -> its rate
+        self._rates: dict[int, dict[bool, StepRate]] = {}  # batch size -> {speculating: rate, plain: rate}
         self._since_check: dict[int, int] = {}  # batch size -> steps since the other mode last ran
+        self._speculated_last = False  # whether the last step speculated (for the check's measure)
         self.mode_steps = {"speculating": 0, "plain": 0}
 
     @property
@@ -296,7 +301,10 @@ class BatchDecoder:
         t0, t_check = dec.clock(), self.clock()
         speculate = self._speculate(len(rows)) if rows and self.gate and self.check_every else True
         # Measured by the check: steps that prefill nobody and start no row's speculation (module doc).
-        measured = bool(rows) and not joining and (not speculate or all(r.speculated for r in rows))
+        measured = bool(rows) and not joining and (
+            not speculate or (self._speculated_last and all(r.speculated for r in rows)))
+        if rows:
+            self._speculated_last = speculate
         if not speculate:
             caps: list[int | None] = [None if r.exempt else 0 for r in rows]
         elif rows and self.gate and (self._lockstep is not None or self._propose_rows is not None):
@@ -372,20 +380,19 @@ class BatchDecoder:
     # ---- the gate -------------------------------------------------------------------------
 
     def _speculate(self, B: int) -> bool:
-        """The measured check (module doc): whether this step of B rows speculates. Until both modes
-        have CHECK_WARMUP measured steps at B they take turns; then the faster one runs, and the
-        other once every check_every steps."""
+        """The measured check (module doc): whether this step of B rows speculates. The faster mode
+        at B runs, and the other for CHECK_BURST steps after every check_every. Until both modes have
+        CHECK_WARMUP measured steps at B, the faster one is the nearest batch size's that has them;
+        where none has, it speculates until that mode has them, then runs plain until it has."""
         rates = self._rates.setdefault(B, {True: StepRate(), False: StepRate()})
-        on, off = rates[True], rates[False]
-        if min(on.steps, off.steps) < CHECK_WARMUP:
-            return on.steps <= off.steps
+        warm = [b for b, r in self._rates.items() if min(r[True].steps, r[False].steps) >= CHECK_WARMUP]
+        if not warm:
+            return rates[True].steps < CHECK_WARMUP
+        on, off = self._rates[min(warm, key=lambda b: (abs(b - B), b))].values()
         best = on.tokens_per_s >= off.tokens_per_s
         since = self._since_check.get(B, 0) + 1
-        if since >= self.check_every:
-            self._since_check[B] = 0
-            return not best
-        self._since_check[B] = since
-        return best
+        self._since_check[B] = 0 if since >= self.check_every + CHECK_BURST else since
+        return best if since <= self.check_every else not best
 
     def _observe(self, row: Row, accepted: int, drafted: int) -> None:
         row.accepted_sum = self.decay * row.accepted_sum + accepted
