@@ -147,6 +147,7 @@ class Row:
     dropped_streak: int = 0
     joining: bool = True  # admitted, not prefilled yet (the next step prefills it)
     speculated: bool = False  # has had a speculating step (its first is not measured: module doc)
+    drafted_last: bool = False  # its drafter drafted in its last step (so it has nothing to catch up)
 
     @property
     def expected_accepted(self) -> float:
@@ -319,12 +320,15 @@ class BatchDecoder:
             # (a lockstep's thread hand-offs cost ~1-2 ms a depth on this 2-core machine).
             plans = [dec._plan(r.state, 0) if c == 0 else None for r, c in zip(rows, caps)]
             drafting = [i for i, c in enumerate(caps) if c != 0]
+            steady = all(r.drafted_last for r in rows)  # no row catches up on skipped tokens first
+            for r, c in zip(rows, caps):
+                r.drafted_last = c != 0
             if drafting:
                 t_draft = self.clock()
                 for i, plan in zip(drafting, self._draft_together([rows[i] for i in drafting],
                                                                    [caps[i] for i in drafting])):
                     plans[i] = plan
-                if speculate:
+                if speculate and steady:
                     self._observe_drafting(caps, plans, self.clock() - t_draft)
         else:
             plans = [dec._plan(r.state, c) for r, c in zip(rows, caps)]
@@ -425,7 +429,11 @@ class BatchDecoder:
     def _observe_drafting(self, caps: list[int | None], plans: list[Any], seconds: float) -> None:
         """Learn what one lockstep depth really costs when all B rows draft: the draft forward plus
         each row's drafting Python and the threads' hand-offs, which the draft's cost table (its
-        forward alone) leaves out (on the 14M pair at batch 8 they cost more than the forward)."""
+        forward alone) leaves out (on the 14M pair at batch 8 they cost more than the forward).
+        Only steps after a step where every row drafted are observed: a drafter that skipped steps
+        first catches up on them (a head reads their states, a draft model feeds them; a row's
+        first draft reads its whole prompt), and counting that as the depth's cost made the gate
+        stop drafting where drafts paid (eagle on the pair at batch 1: tau 2.5 against 4.15)."""
         depth = max((p.draft.forwards for p in plans if p.draft is not None), default=0)
         if depth and all(c is None for c in caps):
             B, per = len(caps), seconds / depth
