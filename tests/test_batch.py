@@ -85,12 +85,13 @@ REQUESTS = [
                          ids=["autoregressive", "prompt_lookup", "prompt_lookup-tree", "suffix"])
 def test_greedy_rows_equal_their_output_alone(target_dir, method, kw):
     """float32 greedy: every request of a batch (more requests than rows, so rows join as others
-    leave) gives exactly the tokens it gives alone; with the gate on and off."""
+    leave) gives exactly the tokens it gives alone; with the gate on (with and without the cost
+    model) and off."""
     alone = SpeculativeDecoder.from_pretrained(target_dir, method=method, dtype="float32", backend="native", **kw)
     want = [alone.generate(r) for r in REQUESTS]
-    for gate in (True, False):
+    for gate in ({}, {"cost_gate": True}, {"gate": False}):
         dec = SpeculativeDecoder.from_pretrained(target_dir, method=method, dtype="float32", backend="native", **kw)
-        got = BatchDecoder(dec, max_batch=3, gate=gate).generate(REQUESTS)
+        got = BatchDecoder(dec, max_batch=3, **gate).generate(REQUESTS)
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
         assert [g.text for g in got] == [w.text for w in want]
         assert [g.finish_reason for g in got] == [w.finish_reason for w in want]
@@ -141,6 +142,7 @@ def test_seeded_sampling_rows_reproduce_alone(target_dir):
     want = [alone.generate(r).token_ids for r in reqs]
     dec = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
     assert [r.token_ids for r in BatchDecoder(dec, max_batch=4).generate(reqs)] == want
+    assert [r.token_ids for r in BatchDecoder(dec, max_batch=4, cost_gate=True).generate(reqs)] == want
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +208,7 @@ def test_the_gate_drops_drafts_that_cannot_pay(target_dir):
         if per_token is None:
             return BatchDecoder(dec, max_batch=4, gate=False).generate(requests)
         return BatchDecoder(dec, max_batch=4, costs=flat_costs(per_token), probe_every=probe_every,
-                            check_every=0).generate(requests)  # the cost model alone
+                            cost_gate=True, check_every=0).generate(requests)  # the cost model alone
 
     cheap, dear, never, off = run(0.0), run(1.0), run(1.0, probe_every=10**6), run(None)
     assert [r.token_ids for r in cheap] == [r.token_ids for r in dear] == [r.token_ids for r in off]
@@ -236,16 +238,16 @@ class VirtualClock:
 
 
 def test_the_measured_check_runs_the_faster_mode(target_dir):
-    """The cost model can be wrong (its table here says drafts are free, at any price on the clock);
-    the batch's measured check still finds which mode commits more tokens per second of its clock
-    and runs it, but for one step in check_every and the warm-up. Outputs never change."""
+    """The batch's measured check finds which mode commits more tokens per second of its clock
+    and runs it, but for its warm-up and CHECK_BURST steps after every check_every. Outputs never
+    change."""
     requests = [GenerationRequest(p, max_new_tokens=96) for p in
                 ("def add(a, b):\n    return a + b\n\ndef add(", "x = 1\ny = 2\nx = 1\ny = ",
                  "import os\nimport sys\nimport os\n", "for i in range(10):\n    print(i)\n")]
 
     def run(per_token: float, check_every: int = 8):
         dec = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
-        batch = BatchDecoder(dec, max_batch=4, costs=flat_costs(0.0), check_every=check_every)
+        batch = BatchDecoder(dec, max_batch=4, check_every=check_every)
         batch.clock = VirtualClock(batch, per_token)
         return batch, batch.generate(requests)
 
@@ -274,7 +276,7 @@ def test_the_check_never_stops_seeded_rows_drafting(target_dir):
     alone = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
     want = [alone.generate(r).token_ids for r in reqs]
     dec = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
-    batch = BatchDecoder(dec, max_batch=3, costs=flat_costs(0.0))
+    batch = BatchDecoder(dec, max_batch=3)
     batch.clock = VirtualClock(batch, 5.0)
     assert [r.token_ids for r in batch.generate(reqs)] == want
     assert batch.mode_steps["plain"] >= 4  # the check did run plain steps
@@ -406,7 +408,8 @@ def test_the_gate_skips_a_draft_model_that_cannot_pay(model_dirs, table_s):
         table = BatchCosts((1, 2), tuple((draft_s, draft_s) for _ in range(3)))
         # A target forward costs 1 ms whatever its size: only the draft's cost argues against drafts.
         flat_ms = BatchCosts((1, 16), tuple((0.001, 0.001) for _ in range(3)))
-        batch = BatchDecoder(dec, max_batch=3, gate=gate, costs=flat_ms, draft_costs=table)
+        batch = BatchDecoder(dec, max_batch=3, gate=gate, cost_gate=True, check_every=0, costs=flat_ms,
+                             draft_costs=table)
         run_rows = batch._lockstep.run_rows
 
         def slow(items):

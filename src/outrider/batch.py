@@ -18,32 +18,31 @@ forwards for all rows, not per row: a head's rows share one copy of the head (th
 draft model's rows each hold a slot of the draft and propose in lockstep (lockstep.py: worker
 threads whose draft forwards meet).
 
-Speculation is gated by measured cost. On a CPU verifying n tokens costs v(n) > 1 steps, and B
-rows' drafts add up: at some batch size a draft no longer pays for the tokens it costs. Before
-each forward the gate keeps a row's draft only if it raises the step's expected tokens per
-second, from the frozen cost table (BatchCosts: seconds of a forward of B rows x n tokens,
-measured once) and each row's measured accepted tokens per verified draft. A row whose drafts
-were dropped `probe_every` steps in a row is verified once anyway, so its estimate follows the
-text. A draft model's or a head's forwards cost time before any draft exists, so for them the gate
-decides earlier too: before drafting, whether this batch's drafts are expected to pay for the
-joint draft forwards and the larger verify; if not, the rows skip drafting this step. A depth's
-cost is first the drafter's own cost table (its forward), then what the batch measures a depth to
-take while all rows draft (the rows' drafting Python and thread hand-offs included). Seeded
-sampling rows are never gated: their random draws depend on the drafts, and a seeded request must
-give the same tokens alone or in a batch (contract 3).
+Speculation is gated by measurement, so that it never costs throughput. On a CPU verifying n
+tokens costs v(n) > 1 steps and B rows' drafts add up: at some batch size drafts no longer pay
+(SmolLM2 with its head at batch 8). At each batch size the batch keeps two rates, committed tokens
+per second of its recent speculating steps and of its recent plain ones (no drafts but the seeded
+rows'), measured by its own clock on steps that prefill nobody; it runs the faster mode, and
+every `check_every` steps the other for CHECK_BURST steps, so that both rates follow the text
+and the machine; a batch size not measured yet starts from the nearest measured one's choice.
+The rates are of steady speculation: a speculating step right after a plain one is not measured
+(its drafter first catches up on the tokens it skipped: a head reads their states, a draft model
+feeds them; measured, that catch-up made the pair's heads look slower than plain decoding at
+batch 8 while they ran 1.35x when left on), nor a row's first (a head then reads the whole
+prompt, once per request). The check only decides whether unseeded rows draft, so it changes no
+output: greedy rows commit the target's tokens either way (contract 1), and seeded sampling rows
+always draft: their random draws depend on the drafts, and a seeded request must give the same
+tokens alone or in a batch (contract 3).
 
-Above that cost model sits a measured check, because a model of costs misses some (a head's reads
-of the states it skipped, mixed row lengths, the rows' Python) and on a real model at batch 4-8 it
-let heads run at 0.87x plain decoding. At each batch size the batch keeps two rates, committed
-tokens per second of its recent speculating steps and of its recent plain ones (no drafts but the
-seeded rows'), measured by its own clock on steps that prefill nobody; it runs the faster mode,
-and every `check_every` steps the other for CHECK_BURST steps, so that both rates follow the text
-and the machine. The rates are of steady speculation: a speculating step right after a plain one
-is not measured (its drafter first catches up on the tokens it skipped: a head reads their states,
-a draft model feeds them; measured, that catch-up made the pair's heads look slower than plain
-decoding at batch 8 while they ran 1.35x when left on), nor a row's first (a head then reads the
-whole prompt, once per request). The check only decides whether unseeded rows draft, so it changes no output: greedy rows
-commit the target's tokens either way (contract 1), seeded rows always draft.
+Opt-in (`cost_gate=True`), a cost model decides per row inside the speculating steps. Before
+each forward it keeps a row's draft only if it raises the step's expected tokens per second, from
+a frozen cost table (BatchCosts: seconds of a forward of B rows x n tokens, measured once) and
+each row's measured accepted tokens per verified draft; a row whose drafts were dropped
+`probe_every` steps in a row is verified once anyway. For a draft model or a head it decides
+before drafting too, from the drafter's own table and what the batch measures a draft depth to
+take. It is not the default: on the pair it kept eagle at tau 1.3-2.6 where every draft verified
+reached 4.2 (0.78x plain decoding at batch 4 against 1.50x), since a model of costs misses some
+(reads of skipped states, mixed row lengths, the rows' Python).
 """
 
 from __future__ import annotations
@@ -184,18 +183,18 @@ class BatchDecoder:
     then on): on the native backend all rows share one forward; on the hf backend (any
     transformers model) they run one after another, interleaved step by step but with no
     throughput gain. Its method must be one whose drafter batches (every built-in one: draft_model
-    needs a draft with slots). gate: skip drafts that cost more than they bring (module doc);
-    costs / draft_costs: the target's and the drafter's model's tables it decides by (None:
-    measured now). probe_every: a gated row's draft is verified after
-    this many skipped ones; decay: the weight of a row's older drafts in its acceptance estimate,
-    and of older steps in the check's rates. check_every: with the gate, run the mode the measured
-    check did not choose one step in this many (0: no check, the cost model alone decides); clock:
-    what the check times steps by (tests pass a virtual one). `mode_steps` counts the steps run
-    speculating and plain."""
+    needs a draft with slots). gate: speculate only where it measures faster than plain decoding
+    (module doc); check_every: the steps between two runs of the mode not chosen (0: no check);
+    clock: what the check times steps by (tests pass a virtual one); decay: the weight of older
+    steps in its rates. cost_gate: also drop the drafts a cost model says cannot pay (module doc),
+    by costs / draft_costs, the target's and the drafter's model's tables (None: measured now);
+    probe_every: a dropped row's draft is verified after this many skipped ones. `mode_steps`
+    counts the steps run speculating and plain."""
 
     def __init__(self, decoder: SpeculativeDecoder, max_batch: int = 4, *, gate: bool = True,
-                 costs: BatchCosts | None = None, draft_costs: BatchCosts | None = None, probe_every: int = 8,
-                 decay: float = 0.9, check_every: int = 16, clock: Callable[[], float] = time.perf_counter) -> None:
+                 check_every: int = 16, clock: Callable[[], float] = time.perf_counter, decay: float = 0.9,
+                 cost_gate: bool = False, costs: BatchCosts | None = None, draft_costs: BatchCosts | None = None,
+                 probe_every: int = 8) -> None:
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} is invalid: use an integer >= 1")
         if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 0:
@@ -227,7 +226,8 @@ class BatchDecoder:
         self.probe_every, self.decay = probe_every, decay
         model.set_slots(max_batch)
         self.gate = gate and decoder.k > 0
-        self.costs = costs if costs is not None or not self.gate else BatchCosts.measure(model, max_batch)
+        self.cost_gate = cost_gate and self.gate
+        self.costs = costs if costs is not None or not self.cost_gate else BatchCosts.measure(model, max_batch)
         # Per slot, reused by the requests that slot serves: a suffix drafter remembers their outputs.
         # A draft model gets a slot per row too (its rows draft in lockstep), a head one copy for all
         # rows (they propose together); the gate reads their cost per draft step from a table of
@@ -238,7 +238,7 @@ class BatchDecoder:
         join = getattr(type(decoder.drafter), "join_rows", None)
         if draft is not None:
             draft.set_slots(max_batch)
-            if self.gate and draft_costs is None:
+            if self.cost_gate and draft_costs is None:
                 self.draft_costs = BatchCosts.measure(draft, max_batch, sizes=(1, 2))
             self._lockstep = Lockstep(draft.forward_rows)
             self._drafters = [decoder.new_drafter(LockstepRow(self._lockstep, draft, i)) for i in range(max_batch)]
@@ -247,7 +247,7 @@ class BatchDecoder:
             if join is not None:
                 probe = join(self._drafters)
                 self._propose_rows = type(decoder.drafter).propose_rows
-                if self.gate and draft_costs is None:
+                if self.cost_gate and draft_costs is None:
                     self.draft_costs = BatchCosts.measure_probe(probe, max_batch)
         self._measured_depth_s: dict[int, float] = {}  # rows -> seconds per lockstep depth (_observe_drafting)
         self._adaptives = [copy.deepcopy(decoder.adaptive) for _ in range(max_batch)]
@@ -308,7 +308,7 @@ class BatchDecoder:
             self._speculated_last = speculate
         if not speculate:
             caps: list[int | None] = [None if r.exempt else 0 for r in rows]
-        elif rows and self.gate and (self._lockstep is not None or self._propose_rows is not None):
+        elif rows and self.cost_gate and (self._lockstep is not None or self._propose_rows is not None):
             caps = self._draft_caps(rows)
         else:
             caps = [None] * len(rows)
@@ -335,7 +335,7 @@ class BatchDecoder:
         if speculate:
             for r in rows:
                 r.speculated = True
-            if self.gate and rows:
+            if self.cost_gate and rows:
                 self._gate(rows, plans)
         feeds = [RowForward(r.slot, p.ids, None, p.attn_mask, p.positions) for r, p in zip(rows, plans)]
         prefills = [(r, dec._prefill_ids(r.state)) for r in joining]

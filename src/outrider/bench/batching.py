@@ -4,8 +4,9 @@ against off, at each batch size.
 Every run decodes the same requests (each question's first turn, through the chat template for an
 instruction model) with all of them queued at once, so `max_batch` rows run together and a row
 that finishes is replaced by the next request (continuous batching). Per batch size, interleaved:
-autoregressive (speculation off), then each method with the cost gate (its normal mode) and
-without it (every draft verified: what the gate saves); with --repeats R the whole round runs R
+autoregressive (speculation off), then each method with its gate (its normal mode: it speculates
+only where that measures faster than plain steps) and without it (every draft verified: what the
+gate saves or costs); with --repeats R the whole round runs R
 times and each figure is the median run's. Figures per run:
 - throughput: new tokens of all requests / wall time of the run;
 - per-request tokens/s: the mean of each request's new tokens / its decode time;
@@ -52,7 +53,7 @@ def _figures(label: str, size: int, wall: float, results: list[Any], reference: 
 
 def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> dict[str, Any]:
     """Run the batch sweep for cfg's target and methods; write and return the report."""
-    from outrider.batch import BatchCosts, BatchDecoder
+    from outrider.batch import BatchDecoder
     from outrider.decoder import GenerationRequest, SpeculativeDecoder
 
     bad = [b for b in batch_sizes if not isinstance(b, int) or b < 1]
@@ -81,13 +82,6 @@ def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> d
                                                          width=options.get("w"), **load)
     tok = decoders["autoregressive"].tokenizer
     requests = [GenerationRequest(render_prompt(tok, q, 0, []), max_new_tokens=cfg.max_new_tokens) for q in questions]
-    largest = max(batch_sizes)
-    # One cost table per method's model, measured once at the largest batch (it covers 1..largest).
-    costs = {}
-    for m in methods:
-        model = decoders[m].target.model
-        model.set_slots(largest)
-        costs[m] = BatchCosts.measure(model, largest)
     warm = [GenerationRequest(requests[0].prompt, max_new_tokens=8)]
     rows: list[dict[str, Any]] = []
     reference: list[list[int]] | None = None
@@ -95,16 +89,11 @@ def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> d
         runs = [("autoregressive", decoders["autoregressive"], False)]
         runs += [(m, decoders[m], True) for m in methods] + [(f"{m} (no gate)", decoders[m], False) for m in methods]
         timed: dict[str, list[tuple[float, list[Any]]]] = {label: [] for label, _, _ in runs}
-        draft_costs: dict[str, Any] = {}  # a draft model's or head's table, measured by this size's first batch
         for rep in range(cfg.repeats):  # round-robin, so that every run sees the machine alike
             for label, dec, gate in runs:
                 # A new batch each run: fresh drafters, so a suffix tree never remembers this run's
-                # requests from the one before (the cost tables are the same).
-                name = label.split(" (")[0]
-                batch = BatchDecoder(dec, max_batch=size, gate=gate, costs=costs.get(name),
-                                     draft_costs=draft_costs.get(name))
-                if gate and batch.draft_costs is not None:
-                    draft_costs[name] = batch.draft_costs
+                # requests from the one before, and the gate measures afresh.
+                batch = BatchDecoder(dec, max_batch=size, gate=gate)
                 batch.generate(warm)  # warm-up
                 timed[label].append(_run(batch, requests))
                 print(f"batch {size} {label} (run {rep + 1}): "
