@@ -66,7 +66,7 @@ from outrider.verify import verify_greedy_rows
 COST_SIZES = (1, 2, 4, 8, 16)  # tokens per row the cost table measures (root + draft)
 COST_CONTEXT = 64  # tokens already cached in each row while the costs are measured
 CHECK_WARMUP = 2  # measured steps of each mode at a batch size before the check compares them
-CHECK_BURST = 2  # steps the mode not chosen runs, every check_every steps (the first may catch up)
+CHECK_BURST = 3  # steps the mode not chosen runs, every check_every steps (the first may catch up)
 
 __all__ = ["BatchCosts", "BatchDecoder", "Row"]
 
@@ -386,10 +386,12 @@ class BatchDecoder:
     def _speculate(self, B: int) -> bool:
         """The measured check (module doc): whether this step of B rows speculates. The faster mode
         at B runs, and the other for CHECK_BURST steps after every check_every. Until both modes have
-        CHECK_WARMUP measured steps at B, the faster one is the nearest batch size's that has them;
-        where none has, it speculates until that mode has them, then runs plain until it has."""
+        CHECK_WARMUP measured steps at B, the faster one is the nearest batch size's that has them,
+        within a factor of 2 of B (batch 1's verdict says little about batch 8's); where none has,
+        it speculates until that mode has them, then runs plain until it has."""
         rates = self._rates.setdefault(B, {True: StepRate(), False: StepRate()})
-        warm = [b for b, r in self._rates.items() if min(r[True].steps, r[False].steps) >= CHECK_WARMUP]
+        warm = [b for b, r in self._rates.items()
+                if min(r[True].steps, r[False].steps) >= CHECK_WARMUP and B <= 2 * b and b <= 2 * B]
         if not warm:
             return rates[True].steps < CHECK_WARMUP
         on, off = self._rates[min(warm, key=lambda b: (abs(b - B), b))].values()
