@@ -385,7 +385,8 @@ class BatchDecoder:
 
     def _speculate(self, B: int) -> bool:
         """The measured check (module doc): whether this step of B rows speculates. The faster mode
-        at B runs, and the other for CHECK_BURST steps after every check_every. Until both modes have
+        at B runs, and the other for CHECK_BURST steps after every check_every (times the square of
+        how many times faster the faster one measures, at most 8). Until both modes have
         CHECK_WARMUP measured steps at B, the faster one is the nearest batch size's that has them,
         within a factor of 2 of B (batch 1's verdict says little about batch 8's); where none has,
         it speculates until that mode has them, then runs plain until it has."""
@@ -396,9 +397,13 @@ class BatchDecoder:
             return rates[True].steps < CHECK_WARMUP
         on, off = self._rates[min(warm, key=lambda b: (abs(b - B), b))].values()
         best = on.tokens_per_s >= off.tokens_per_s
+        # The further behind the other mode measures, the rarer its bursts (at most 8x rarer): a
+        # draft model's step at batch 8 on the pair costs ~2 plain steps, and its bursts cost 15%.
+        hi, lo = sorted((on.tokens_per_s, off.tokens_per_s), reverse=True)
+        every = self.check_every * (min((hi / lo) ** 2, 8.0) if lo > 0 else 8.0)
         since = self._since_check.get(B, 0) + 1
-        self._since_check[B] = 0 if since >= self.check_every + CHECK_BURST else since
-        return best if since <= self.check_every else not best
+        self._since_check[B] = 0 if since >= every + CHECK_BURST else since
+        return best if since <= every else not best
 
     def _observe(self, row: Row, accepted: int, drafted: int) -> None:
         row.accepted_sum = self.decay * row.accepted_sum + accepted
