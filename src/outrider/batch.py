@@ -24,12 +24,15 @@ tokens costs v(n) > 1 steps and B rows' drafts add up: at some batch size drafts
 per second of its recent speculating steps and of its recent plain ones (no drafts but the seeded
 rows'), measured by its own clock on steps that prefill nobody; it runs the faster mode, and
 every `check_every` steps the other for CHECK_BURST steps, so that both rates follow the text
-and the machine; a batch size not measured yet starts from the nearest measured one's choice.
+and the machine; a batch size not measured yet starts from the choice of the nearest measured
+one within a factor of 2.
 The rates are of steady speculation: a speculating step right after a plain one is not measured
 (its drafter first catches up on the tokens it skipped: a head reads their states, a draft model
 feeds them; measured, that catch-up made the pair's heads look slower than plain decoding at
-batch 8 while they ran 1.35x when left on), nor a row's first (a head then reads the whole
-prompt, once per request). The check only decides whether unseeded rows draft, so it changes no
+batch 8 while they ran 1.35x when left on). A row's first speculating step is measured: a head
+then reads the whole prompt and a draft model feeds it to its cache, a cost each request pays to speculate
+at all (left out, SmolLM2's head looked even with plain decoding at batch 8 on 48-token answers
+and ran at 0.88x). The check only decides whether unseeded rows draft, so it changes no
 output: greedy rows commit the target's tokens either way (contract 1), and seeded sampling rows
 always draft: their random draws depend on the drafts, and a seeded request must give the same
 tokens alone or in a batch (contract 3).
@@ -145,7 +148,6 @@ class Row:
     drafted_sum: float = 1.0  # drafted tokens per verified draft, the same way (a prior set at add)
     dropped_streak: int = 0
     joining: bool = True  # admitted, not prefilled yet (the next step prefills it)
-    speculated: bool = False  # has had a speculating step (its first is not measured: module doc)
     drafted_last: bool = False  # its drafter drafted in its last step (so it has nothing to catch up)
 
     @property
@@ -302,8 +304,7 @@ class BatchDecoder:
         t0, t_check = dec.clock(), self.clock()
         speculate = self._speculate(len(rows)) if rows and self.gate and self.check_every else True
         # Measured by the check: steps that prefill nobody and start no row's speculation (module doc).
-        measured = bool(rows) and not joining and (
-            not speculate or (self._speculated_last and all(r.speculated for r in rows)))
+        measured = bool(rows) and not joining and (not speculate or self._speculated_last)
         if rows:
             self._speculated_last = speculate
         if not speculate:
@@ -333,8 +334,6 @@ class BatchDecoder:
         else:
             plans = [dec._plan(r.state, c) for r, c in zip(rows, caps)]
         if speculate:
-            for r in rows:
-                r.speculated = True
             if self.cost_gate and rows:
                 self._gate(rows, plans)
         feeds = [RowForward(r.slot, p.ids, None, p.attn_mask, p.positions) for r, p in zip(rows, plans)]
