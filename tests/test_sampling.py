@@ -32,6 +32,14 @@ def test_top_p_keeps_smallest_prefix_reaching_p():
     assert p.tolist() == [1.0, 0.0, 0.0, 0.0]
 
 
+def test_a_top_p_below_float32_range_keeps_the_top_token():
+    """top_p=1e-58 is valid but rounds to 0 in float32: the top token must still be kept (the
+    CLI's property test found a nan here)."""
+    logits = torch.tensor([[0.5, 3.0, 1.0], [2.0, 0.1, 0.3]])
+    p = probs_from_logits(logits, SamplingParams(temperature=1.0, top_p=9.8e-58))
+    assert p.tolist() == [[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]
+
+
 def test_batched_rows_are_independent():
     logits = torch.tensor([[1.0, 4.0, 3.0], [3.0, 1.0, 2.0]])
     p = probs_from_logits(logits, SamplingParams(temperature=1.0, top_k=1))

@@ -75,6 +75,9 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
         # before it already reaches top_p (the top token is always kept).
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
         drop_sorted = mass_before >= params.top_p
+        # Explicitly: a top_p below float32's range (1e-58 is valid) rounds to 0, and 0 >= 0
+        # would drop the top token too, leaving nothing to sample (nan).
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(-1).float()
