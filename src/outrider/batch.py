@@ -148,7 +148,7 @@ class Row:
     drafted_sum: float = 1.0  # drafted tokens per verified draft, the same way (a prior set at add)
     dropped_streak: int = 0
     joining: bool = True  # admitted, not prefilled yet (the next step prefills it)
-    drafted_last: bool = False  # its drafter drafted in its last step (so it has nothing to catch up)
+    drafted_last: bool = False  # it drafted in its last step, nothing to catch up on (kept by the cost gate)
 
     @property
     def expected_accepted(self) -> float:
@@ -199,11 +199,9 @@ class BatchDecoder:
                  probe_every: int = 8) -> None:
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} is invalid: use an integer >= 1")
-        if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 0:
+        # check_every=1 would alternate the modes whatever they measure.
+        if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 0 or check_every == 1:
             raise ValueError(f"check_every={check_every!r} is invalid: use an integer >= 2, or 0 for no check")
-        if check_every == 1:
-            raise ValueError("check_every=1 would alternate the modes whatever they measure: use >= 2, or 0 "
-                             "for no check")
         model = decoder.target.model
         if not hasattr(model, "forward_rows"):
             raise ValueError(
@@ -254,7 +252,9 @@ class BatchDecoder:
         self._measured_depth_s: dict[int, float] = {}  # rows -> seconds per lockstep depth (_observe_drafting)
         self._adaptives = [copy.deepcopy(decoder.adaptive) for _ in range(max_batch)]
         self._rows: list[Row | None] = [None] * max_batch
+        self._drafts_together = self._lockstep is not None or self._propose_rows is not None
         self.check_every, self.clock = check_every, clock
+        self._checking = self.gate and check_every > 0
         self._rates: dict[int, dict[bool, StepRate]] = {}  # batch size -> {speculating: rate, plain: rate}
         self._since_check: dict[int, int] = {}  # batch size -> steps since the other mode last ran
         self._speculated_last = False  # whether the last step speculated (for the check's measure)
@@ -302,40 +302,42 @@ class BatchDecoder:
             return []
         dec = self.decoder
         t0, t_check = dec.clock(), self.clock()
-        speculate = self._speculate(len(rows)) if rows and self.gate and self.check_every else True
-        # Measured by the check: steps that prefill nobody and start no row's speculation (module doc).
-        measured = bool(rows) and not joining and (not speculate or self._speculated_last)
+        speculate = self._speculate(len(rows)) if rows and self._checking else True
+        # Measured by the check: steps that prefill nobody and, speculating, do not follow a plain
+        # step (whose skipped tokens the drafters catch up on first: module doc).
+        measured = self._checking and bool(rows) and not joining and (not speculate or self._speculated_last)
         if rows:
             self._speculated_last = speculate
+            self.mode_steps["speculating" if speculate else "plain"] += 1
         if not speculate:
             caps: list[int | None] = [None if r.exempt else 0 for r in rows]
-        elif rows and self.cost_gate and (self._lockstep is not None or self._propose_rows is not None):
+        elif rows and self.cost_gate and self._drafts_together:
             caps = self._draft_caps(rows)
         else:
             caps = [None] * len(rows)
-        self.mode_steps["speculating" if speculate else "plain"] += bool(rows)
         if not rows:
             plans = []
-        elif self._lockstep is not None or self._propose_rows is not None:
+        elif self._drafts_together:
             # Rows that do not draft this step plan at once; only the drafting ones draft together
             # (a lockstep's thread hand-offs cost ~1-2 ms a depth on this 2-core machine).
             plans = [dec._plan(r.state, 0) if c == 0 else None for r, c in zip(rows, caps)]
             drafting = [i for i, c in enumerate(caps) if c != 0]
-            steady = all(r.drafted_last for r in rows)  # no row catches up on skipped tokens first
-            for r, c in zip(rows, caps):
-                r.drafted_last = c != 0
+            # The cost model learns a depth's cost from steady steps only (_observe_drafting).
+            steady = self.cost_gate and speculate and all(r.drafted_last for r in rows)
+            if self.cost_gate:
+                for r, c in zip(rows, caps):
+                    r.drafted_last = c != 0
             if drafting:
                 t_draft = self.clock()
                 for i, plan in zip(drafting, self._draft_together([rows[i] for i in drafting],
                                                                    [caps[i] for i in drafting])):
                     plans[i] = plan
-                if speculate and steady:
+                if steady:
                     self._observe_drafting(caps, plans, self.clock() - t_draft)
         else:
             plans = [dec._plan(r.state, c) for r, c in zip(rows, caps)]
-        if speculate:
-            if self.cost_gate and rows:
-                self._gate(rows, plans)
+        if speculate and self.cost_gate and rows:
+            self._gate(rows, plans)
         feeds = [RowForward(r.slot, p.ids, None, p.attn_mask, p.positions) for r, p in zip(rows, plans)]
         prefills = [(r, dec._prefill_ids(r.state)) for r in joining]
         feeds += [RowForward(r.slot, ids.to(self.model.device), 0) for r, ids in prefills if ids is not None]
@@ -358,7 +360,7 @@ class BatchDecoder:
             if chunk.finish_reason is not None:
                 r.finished = True
                 self._rows[r.slot] = None
-        if measured and self.gate and self.check_every:
+        if measured:
             self._rates[len(rows)][speculate].add(sum(len(c.token_ids) for _, c in out), self.clock() - t_check,
                                                   self.decay)
         return out
