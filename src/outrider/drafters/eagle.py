@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from outrider.drafters.heads import fingerprint, load_head, save_head, target_em
 from outrider.sampling import probs_from_logits, sample
 
 CONFIG_NAME = "eagle_config.json"
+FEW_PAIRS = 8  # a runner pass over at most this many pairs uses the int8 weights (EagleRunner)
 
 
 @dataclass(frozen=True)
@@ -179,26 +180,42 @@ class EagleRunner:
         self.outs = torch.zeros(slots, cap, cfg.hidden_size, dtype=self.dtype, device=self.device)
         self._cos, self._sin = _rope(torch.arange(cap, device=self.device), hd, cfg.rope_theta, self.dtype)
         # Drafting runs a few pairs at a time: bf16 weights packed once for oneDNN where that works
-        # (the native backend's measured 2-2.6x faster matmuls), else plain F.linear.
+        # (the native backend's measured 2-2.6x faster matmuls), else plain F.linear. A pass of at
+        # most FEW_PAIRS pairs (a chain depth, a step's read) reads int8 copies instead: measured
+        # on SmolLM2's head, its six matmuls take 0.5-0.8 ms at 1-2 pairs against 1.5-3.2 ms
+        # packed (half the bytes, and a kernel made for few rows), even at 8 and 2.5x slower at 40
+        # (a prompt's read stays packed). A draft is only a proposal: the target's verification
+        # keeps outputs exact (greedy) and lossless (q is the quantized head's own distribution).
         from outrider.models.llama import _packed_linear, linear_packer
+        from outrider.models.quant import quant_linear, quant_works, quantize_int8
 
         pack = linear_packer(self.dtype, self.device)
-        weights = (head.inp.weight, head.wqkv.weight, head.wo.weight, head.w_gate_up.weight, head.w_down.weight,
-                   head.lm_head.weight, head.fuse.weight)
-        self._w = [pack(w.detach()) if pack else w.detach() for w in weights]
+        weights = [w.detach() for w in (head.inp.weight, head.wqkv.weight, head.wo.weight, head.w_gate_up.weight,
+                                        head.w_down.weight, head.lm_head.weight, head.fuse.weight)]
+        self._w = [pack(w) for w in weights] if pack else weights
         self._linear = (lambda x, w: _packed_linear(x, w, None)) if pack else (lambda x, w: F.linear(x, w))
+        self._w_few, self._linear_few = self._w, self._linear
+        if pack and quant_works("int8"):
+            self._w_few = [quantize_int8(w) for w in weights]
+            self._linear_few = lambda x, w: quant_linear(x, w, None)
+
+    def _weights(self, pairs: int) -> tuple[list, Callable[[Tensor, Any], Tensor]]:
+        """The weights and matmul for a pass over `pairs` pairs (int8 for few of them: __init__)."""
+        return (self._w_few, self._linear_few) if pairs <= FEW_PAIRS else (self._w, self._linear)
 
     def logits(self, out: Tensor) -> Tensor:
         """Head outputs (..., D) -> reduced-vocabulary logits (..., N) (EagleHead.logits)."""
-        return self._linear(_rms(out, self.head.norm, self.head.cfg.rms_norm_eps), self._w[5])
+        w, lin = self._weights(out[..., 0].numel())
+        return lin(_rms(out, self.head.norm, self.head.cfg.rms_norm_eps), w[5])
 
     @torch.inference_mode()
     def run_rows(self, feeds: list[PairFeed]) -> list[tuple[Tensor, Tensor | None]]:
         """Each feed's head outputs (T, D) and, when it asks, its last pair's logits (N,) float32."""
-        cfg, lin = self.head.cfg, self._linear
+        cfg = self.head.cfg
         H, hd, eps, cap = cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps, cfg.max_positions
-        w_inp, w_qkv, w_o, w_gu, w_down = self._w[:5]
         sizes = [int(f.tokens.shape[0]) for f in feeds]
+        weights, lin = self._weights(sum(sizes))
+        w_inp, w_qkv, w_o, w_gu, w_down = weights[:5]
         for f, T in zip(feeds, sizes):
             if f.start + T > cap:
                 raise ValueError(f"the EAGLE head holds {cap} positions; the sequence needs {f.start + T}")
@@ -206,7 +223,7 @@ class EagleRunner:
         fused = [i for i, f in enumerate(feeds) if f.fuse]
         if fused:  # EagleHead.fuse_features, for all rows' target states in one matmul
             states = torch.cat([torch.cat(list(feeds[i].states.to(self.dtype).unbind(0)), -1) for i in fused])
-            for i, part in zip(fused, lin(states, self._w[6]).split([sizes[i] for i in fused])):
+            for i, part in zip(fused, lin(states, weights[6]).split([sizes[i] for i in fused])):
                 feats[i] = part
         tokens = torch.cat([f.tokens for f in feeds]).to(self.device)
         x = lin(torch.cat([torch.cat(feats), F.embedding(tokens, self.embed)], dim=-1), w_inp)  # EagleHead.pairs
