@@ -268,6 +268,22 @@ def test_the_measured_check_runs_the_faster_mode(target_dir):
     assert drafted(cheap_out) > drafted(every) / 2
 
 
+def test_a_row_alone_drafts_as_the_single_sequence_decoder(target_dir):
+    """At batch 1 the check does not run (batch.py's module doc): the row drafts as the decoder
+    alone would, even where the batch's clock prices drafts so dear that the check would pick
+    plain steps at batch 2 and up."""
+    reqs = [GenerationRequest(p, max_new_tokens=40) for p in ("x = 1\ny = 2\nx = 1\ny = ", "import os\nimport sys\n")]
+    alone = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
+    want = [alone.generate(r) for r in reqs]
+    dec = SpeculativeDecoder.from_pretrained(target_dir, method="prompt_lookup", dtype="float32", backend="native")
+    batch = BatchDecoder(dec, max_batch=1)
+    batch.clock = VirtualClock(batch, 5.0)
+    got = batch.generate(reqs)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert batch.mode_steps["plain"] == 0
+    assert [r.stats.drafted for r in got] == [r.stats.drafted for r in want] and want[0].stats.drafted > 0
+
+
 def test_the_check_never_stops_seeded_rows_drafting(target_dir):
     """In a plain step seeded sampling rows still draft (their random draws depend on the drafts,
     contract 3): where the check runs plain steps, a seeded request gives its tokens alone."""
