@@ -32,10 +32,12 @@ against 1.23-1.59x unchecked, the check's plain bursts and noisy rates costing w
 The rates are of steady speculation: a speculating step right after a plain one is not measured
 (its drafter first catches up on the tokens it skipped: a head reads their states, a draft model
 feeds them; measured, that catch-up made the pair's heads look slower than plain decoding at
-batch 8 while they ran 1.35x when left on). A row's first speculating step is measured: a head
-then reads the whole prompt and a draft model feeds it to its cache, a cost each request pays to speculate
-at all (left out, SmolLM2's head looked even with plain decoding at batch 8 on 48-token answers
-and ran at 0.88x). The check only decides whether unseeded rows draft, so it changes no
+batch 8 while they ran 1.35x when left on), nor one holding a row's first speculating step (a head
+reads the whole prompt then, a draft model feeds it): at a batch's start every row reads its
+prompt in the same step, and that step, measured, decided the warm-up (eagle on the pair at batch
+8: 1.37x plain decoding gated where every draft verified gave 2.33x, tau 2.6 against 4.6). A
+request pays the read once, spread over its answer; on SmolLM2 a head reads 400 pairs in ~20 ms.
+The check only decides whether unseeded rows draft, so it changes no
 output: greedy rows commit the target's tokens either way (contract 1), and seeded sampling rows
 always draft: their random draws depend on the drafts, and a seeded request must give the same
 tokens alone or in a batch (contract 3).
@@ -73,6 +75,7 @@ COST_SIZES = (1, 2, 4, 8, 16)  # tokens per row the cost table measures (root + 
 COST_CONTEXT = 64  # tokens already cached in each row while the costs are measured
 CHECK_WARMUP = 2  # measured steps of each mode at a batch size before the check compares them
 CHECK_BURST = 3  # steps the mode not chosen runs, every check_every steps (the first may catch up)
+CHECK_SURE = 8  # measured steps of each mode before the check spaces its bursts out (_speculate)
 
 __all__ = ["BatchCosts", "BatchDecoder", "Row"]
 
@@ -152,6 +155,7 @@ class Row:
     dropped_streak: int = 0
     joining: bool = True  # admitted, not prefilled yet (the next step prefills it)
     drafted_last: bool = False  # it drafted in its last step, nothing to catch up on (kept by the cost gate)
+    speculated: bool = False  # it has been in a speculating step (its drafter has read its prompt)
 
     @property
     def expected_accepted(self) -> float:
@@ -309,11 +313,15 @@ class BatchDecoder:
         checked = self._checking and len(rows) > 1
         speculate = self._speculate(len(rows)) if checked else True
         # Measured by the check: steps that prefill nobody and, speculating, do not follow a plain
-        # step (whose skipped tokens the drafters catch up on first: module doc).
-        measured = checked and not joining and (not speculate or self._speculated_last)
+        # step and hold no row's first speculating step (whose drafters catch up on skipped tokens
+        # or read a whole prompt first: module doc).
+        measured = checked and not joining and (not speculate or (self._speculated_last
+                                                                 and all(r.speculated for r in rows)))
         if rows:
             self._speculated_last = speculate
             self.mode_steps["speculating" if speculate else "plain"] += 1
+        for r in rows if speculate else ():
+            r.speculated = True
         if not speculate:
             caps: list[int | None] = [None if r.exempt else 0 for r in rows]
         elif rows and self.cost_gate and self._drafts_together:
@@ -392,8 +400,8 @@ class BatchDecoder:
     def _speculate(self, B: int) -> bool:
         """The measured check (module doc): whether this step of B rows speculates. The faster mode
         at B runs, and the other for CHECK_BURST steps after every check_every (times the square of
-        how many times faster the faster one measures, at most 8). Until both modes have
-        CHECK_WARMUP measured steps at B, the faster one is the nearest batch size's that has them,
+        how many times faster the faster one measures, at most 8, once both modes have CHECK_SURE
+        measured steps). Until both modes have CHECK_WARMUP measured steps at B, the faster one is the nearest batch size's that has them,
         within a factor of 2 of B (batch 1's verdict says little about batch 8's); where none has,
         it speculates until that mode has them, then runs plain until it has."""
         rates = self._rates.setdefault(B, {True: StepRate(), False: StepRate()})
@@ -405,8 +413,12 @@ class BatchDecoder:
         best = on.tokens_per_s >= off.tokens_per_s
         # The further behind the other mode measures, the rarer its bursts (at most 8x rarer): a
         # draft model's step at batch 8 on the pair costs ~2 plain steps, and its bursts cost 15%.
+        # Only once both rates rest on CHECK_SURE steps: a verdict from the warm-up's few noisy
+        # steps, stretched, held for a whole short run (eagle on the pair at batch 4: 1.32x plain
+        # decoding where every draft verified gave 1.65x).
         hi, lo = sorted((on.tokens_per_s, off.tokens_per_s), reverse=True)
-        every = self.check_every * (min((hi / lo) ** 2, 8.0) if lo > 0 else 8.0)
+        sure = min(on.steps, off.steps) >= CHECK_SURE
+        every = self.check_every * ((min((hi / lo) ** 2, 8.0) if lo > 0 else 8.0) if sure else 1.0)
         since = self._since_check.get(B, 0) + 1
         self._since_check[B] = 0 if since >= every + CHECK_BURST else since
         return best if since <= every else not best
