@@ -130,8 +130,11 @@ def test_deadline_aborts_with_the_tokens_so_far(slow_server, reference):
 
 
 def test_sigterm_finishes_what_it_can_then_aborts_and_exits(serve_model, reference):
-    srv = Server(["--target", str(serve_model), *MODEL_ARGS, "--max-queue", "2", "--shutdown-timeout", "0.5"],
-                 delay_s=0.02)
+    # 0.1 s a step: the short request (~4 steps after its first token) must still be running when
+    # the long one is queued (at 0.02 s it sometimes finished first on a loaded machine), and still
+    # finish within the 1.5 s drain, where the long one (60+ steps) cannot.
+    srv = Server(["--target", str(serve_model), *MODEL_ARGS, "--max-queue", "2", "--shutdown-timeout", "1.5"],
+                 delay_s=0.1)
     try:
         url = srv.url + "/v1/completions"
         events: dict[str, list[dict]] = {"short": [], "long": []}
