@@ -317,12 +317,12 @@ class BatchDecoder:
         # Measured by the check: steps that prefill nobody and, speculating, do not follow a plain
         # step (whose drafters catch up on skipped tokens first) and where at most half the rows
         # speculate for the first time (reading a whole prompt: module doc).
-        fresh = sum(not r.speculated for r in rows)
-        measured = checked and not joining and (not speculate or (self._speculated_last and 2 * fresh <= len(rows)))
+        measured = checked and not joining and (
+            not speculate or (self._speculated_last and 2 * sum(not r.speculated for r in rows) <= len(rows)))
         if rows:
             self._speculated_last = speculate
             self.mode_steps["speculating" if speculate else "plain"] += 1
-        for r in rows if speculate else ():
+        for r in rows if speculate and self._checking else ():  # only the check reads it
             r.speculated = True
         if not speculate:
             caps: list[int | None] = [None if r.exempt else 0 for r in rows]
@@ -403,8 +403,8 @@ class BatchDecoder:
         """The measured check (module doc): whether this step of B rows speculates. The faster mode
         at B runs, and the other for CHECK_BURST steps after every check_every (times the square of
         how many times faster the faster one measures, at most 8, once both modes have CHECK_SURE
-        measured steps). Until both modes have CHECK_WARMUP measured steps at B, the faster one is the nearest batch size's that has them,
-        within a factor of 2 of B (batch 1's verdict says little about batch 8's); where none has,
+        measured steps). Until both modes have CHECK_WARMUP measured steps at B, the faster one is
+        the nearest batch size's that has them, within a factor of 2 of B (batch 1's verdict says little about batch 8's); where none has,
         it speculates until that mode has them, then runs plain until it has."""
         rates = self._rates.setdefault(B, {True: StepRate(), False: StepRate()})
         warm = [b for b, r in self._rates.items()
