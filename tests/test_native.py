@@ -117,7 +117,8 @@ def bf16_copy(case: str) -> torch.nn.Module:
 @pytest.mark.parametrize("case", ["llama-biases", "qwen2"])
 def test_packed_bf16_matmuls_equal_plain_ones(case):
     model = bf16_copy(case)
-    packed, plain = NativeLlama.from_hf(model), NativeLlama.from_hf(model, pack=False)
+    # kernels=False: oneDNN's packed matmul against F.linear (outrider's own, tests/test_kernels.py).
+    packed, plain = NativeLlama.from_hf(model, kernels=False), NativeLlama.from_hf(model, pack=False, kernels=False)
     assert packed.packed and not plain.packed
     ids = torch.tensor(random_ids(20))
     a = torch.cat([packed.forward(ids[:16]), packed.forward(ids[16:17]), packed.forward(ids[17:])])

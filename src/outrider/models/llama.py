@@ -25,12 +25,13 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from outrider.models import kernels as kernel_lib
 from outrider.models.base import RowForward, SlotRow
 from outrider.models.hf import check_path, check_tree_args, context_length, hidden_layer_indices
 from outrider.models.quant import quant_linear, quantizer
@@ -159,6 +160,94 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     depends on how many rows it gets: verifying k tokens then rounds differently from decoding one,
     and bf16 speculative outputs drift from the autoregressive ones (the demo showed it)."""
     return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
+
+
+def add_rms_norm(x: Tensor, y: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(x + y, rms_norm(x + y)): a residual add and the norm that reads it (kernels.py fuses them)."""
+    s = x + y
+    return s, rms_norm(s, weight, eps)
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """gate_up (n, 2F) = [gate | up] -> silu(gate) * up (n, F)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope_heads(qkv: Tensor, cos: Tensor, sin: Tensor, heads: int) -> Tensor:
+    """The first `heads` heads of each row of qkv (n, >= heads * hd) rotated: (n, heads, hd)."""
+    hd = cos.shape[-1]
+    return apply_rope(qkv[:, : heads * hd].view(qkv.shape[0], heads, hd), cos, sin)
+
+
+def sdpa_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: int, heads: int, mask: Tensor | None,
+                is_causal: bool) -> Tensor:
+    """n new tokens' attention over one sequence's caches (Hkv, C, hd), positions [0, start + n):
+    q (n, >= heads, hd) (the first `heads` heads are the queries); mask (n, start + n) bool, or
+    None (one token, or is_causal from position 0). Returns (n, heads * hd)."""
+    n, hd = q.shape[0], q.shape[2]
+    end = start + n
+    # 4-D inputs: on the CPU only those reach SDPA's flash kernel (3-D falls back to math).
+    y = F.scaled_dot_product_attention(
+        q[:, :heads].transpose(0, 1)[None],  # (1, H, n, hd)
+        k_cache[None, :, :end],  # (1, Hkv, end, hd)
+        v_cache[None, :, :end],
+        attn_mask=mask,
+        is_causal=is_causal,
+        enable_gqa=k_cache.shape[0] != heads,
+    )  # (1, H, n, hd)
+    return y[0].transpose(0, 1).reshape(n, heads * hd)
+
+
+def kernel_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: int, heads: int, mask: Tensor | None,
+                  is_causal: bool) -> Tensor:
+    """sdpa_attend through outrider's kernel up to kernel_lib.ATTEND_MAX_ROWS new tokens (its None
+    mask is causal from `start`, which covers both of SDPA's maskless cases)."""
+    if q.shape[0] > kernel_lib.ATTEND_MAX_ROWS:
+        return sdpa_attend(q, k_cache, v_cache, start, heads, mask, is_causal)
+    return kernel_lib.attend(q, k_cache, v_cache, start, heads, None if mask is None else mask.contiguous())
+
+
+class StepOps(NamedTuple):
+    """The small ops of a decoder layer, as torch ops or as outrider's fused kernels (kernels.py)."""
+
+    rms_norm: Callable[[Tensor, Tensor, float], Tensor]
+    add_rms_norm: Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+    silu_mul: Callable[[Tensor], Tensor]
+    rope: Callable[[Tensor, Tensor, Tensor, int], Tensor]
+    attend: Callable[[Tensor, Tensor, Tensor, int, int, Tensor | None, bool], Tensor]
+
+
+TORCH_OPS = StepOps(rms_norm, add_rms_norm, silu_mul, rope_heads, sdpa_attend)
+KERNEL_OPS = StepOps(kernel_lib.rms_norm, kernel_lib.add_rms_norm, kernel_lib.silu_mul, kernel_lib.rope, kernel_attend)
+
+
+def step_ops(dtype: torch.dtype, device: torch.device, use_kernels: bool | None = None) -> StepOps:
+    """The layers' small ops for activations of this dtype on this device: outrider's bf16 CPU
+    kernels (kernels.py: bitwise equal to the torch ops, one dispatch each instead of 3-10, and
+    row-invariant attention) where they run, else torch's. Where they run, from_hf also gives the
+    matmuls to kernels.linear.
+
+    use_kernels None: where available; False: torch's; True: the kernels, or a ValueError saying why not.
+    """
+    if use_kernels is False:
+        return TORCH_OPS
+    if dtype != torch.bfloat16 or device.type != "cpu":
+        reason = f"they run bfloat16 activations on a CPU (got {dtype} on {device.type})"
+    else:
+        reason = kernel_lib.unavailable_reason()
+    if reason is None:
+        return KERNEL_OPS
+    if use_kernels:
+        raise ValueError(f"kernels=True but outrider's CPU kernels cannot run: {reason}; pass kernels=None")
+    return TORCH_OPS
+
+
+def _inputs_even(model: torch.nn.Module) -> bool:
+    """Whether every matmul of the model has an even input size (kernel_lib.linear reads pairs)."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return all(n % 2 == 0 for n in (c.hidden_size, c.intermediate_size, c.num_attention_heads * head_dim))
 
 
 @dataclass(slots=True)
@@ -290,6 +379,7 @@ class NativeLlama:
         *,
         packed: bool,
         linear: Callable[[Tensor, Any, Tensor | None], Tensor] | None = None,
+        use_kernels: bool | None = False,
         n_heads: int,
         n_kv_heads: int,
         eps: float,
@@ -303,13 +393,14 @@ class NativeLlama:
         assert n_heads % n_kv_heads == 0, (n_heads, n_kv_heads)
         self.packed = packed
         self._linear = linear or (_packed_linear if packed else F.linear)
+        self._ops = step_ops(embed.dtype, embed.device, use_kernels)
+        self.kernels = self._ops is KERNEL_OPS
         self._decoder_layers = self._layers
         self.capacity = capacity
         self.vocab_size = int(lm_head.shape[0])  # a packed tensor keeps its logical shape
         self.max_length: int | None = capacity  # the decoder's context check then covers the cache
         self.device = embed.device
         self.dtype = embed.dtype
-        self._gqa = n_heads != n_kv_heads  # SDPA broadcasts each kv head over its query group
         self._cos, self._sin = rope_tables(inv_freq, capacity, self.dtype, self.device)
         self._arange = torch.arange(capacity, device=self.device)  # builds causal masks by comparison
         self._no_logits = torch.empty(0, self.vocab_size, device=self.device)
@@ -321,13 +412,13 @@ class NativeLlama:
     @classmethod
     def from_hf(
         cls, model: torch.nn.Module, capacity: int | None = None, pack: bool | None = None, compile: bool = False,
-        quant: str | None = None,
+        quant: str | None = None, kernels: bool | None = None,
     ) -> NativeLlama:
         """Run a loaded transformers Llama/Mistral/Qwen2 causal LM natively.
 
         capacity: tokens the KV cache holds, capped by the model's context (default 4096).
-        pack: oneDNN-packed matmul weights (None: where they are faster, bf16 on a CPU; see
-        `linear_packer`). Unpacked, the weights are shared with the module: its q/k/v and
+        pack: packed matmul weights (None: where they are faster, bf16 on a CPU: outrider's own
+        layout for kernels.linear where its kernels run, else oneDNN's, see `linear_packer`). Unpacked, the weights are shared with the module: its q/k/v and
         gate/up parameters become views of the fused tensors. Packed, the matmul weights are
         a repacked copy (the module's own are freed when the module is).
         compile: run the decoder layers under torch.compile (dynamic shapes, plain matmuls that
@@ -335,6 +426,8 @@ class NativeLlama:
         than the packed eager path (benchmarks/compile_speed.py), so it is off by default.
         quant: "int8" or "int4" weight-only matmuls on bf16 activations (models/quant.py); the
         model must be bf16.
+        kernels: outrider's bf16 CPU kernels, matmuls included (see `step_ops`); None: where they
+        run; False: torch's and oneDNN's ops.
         """
         if compile and (pack or quant):
             raise ValueError("compile=True excludes pack=True and quant: torch.compile lays out the weights itself")
@@ -351,10 +444,17 @@ class NativeLlama:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
         embed = base.embed_tokens.weight.detach()
         lm_head = head.weight.detach()
+        ops = step_ops(embed.dtype, embed.device, False if compile else kernels)
+        linear = None
         if quant is not None:
             if embed.dtype != torch.bfloat16:
                 raise ValueError(f"quant={quant!r} runs on bf16 activations: load the model in bfloat16")
             packer, head_packer = quantizer(quant, embed.device)
+            linear = quant_linear
+        elif ops is KERNEL_OPS and pack is not False and _inputs_even(model):
+            # outrider's own matmul: faster than oneDNN's at 1-256 rows here, and row-invariant.
+            packer = head_packer = kernel_lib.pack_linear
+            linear = kernel_lib.linear
         else:
             packer = head_packer = linear_packer(embed.dtype, embed.device, False if compile else pack)
         native = cls(
@@ -364,7 +464,8 @@ class NativeLlama:
             lm_head if head_packer is None else head_packer(lm_head),
             head.bias,
             packed=packer is not None,
-            linear=quant_linear if quant is not None else None,
+            linear=linear,
+            use_kernels=ops is KERNEL_OPS,
             n_heads=n_heads,
             n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
             eps=config.rms_norm_eps,
@@ -489,7 +590,7 @@ class NativeLlama:
         src = x if normed is None else normed
         h = src[picks[0][0] : picks[0][1]] if len(picks) == 1 else torch.cat([src[a:b] for a, b in picks])
         if normed is None:
-            h = rms_norm(h, self.norm, self.eps)
+            h = self._ops.rms_norm(h, self.norm, self.eps)
         logits = self._linear(h, self.lm_head, self.lm_head_bias).float()
         if one:
             return [logits]
@@ -520,7 +621,7 @@ class NativeLlama:
             lo = hi
         normed = None
         if num_layers in self._capture:
-            normed = states[num_layers] = rms_norm(x, self.norm, self.eps)
+            normed = states[num_layers] = self._ops.rms_norm(x, self.norm, self.eps)
         hidden = torch.stack([states[i] for i in self._capture])  # (len(layers), N, D)
         self.row_hidden = list(hidden.split([p.n for p in plans], dim=1)) if len(plans) > 1 else [hidden]
         return x, normed
@@ -531,12 +632,13 @@ class NativeLlama:
         another; each row writes its keys and values at [start, start + n) of its slot."""
         N = x.shape[0]
         H, Hkv, hd, eps, linear = self.n_heads, self.n_kv_heads, self.head_dim, self.eps, self._linear
+        ops = self._ops
         k_end = (H + Hkv) * hd
         one = len(plans) == 1
         for w, k_all, v_all in zip(self.layers[lo:hi], self._k[lo:hi], self._v[lo:hi]):
-            qkv = linear(rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv)  # (N, (H + 2 Hkv) hd)
+            qkv = linear(ops.rms_norm(x, w.attn_norm, eps), w.wqkv, w.bqkv)  # (N, (H + 2 Hkv) hd)
             # q and k rotated together: one RoPE's dispatches per layer instead of two.
-            qk = apply_rope(qkv[:, :k_end].view(N, H + Hkv, hd), cos, sin)  # (N, H + Hkv, hd)
+            qk = ops.rope(qkv, cos, sin, H + Hkv)  # (N, H + Hkv, hd)
             v_new = qkv[:, k_end:].view(N, Hkv, hd)
             ys, offset = [], 0
             for plan in plans:
@@ -546,20 +648,10 @@ class NativeLlama:
                 k_cache, v_cache = k_all[plan.slot], v_all[plan.slot]  # (Hkv, C, hd)
                 k_cache[:, plan.start : end] = qk[a:b, H:].transpose(0, 1)  # (Hkv, n, hd)
                 v_cache[:, plan.start : end] = v_new[a:b].transpose(0, 1)
-                # 4-D inputs: on the CPU only those reach SDPA's flash kernel (3-D falls back to math).
-                y = F.scaled_dot_product_attention(
-                    qk[a:b, :H].transpose(0, 1)[None],  # (1, H, n, hd)
-                    k_cache[None, :, :end],  # (1, Hkv, end, hd)
-                    v_cache[None, :, :end],
-                    attn_mask=plan.mask,
-                    is_causal=plan.is_causal,
-                    enable_gqa=self._gqa,
-                )  # (1, H, n, hd)
-                ys.append(y[0].transpose(0, 1).reshape(plan.n, H * hd))
+                ys.append(ops.attend(qk[a:b], k_cache, v_cache, plan.start, H, plan.mask, plan.is_causal))  # (n, H hd)
             y = ys[0] if one else torch.cat(ys)
-            x = x + linear(y, w.wo, w.bo)
-            gate, up = linear(rms_norm(x, w.mlp_norm, eps), w.w_gate_up, w.b_gate_up).chunk(2, dim=-1)
-            x = x + linear(F.silu(gate) * up, w.w_down, w.b_down)
+            x, h = ops.add_rms_norm(x, linear(y, w.wo, w.bo), w.mlp_norm, eps)
+            x = x + linear(ops.silu_mul(linear(h, w.w_gate_up, w.b_gate_up)), w.w_down, w.b_down)
         return x
 
     def rollback(self, length: int, slot: int = 0) -> None:

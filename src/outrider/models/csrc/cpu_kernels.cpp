@@ -1,0 +1,369 @@
+// bf16 kernels for the native backend's CPU decode path (AVX512-BF16), built on first use by
+// models/kernels.py. Every output row is computed by the same instruction sequence whatever the
+// number of rows, so a verify forward of n tokens gives each token bit for bit what a one-token
+// step gives it: bf16 speculative output then equals bf16 autoregressive output.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+
+void check_bf16(const Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.dim() == dim && t.is_contiguous(),
+              name, " must be a contiguous ", dim, "-d bfloat16 CPU tensor");
+}
+
+inline __m512 load16(const uint16_t* p, __mmask16 m) {  // 16 bf16 -> float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+inline __m512 round_bf16(__m512 v) {  // v rounded to bf16 (nearest even) and back to float32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+// One row of transformers' LlamaRMSNorm in bf16: h = bf16(x * rsqrt(mean(x^2) + eps)) in float32,
+// then bf16(weight * h).
+inline void rms_row(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t K, float eps) {
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    const __m512 v = load16(x + k, m);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / float(K) + eps));
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    const __m512 h = round_bf16(_mm512_mul_ps(load16(x + k, m), r));
+    _mm256_mask_storeu_epi16(out + k, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load16(w + k, m), h)));
+  }
+}
+
+// Rows in parallel only when there are many (a prefill): a decode step's one row stays inline.
+constexpr int64_t kRowGrain = 16;
+
+Tensor rms_norm(const Tensor& x, const Tensor& w, double eps) {
+  check_bf16(x, "x", 2);
+  check_bf16(w, "weight", 1);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(w.size(0) == K, "x has ", K, " columns but the weight has ", w.size(0));
+  Tensor out = at::empty_like(x);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) rms_row(xp + m * K, wp, op + m * K, K, float(eps));
+  });
+  return out;
+}
+
+// x + y (bf16, rounded once, like torch's add) and its rms_norm: the residual add and the next
+// norm in one pass. Returns (sum, normed).
+std::tuple<Tensor, Tensor> add_rms_norm(const Tensor& x, const Tensor& y, const Tensor& w, double eps) {
+  check_bf16(x, "x", 2);
+  check_bf16(y, "y", 2);
+  check_bf16(w, "weight", 1);
+  TORCH_CHECK(x.sizes() == y.sizes(), "x and y differ in shape");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(w.size(0) == K, "x has ", K, " columns but the weight has ", w.size(0));
+  Tensor sum = at::empty_like(x), out = at::empty_like(x);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const uint16_t* yp = reinterpret_cast<const uint16_t*>(y.data_ptr());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  uint16_t* sp = reinterpret_cast<uint16_t*>(sum.data_ptr());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t k = m * K; k < (m + 1) * K; k += 16) {
+        const __mmask16 msk = (m + 1) * K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << ((m + 1) * K - k)) - 1);
+        const __m512 s = _mm512_add_ps(load16(xp + k, msk), load16(yp + k, msk));
+        _mm256_mask_storeu_epi16(sp + k, msk, (__m256i)_mm512_cvtneps_pbh(s));
+      }
+      rms_row(sp + m * K, wp, op + m * K, K, float(eps));
+    }
+  });
+  return {sum, out};
+}
+
+// exp(x) for float32 lanes: Cephes' range reduction (x = n ln2 + r) and degree-6 polynomial, ~1 ulp.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365478515625f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// gate_up (M, 2F) = [gate | up] -> bf16(bf16(silu(gate)) * up), rounded as F.silu(gate) * up is.
+Tensor silu_mul(const Tensor& gu) {
+  check_bf16(gu, "gate_up", 2);
+  const int64_t M = gu.size(0), F2 = gu.size(1), F = F2 / 2;
+  TORCH_CHECK(F2 % 2 == 0, "gate_up needs an even number of columns, got ", F2);
+  Tensor out = at::empty({M, F}, gu.options());
+  const uint16_t* gp = reinterpret_cast<const uint16_t*>(gu.data_ptr());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const uint16_t* g = gp + m * F2;
+      for (int64_t f = 0; f < F; f += 16) {
+        const __mmask16 msk = F - f >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (F - f)) - 1);
+        const __m512 a = load16(g + f, msk);
+        const __m512 silu = round_bf16(_mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), a)))));
+        _mm256_mask_storeu_epi16(op + m * F + f, msk, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, load16(g + F + f, msk))));
+      }
+    }
+  });
+  return out;
+}
+
+// RoPE on the first `heads` heads of each row of qkv (N, >= heads * hd): out (N, heads, hd) =
+// x * cos + roll(x, hd / 2) * sin per head, cos and sin (N, 1, hd) with rotate_half's sign folded
+// into sin (llama.py's rope_tables), each product and the sum rounded to bf16 as torch rounds them.
+Tensor rope(const Tensor& qkv, const Tensor& cos, const Tensor& sin, int64_t heads) {
+  check_bf16(qkv, "qkv", 2);
+  check_bf16(cos, "cos", 3);
+  check_bf16(sin, "sin", 3);
+  const int64_t N = qkv.size(0), hd = cos.size(2), half = hd / 2;
+  TORCH_CHECK(hd % 2 == 0 && qkv.size(1) >= heads * hd && cos.size(0) == N && sin.sizes() == cos.sizes(),
+              "rope: qkv (N, >= heads * hd) and cos, sin (N, 1, hd) disagree");
+  Tensor out = at::empty({N, heads, hd}, qkv.options());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(qkv.data_ptr());
+  const uint16_t* cp = reinterpret_cast<const uint16_t*>(cos.data_ptr());
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(sin.data_ptr());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t row = qkv.size(1);
+  at::parallel_for(0, N, kRowGrain, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint16_t* c = cp + n * hd;
+      const uint16_t* s = sp + n * hd;
+      for (int64_t h = 0; h < heads; ++h) {
+        const uint16_t* x = xp + n * row + h * hd;
+        uint16_t* o = op + (n * heads + h) * hd;
+        for (int64_t i = 0; i < hd; i += 16) {
+          const int64_t left = hd - i;
+          const __mmask16 msk = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+          // roll by hd/2: element i reads x[(i + half) % hd]; a 16-lane chunk never straddles
+          // the halves when half is a multiple of 16, else it is read lane by lane.
+          __m512 rolled;
+          if (half % 16 == 0) {
+            rolled = load16(x + (i + half) % hd, msk);
+          } else {
+            alignas(64) uint16_t tmp[16] = {0};
+            for (int64_t j = 0; j < 16 && i + j < hd; ++j) tmp[j] = x[(i + j + half) % hd];
+            rolled = load16(tmp, msk);
+          }
+          const __m512 a = round_bf16(_mm512_mul_ps(load16(x + i, msk), load16(c + i, msk)));
+          const __m512 b = round_bf16(_mm512_mul_ps(rolled, load16(s + i, msk)));
+          _mm256_mask_storeu_epi16(o + i, msk, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(a, b)));
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// Attention of n new tokens over one sequence's cache, for decode and verify steps: q (n, >= heads,
+// hd) (the first `heads` heads of each row are the queries), k and v caches (kv_heads, C, hd),
+// query head h reading kv head h / (heads / kv_heads). Row i sees the cache positions mask[i, j]
+// allows (mask (n, end) bool), or without a mask j <= start + i. Scores and softmax in float32.
+// Each (row, head) visits exactly its visible keys in increasing position, whatever n is: a token
+// gets bit for bit the same output in a verify forward as in a one-token step (SDPA's GEMMs do
+// not promise that), and a tree node's ancestors are the keys its path has after keep_path.
+Tensor attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int64_t start, int64_t heads,
+              const c10::optional<Tensor>& mask) {
+  check_bf16(q, "q", 3);
+  check_bf16(k_cache, "k_cache", 3);
+  check_bf16(v_cache, "v_cache", 3);
+  const int64_t n = q.size(0), qheads = q.size(1), hd = q.size(2);
+  const int64_t kv_heads = k_cache.size(0), C = k_cache.size(1), end = start + n;
+  TORCH_CHECK(qheads >= heads && heads % kv_heads == 0 && k_cache.size(2) == hd && v_cache.sizes() == k_cache.sizes()
+              && end <= C, "attend: q (n, >= heads, hd) and the caches (kv_heads, C, hd) disagree");
+  const bool* mp = nullptr;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->dim() == 2 && mask->size(0) == n
+                && mask->size(1) == end, "attend: mask must be a contiguous (n, start + n) bool tensor");
+    mp = mask->data_ptr<bool>();
+  }
+  TORCH_CHECK(hd <= 256, "attend: head_dim must be at most 256; got ", hd);
+  Tensor out = at::empty({n, heads * hd}, q.options());
+  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
+  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
+  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t group = heads / kv_heads, chunks = (hd + 15) / 16;
+  // The last 16-lane chunk of a head is masked where hd is not a multiple of 16.
+  const __mmask16 last = hd % 16 ? __mmask16((1u << (hd % 16)) - 1) : __mmask16(0xFFFF);
+  const float scale = 1.f / std::sqrt(float(hd));
+  // A decode step's 9-30 (row, head) tasks over a short cache are ~1 us each: run them inline;
+  // split across threads only when the cache is long.
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(end, 1));
+  at::parallel_for(0, n * heads, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> score(end);
+    std::vector<int32_t> pos(end);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / heads, h = t % heads, kvh = h / group;
+      const uint16_t* qv = qp + (i * qheads + h) * hd;
+      const uint16_t* kb = kp + kvh * C * hd;
+      const uint16_t* vb = vp + kvh * C * hd;
+      __m512 qf[16];
+      for (int64_t c = 0; c < chunks; ++c) qf[c] = load16(qv + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF));
+      int64_t seen = 0;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < end; ++j) {
+        if (mp ? !mp[i * end + j] : j > start + i) continue;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c)
+          acc = _mm512_fmadd_ps(qf[c], load16(kb + j * hd + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF)), acc);
+        const float sc = _mm512_reduce_add_ps(acc) * scale;
+        score[seen] = sc;
+        pos[seen++] = int32_t(j);
+        top = std::max(top, sc);
+      }
+      __m512 o[16];
+      for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_setzero_ps();
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t s0 = 0; s0 < seen; s0 += 16) {
+        const int64_t left = seen - s0;
+        const __mmask16 msk = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+        const __m512 e = _mm512_maskz_mov_ps(msk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(msk, score.data() + s0),
+                                                                     _mm512_set1_ps(top))));
+        total = _mm512_add_ps(total, e);
+        _mm512_mask_storeu_ps(score.data() + s0, msk, e);
+      }
+      for (int64_t s = 0; s < seen; ++s) {
+        const __m512 p = _mm512_set1_ps(score[s]);
+        const uint16_t* vv = vb + int64_t(pos[s]) * hd;
+        for (int64_t c = 0; c < chunks; ++c)
+          o[c] = _mm512_fmadd_ps(p, load16(vv + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF)), o[c]);
+      }
+      const __m512 inv = _mm512_set1_ps(seen ? 1.f / _mm512_reduce_add_ps(total) : 0.f);
+      uint16_t* ov = op + i * heads * hd + h * hd;
+      for (int64_t c = 0; c < chunks; ++c)
+        _mm256_mask_storeu_epi16(ov + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF),
+                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[c], inv)));
+    }
+  });
+  return out;
+}
+
+// ---- linear: y = x W^T (+ b) for the few rows of a decode, verify or tree step --------------------
+// W is packed once (kernels.pack_linear) into groups of 64 output columns, laid out (N / 64, K / 2,
+// 4, 16, 2) and zero-padded: for each pair of inputs, a group's 64 columns are 4 vectors of 16
+// (column, pair) products side by side, so a group streams as one sequential run of memory (which
+// the hardware prefetchers follow near full speed) and each weight vector loaded serves every input
+// row (vdpbf16ps against the row's input pair broadcast). Output (m, n) is one float32 lane
+// summing its K / 2 pair products in order, then its bias, rounded once to bf16: the same
+// instructions whatever M is, so a row's outputs are bit for bit the same in a verify forward of
+// n rows as in a one-row step (oneDNN's packed matmul changes its K blocking from 8 rows on).
+
+constexpr int64_t kGroup = 64;  // output columns per packed group: 4 vectors of 16
+
+template <int MB>
+inline void linear_tile(const uint16_t* x, int64_t K, const uint16_t* w, const __m512* bias, uint16_t* y,
+                        int64_t N, __mmask16 last_mask, int nvec) {
+  __m512 acc[MB][4];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < K / 2; ++p, w += kGroup * 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(w) + OUTRIDER_PF, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w) + OUTRIDER_PF + 64, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w) + OUTRIDER_PF + 128, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w) + OUTRIDER_PF + 192, _MM_HINT_T0);
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 32);
+    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + 64), w3 = (__m512bh)_mm512_loadu_si512(w + 96);
+    for (int i = 0; i < MB; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + i * K + 2 * p));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
+      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], xv, w2);
+      acc[i][3] = _mm512_dpbf16_ps(acc[i][3], xv, w3);
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < nvec; ++j) {
+      const __m512 v = bias ? _mm512_add_ps(acc[i][j], bias[j]) : acc[i][j];
+      _mm256_mask_storeu_epi16(y + i * N + j * 16, j == nvec - 1 ? last_mask : __mmask16(0xFFFF),
+                               (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
+Tensor linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bias, int64_t N) {
+  check_bf16(x, "x", 2);
+  check_bf16(w, "packed weight", 5);
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(K % 2 == 0 && w.size(1) == K / 2 && w.size(0) == (N + kGroup - 1) / kGroup && w.size(2) == 4
+              && w.size(3) == 16 && w.size(4) == 2,
+              "linear: the packed weight (", w.sizes(), ") does not hold ", N, " rows of ", K, " columns");
+  const uint16_t* bp = nullptr;
+  if (bias.has_value()) {
+    check_bf16(*bias, "bias", 1);
+    TORCH_CHECK(bias->size(0) == N, "linear: the bias has ", bias->size(0), " entries for ", N, " outputs");
+    bp = reinterpret_cast<const uint16_t*>(bias->data_ptr());
+  }
+  Tensor y = at::empty({M, N}, x.options());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
+  const int64_t groups = w.size(0), group_elems = K * kGroup;
+  // Each thread streams a contiguous band of groups, at least 64 KB of weights.
+  const int64_t grain = std::max<int64_t>(1, 32768 / group_elems);
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n = g * kGroup, cols = std::min<int64_t>(kGroup, N - n);
+      const int nvec = int((cols + 15) / 16);
+      const int64_t tail = cols - (nvec - 1) * 16;
+      const __mmask16 last = tail == 16 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
+      __m512 bv[4];
+      if (bp)
+        for (int j = 0; j < nvec; ++j)
+          bv[j] = load16(bp + n + j * 16, j == nvec - 1 ? last : __mmask16(0xFFFF));
+      const uint16_t* wg = wp + g * group_elems;
+      const __m512* bb = bp ? bv : nullptr;
+      int64_t m = 0;
+      // Rows in tiles of 4: a tile's rows share each weight load, each row's sums stay its own.
+      for (; m + 4 <= M; m += 4) linear_tile<4>(xp + m * K, K, wg, bb, yp + m * N + n, N, last, nvec);
+      switch (M - m) {
+        case 3: linear_tile<3>(xp + m * K, K, wg, bb, yp + m * N + n, N, last, nvec); break;
+        case 2: linear_tile<2>(xp + m * K, K, wg, bb, yp + m * N + n, N, last, nvec); break;
+        case 1: linear_tile<1>(xp + m * K, K, wg, bb, yp + m * N + n, N, last, nvec); break;
+        default: break;
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(outrider, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor y, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("rope(Tensor qkv, Tensor cos, Tensor sin, int heads) -> Tensor");
+  m.def("linear(Tensor x, Tensor packed, Tensor? bias, int n) -> Tensor");
+  m.def("attend(Tensor q, Tensor k_cache, Tensor v_cache, int start, int heads, Tensor? mask) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(outrider, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("rope", &rope);
+  m.impl("attend", &attend);
+  m.impl("linear", &linear);
+}
