@@ -140,17 +140,20 @@ def test_runner_rows_fed_together_equal_each_fed_alone():
         assert (lg is None) == (want_lg is None) and (lg is None or torch.allclose(lg, want_lg, atol=1e-5))
 
 
-def test_bf16_drafting_with_int8_weights_stays_the_layer_training_runs():
-    """In bf16 on a CPU a pass over few pairs (a chain depth, a step's read) multiplies by int8
-    copies of the head's weights (EagleRunner: 2-4x faster there). The head must still compute the
-    layer training optimises, to int8 rounding: a quantization bug (a wrong scale, a transposed
-    weight) would leave drafting exact and lossless but its drafts worthless."""
+def test_bf16_drafting_weights_stay_the_layer_training_runs():
+    """In bf16 on a CPU a drafting pass multiplies by weights laid out for speed: outrider's kernel
+    layout where its kernels run, else int8 copies for passes over few pairs (a chain depth, a
+    step's read; EagleRunner). The head must still compute the layer training optimises, to that
+    rounding: a layout or quantization bug (a wrong scale, a transposed weight) would leave
+    drafting exact and lossless but its drafts worthless."""
     from outrider.drafters.eagle import FEW_PAIRS, EagleRunner, _rope
+    from outrider.models import kernels
     from outrider.models.llama import linear_packer
-    from outrider.models.quant import quant_works
+    from outrider.models.quant import QuantWeight, quant_works
 
-    if linear_packer(torch.bfloat16, torch.device("cpu")) is None or not quant_works("int8"):
-        pytest.skip("no oneDNN bf16 or int8 weight-only matmul in this torch build")
+    int8 = linear_packer(torch.bfloat16, torch.device("cpu")) is not None and quant_works("int8")
+    if not kernels.available() and not int8:
+        pytest.skip("neither outrider's kernels nor oneDNN bf16 with int8 weight-only matmuls run here")
     model = tiny_model("llama", seed=2)
     embed = model.get_input_embeddings().weight.detach()
     head = new_head(model.config, embed, "tiny", torch.arange(50), seed=3, max_positions=64)
@@ -162,7 +165,8 @@ def test_bf16_drafting_with_int8_weights_stays_the_layer_training_runs():
         cos, sin = _rope(torch.arange(7), head.cfg.head_dim, head.cfg.rope_theta, x.dtype)
         want = head.logits(head.block(x[None], cos, sin, None, None, None)[0][0])  # (T, N)
     runner = EagleRunner(head.to(torch.bfloat16), embed.to(torch.bfloat16))
-    assert runner._weights(FEW_PAIRS)[0] is not runner._w  # the int8 path is the one taken
+    few = runner._weights(FEW_PAIRS)[0][0]
+    assert isinstance(few, kernels.KernelWeight if kernels.available() else QuantWeight)  # the fast path is taken
     outs = [runner.run_rows([PairFeed(0, j, tokens[j:j + 1], hidden[:, j:j + 1].to(torch.bfloat16), fuse=True,
                                       logits=True)])[0][1] for j in range(7)]  # one pair per pass, as drafting
     got = torch.stack(outs)
