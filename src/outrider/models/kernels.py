@@ -41,8 +41,11 @@ SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 # New tokens above which attention goes to SDPA: a prompt's prefill, where its flash kernel's GEMMs
 # win; decode, verify and tree steps stay under it (and so stay batch-invariant).
 ATTEND_MAX_ROWS = 64
+# Output columns per packed group of `linear` (a multiple of 16): 32 splits SmolLM2's 576-wide
+# matrices evenly over 2 threads (64 left one thread 5 groups of 9).
+LINEAR_GROUP = 32
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl",
-          "-mavx512bf16", "-DNDEBUG", "-DOUTRIDER_PF=1024"]
+          "-mavx512bf16", "-DNDEBUG", "-DOUTRIDER_PF=1024", f"-DOUTRIDER_GROUP={LINEAR_GROUP}"]
 _REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16")
 _DISABLE_ENV = "OUTRIDER_KERNELS"  # =0 turns them off (to compare against torch's ops)
 
@@ -186,18 +189,18 @@ def attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: int, heads: int, 
 class KernelWeight:
     """A (N, K) bf16 matmul weight laid out for `linear`; `shape` is the logical one."""
 
-    data: Tensor  # (ceil(N / 64), K / 2, 4, 16, 2)
+    data: Tensor  # (ceil(N / G), K / 2, G / 16, 16, 2), G = LINEAR_GROUP
     shape: torch.Size
 
 
 def pack_linear(weight: Tensor) -> KernelWeight:
-    """A (N, K) bf16 weight (K even) laid out for `linear`: per group of 64 output columns and pair
+    """A (N, K) bf16 weight (K even) laid out for `linear`: per group of LINEAR_GROUP output columns and pair
     of inputs, the 64 columns' two weights side by side, zero-padded to whole groups."""
     N, K = weight.shape
     if K % 2:
         raise ValueError(f"pack_linear needs an even number of inputs, got {K}")
-    w = F.pad(weight.detach().to(torch.bfloat16), (0, 0, 0, -N % 64))  # (Np, K)
-    return KernelWeight(w.view(-1, 4, 16, K // 2, 2).permute(0, 3, 1, 2, 4).contiguous(), weight.shape)
+    w = F.pad(weight.detach().to(torch.bfloat16), (0, 0, 0, -N % LINEAR_GROUP))  # (Np, K)
+    return KernelWeight(w.view(-1, LINEAR_GROUP // 16, 16, K // 2, 2).permute(0, 3, 1, 2, 4).contiguous(), weight.shape)
 
 
 def linear(x: Tensor, w: KernelWeight, bias: Tensor | None) -> Tensor:

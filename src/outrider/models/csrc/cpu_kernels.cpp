@@ -262,36 +262,34 @@ Tensor attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int
 }
 
 // ---- linear: y = x W^T (+ b) for the few rows of a decode, verify or tree step --------------------
-// W is packed once (kernels.pack_linear) into groups of 64 output columns, laid out (N / 64, K / 2,
-// 4, 16, 2) and zero-padded: for each pair of inputs, a group's 64 columns are 4 vectors of 16
-// (column, pair) products side by side, so a group streams as one sequential run of memory (which
-// the hardware prefetchers follow near full speed) and each weight vector loaded serves every input
-// row (vdpbf16ps against the row's input pair broadcast). Output (m, n) is one float32 lane
-// summing its K / 2 pair products in order, then its bias, rounded once to bf16: the same
-// instructions whatever M is, so a row's outputs are bit for bit the same in a verify forward of
-// n rows as in a one-row step (oneDNN's packed matmul changes its K blocking from 8 rows on).
+// W is packed once (kernels.pack_linear) into groups of OUTRIDER_GROUP (G) output columns, laid
+// out (N / G, K / 2, G / 16, 16, 2) and zero-padded: for each pair of inputs, a group's G columns
+// are G / 16 vectors of 16 (column, pair) products side by side, so a group streams as one
+// sequential run of memory (which the hardware prefetchers follow near full speed) and each weight
+// vector loaded serves every input row (vdpbf16ps against the row's input pair broadcast). Output
+// (m, n) is one float32 lane summing its K / 2 pair products in order, then its bias, rounded once
+// to bf16: the same instructions whatever M is, so a row's outputs are bit for bit the same in a
+// verify forward of n rows as in a one-row step (oneDNN's packed matmul changes its K blocking from
+// 8 rows on).
 
-constexpr int64_t kGroup = 64;  // output columns per packed group: 4 vectors of 16
+constexpr int kVecs = OUTRIDER_GROUP / 16;  // vectors of 16 output columns per packed group
+constexpr int64_t kGroup = OUTRIDER_GROUP;
 
 template <int MB>
 inline void linear_tile(const uint16_t* x, int64_t K, const uint16_t* w, const __m512* bias, uint16_t* y,
                         int64_t N, __mmask16 last_mask, int nvec) {
-  __m512 acc[MB][4];
+  __m512 acc[MB][kVecs];
   for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < 4; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_setzero_ps();
   for (int64_t p = 0; p < K / 2; ++p, w += kGroup * 2) {
-    _mm_prefetch(reinterpret_cast<const char*>(w) + OUTRIDER_PF, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w) + OUTRIDER_PF + 64, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w) + OUTRIDER_PF + 128, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w) + OUTRIDER_PF + 192, _MM_HINT_T0);
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 32);
-    const __m512bh w2 = (__m512bh)_mm512_loadu_si512(w + 64), w3 = (__m512bh)_mm512_loadu_si512(w + 96);
+    __m512bh wv[kVecs];
+    for (int j = 0; j < kVecs; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * 32) + OUTRIDER_PF, _MM_HINT_T0);
+      wv[j] = (__m512bh)_mm512_loadu_si512(w + j * 32);
+    }
     for (int i = 0; i < MB; ++i) {
       const __m512bh xv = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + i * K + 2 * p));
-      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], xv, w0);
-      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], xv, w1);
-      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], xv, w2);
-      acc[i][3] = _mm512_dpbf16_ps(acc[i][3], xv, w3);
+      for (int j = 0; j < kVecs; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
     }
   }
   for (int i = 0; i < MB; ++i)
@@ -306,7 +304,7 @@ Tensor linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bia
   check_bf16(x, "x", 2);
   check_bf16(w, "packed weight", 5);
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % 2 == 0 && w.size(1) == K / 2 && w.size(0) == (N + kGroup - 1) / kGroup && w.size(2) == 4
+  TORCH_CHECK(K % 2 == 0 && w.size(1) == K / 2 && w.size(0) == (N + kGroup - 1) / kGroup && w.size(2) == kVecs
               && w.size(3) == 16 && w.size(4) == 2,
               "linear: the packed weight (", w.sizes(), ") does not hold ", N, " rows of ", K, " columns");
   const uint16_t* bp = nullptr;
@@ -328,7 +326,7 @@ Tensor linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bia
       const int nvec = int((cols + 15) / 16);
       const int64_t tail = cols - (nvec - 1) * 16;
       const __mmask16 last = tail == 16 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
-      __m512 bv[4];
+      __m512 bv[kVecs];
       if (bp)
         for (int j = 0; j < nvec; ++j)
           bv[j] = load16(bp + n + j * 16, j == nvec - 1 ? last : __mmask16(0xFFFF));
