@@ -274,6 +274,7 @@ Tensor attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int
 
 constexpr int kVecs = OUTRIDER_GROUP / 16;  // vectors of 16 output columns per packed group
 constexpr int64_t kGroup = OUTRIDER_GROUP;
+constexpr int kRowTile = 8;  // kernels.py's LINEAR_GROUP of 32 gives 2 x 8 = 16 accumulators
 
 template <int MB>
 inline void linear_tile(const uint16_t* x, int64_t K, const uint16_t* w, const __m512* bias, uint16_t* y,
@@ -333,12 +334,19 @@ Tensor linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bia
       const uint16_t* wg = wp + g * group_elems;
       const __m512* bb = bp ? bv : nullptr;
       int64_t m = 0;
-      // Rows in tiles of 4: a tile's rows share each weight load, each row's sums stay its own.
-      for (; m + 4 <= M; m += 4) linear_tile<4>(xp + m * K, K, wg, bb, yp + m * N + n, N, last, nvec);
+      // Rows in tiles of up to kRowTile: a tile's rows share each weight load (2 x 8 = 16 float32
+      // accumulators), each row's sums stay its own.
+      for (; m + kRowTile <= M; m += kRowTile) linear_tile<kRowTile>(xp + m * K, K, wg, bb, yp + m * N + n, N, last, nvec);
+      const uint16_t* xt = xp + m * K;
+      uint16_t* yt = yp + m * N + n;
       switch (M - m) {
-        case 3: linear_tile<3>(xp + m * K, K, wg, bb, yp + m * N + n, N, last, nvec); break;
-        case 2: linear_tile<2>(xp + m * K, K, wg, bb, yp + m * N + n, N, last, nvec); break;
-        case 1: linear_tile<1>(xp + m * K, K, wg, bb, yp + m * N + n, N, last, nvec); break;
+        case 7: linear_tile<7>(xt, K, wg, bb, yt, N, last, nvec); break;
+        case 6: linear_tile<6>(xt, K, wg, bb, yt, N, last, nvec); break;
+        case 5: linear_tile<5>(xt, K, wg, bb, yt, N, last, nvec); break;
+        case 4: linear_tile<4>(xt, K, wg, bb, yt, N, last, nvec); break;
+        case 3: linear_tile<3>(xt, K, wg, bb, yt, N, last, nvec); break;
+        case 2: linear_tile<2>(xt, K, wg, bb, yt, N, last, nvec); break;
+        case 1: linear_tile<1>(xt, K, wg, bb, yt, N, last, nvec); break;
         default: break;
       }
     }
