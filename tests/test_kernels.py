@@ -146,3 +146,26 @@ def test_bf16_speculative_greedy_equals_bf16_autoregressive():
         spec = run(DraftModel(NativeLlama.from_hf(hf), 128, k=k), k)
         assert spec.stats.accepted > 40  # the steps really verified several tokens each
         assert spec.token_ids == plain.token_ids, k
+
+
+def test_a_batched_bf16_forward_gives_each_row_its_logits_alone_bitwise():
+    """Rows of a batch share the matmuls (their tokens stacked), so row invariance makes a batched
+    bf16 forward give each sequence bit for bit the logits it gets alone (batch.py's rows then
+    decode as single requests do)."""
+    from outrider.models.base import RowForward
+
+    # intermediate 1536: a down projection whose K oneDNN blocks differently from 8 rows on.
+    model = NativeLlama.from_hf(bf16_model(intermediate_size=1536, num_hidden_layers=2))
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 128, (n,), generator=gen) for n in (9, 15, 4)]
+    steps = [torch.randint(0, 128, (n,), generator=gen) for n in (1, 9, 6)]
+    alone = []
+    for p, s in zip(prompts, steps):
+        model.reset()
+        model.forward(p, num_logits=0)
+        alone.append(model.forward(s))
+    model.set_slots(3)
+    model.forward_rows([RowForward(i, p, 0) for i, p in enumerate(prompts)])
+    got = model.forward_rows([RowForward(i, s) for i, s in enumerate(steps)])
+    for i in range(3):
+        assert torch.equal(got[i], alone[i]), i

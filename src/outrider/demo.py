@@ -35,6 +35,8 @@ DEMO_REQUESTS = (
     "List five tips for staying focused while working from home.",
     "What is the difference between a virus and a bacterium?",
 )
+WARM_UP_PROMPT = "x = 1\n"
+WARM_UP_REQUEST = "Say hello."
 METHODS = ("autoregressive", "draft_model", "prompt_lookup", "suffix")  # + eagle, eagle+suffix with a head
 NEXT_STEPS = ("Next: `outrider bench --target DIR` measures any model on Spec-Bench; `outrider serve --target DIR` "
               "serves it over an OpenAI-compatible API; `outrider train drafter --target DIR --out HEAD` trains a "
@@ -111,15 +113,20 @@ def load_decoders(target: str | Path | None, draft: str | Path | None, k: int | 
     """One decoder per method, and the EAGLE head they use (None: no eagle rows); the target is
     loaded once per method (each needs its own cache). draft_model runs where there is a draft:
     the embedded pair's, or the one given."""
-    out = {"autoregressive": SpeculativeDecoder.from_pretrained(target, method="autoregressive", dtype=dtype)}
+    out = {"autoregressive": load_decoder(target, "autoregressive", draft, None, k, dtype)}
     head_dir = eagle_head(target, head, out["autoregressive"])
     methods = [m for m in METHODS[1:] if m != "draft_model" or target is None or draft is not None]
     for method in methods + (["eagle", "eagle+suffix"] if head_dir is not None else []):
-        out[method] = SpeculativeDecoder.from_pretrained(
-            target, draft=draft if method == "draft_model" else head_dir if method.startswith("eagle") else None,
-            method=method, k=k if method == "draft_model" else None, dtype=dtype,
-        )
+        out[method] = load_decoder(target, method, draft, head_dir, k, dtype)
     return out, head_dir
+
+
+def load_decoder(target: str | Path | None, method: str, draft: str | Path | None, head_dir: Path | None,
+                 k: int | None, dtype: str | None) -> SpeculativeDecoder:
+    return SpeculativeDecoder.from_pretrained(
+        target, draft=draft if method == "draft_model" else head_dir if method.startswith("eagle") else None,
+        method=method, k=k if method == "draft_model" else None, dtype=dtype,
+    )
 
 
 def prompt_of(dec: SpeculativeDecoder, prompt: str, chat: bool) -> str | list[int]:
@@ -129,7 +136,8 @@ def prompt_of(dec: SpeculativeDecoder, prompt: str, chat: bool) -> str | list[in
 def measure(decoders: dict[str, SpeculativeDecoder], prompts: tuple[str, ...], max_new_tokens: int,
             chat: bool = False) -> list[DemoRow]:
     for dec in decoders.values():  # warm-up: first calls pay one-off allocation costs
-        dec.generate(prompt_of(dec, prompts[0], chat), max_new_tokens=8)
+        # Not a measured prompt: a suffix drafter remembers what it answered, and would replay it.
+        dec.generate(prompt_of(dec, WARM_UP_REQUEST if chat else WARM_UP_PROMPT, chat), max_new_tokens=8)
     totals = {m: SpecStats() for m in decoders}
     outputs: dict[str, list[list[int]]] = {m: [] for m in decoders}
     for prompt in prompts:  # interleaved: machine drift hits every method alike
@@ -176,7 +184,10 @@ def run_demo(
         chat = ref.has_chat_template
     prompts = prompts or (DEMO_REQUESTS if chat else DEMO_PROMPTS)
     shown_method = next(m for m in ("eagle+suffix", "draft_model", "suffix") if m in decoders)
-    shown = decoders[shown_method]
+    # The streamed answers come from a decoder of their own: a suffix drafter remembers earlier
+    # answers (its global trie), so the measured one would replay them whole (measured: eagle+suffix
+    # 3.87x, tau 6.98, where it is 1.2-1.6x on requests it has not answered before).
+    shown = load_decoder(target, shown_method, draft, head_dir, k, dtype) if show else None
     print(f"outrider demo: target {ref.target.name}" + (f", EAGLE head {head_dir}" if head_dir else ""), file=out)
     if show:
         colour = wants_colour(out)
