@@ -169,3 +169,25 @@ def test_a_batched_bf16_forward_gives_each_row_its_logits_alone_bitwise():
     got = model.forward_rows([RowForward(i, s) for i, s in enumerate(steps)])
     for i in range(3):
         assert torch.equal(got[i], alone[i]), i
+
+
+@pytest.mark.parametrize("case", MODELS)
+def test_a_fused_layer_is_the_op_by_op_layer_bitwise(case):
+    """A sequence's step runs each layer as one kernel call (kernels.decoder_layer); it must be the
+    op-by-op layer bit for bit: prefill, one-token steps, a tree (mask and positions), the caches."""
+    from outrider.tree import verify_mask, verify_positions
+
+    cls, overrides = MODELS[case]
+    hf = bf16_model(cls, **overrides)
+    fused, plain = NativeLlama.from_hf(hf), NativeLlama.from_hf(hf)
+    plain._fused_layers = False
+    assert fused._fused_layers
+    ids = torch.randint(0, 128, (30,), generator=torch.Generator().manual_seed(4))
+    parents = torch.tensor([-1, 0, 0, 1, 2, 3])
+    for m in (fused, plain):
+        m.forward(ids[:20])
+    assert torch.equal(fused.forward(ids[20:21]), plain.forward(ids[20:21]))
+    outs = [m.forward(ids[21:28], attn_mask=verify_mask(parents), positions=verify_positions(parents, m.length))
+            for m in (fused, plain)]
+    assert torch.equal(*outs)
+    assert torch.equal(fused._k[0], plain._k[0]) and torch.equal(fused._v[-1], plain._v[-1])

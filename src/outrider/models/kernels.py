@@ -207,3 +207,16 @@ def linear(x: Tensor, w: KernelWeight, bias: Tensor | None) -> Tensor:
     """x (M, K) bf16 -> (M, N) bf16, like F.linear(x, weight, bias) with float32 sums; each output
     row is computed alike whatever M is (see csrc/cpu_kernels.cpp)."""
     return torch.ops.outrider.linear(x.contiguous(), w.data, bias, w.shape[0])
+
+
+def decoder_layer(x: Tensor, attn_norm: Tensor, wqkv: KernelWeight, bqkv: Tensor | None, wo: KernelWeight,
+                  bo: Tensor | None, mlp_norm: Tensor, w_gate_up: KernelWeight, b_gate_up: Tensor | None,
+                  w_down: KernelWeight, b_down: Tensor | None, k_cache: Tensor, v_cache: Tensor, cos: Tensor,
+                  sin: Tensor, start: int, heads: int, mask: Tensor | None, eps: float) -> Tensor:
+    """One Llama decoder layer over the n (<= ATTEND_MAX_ROWS) new tokens x (n, D) of one sequence,
+    in one call: llama.py's _layers with these kernels, bit for bit; the tokens' keys and values
+    are written at [start, start + n) of k_cache, v_cache (kv_heads, C, hd)."""
+    return torch.ops.outrider.decoder_layer(
+        x.contiguous(), attn_norm, wqkv.data, bqkv, wqkv.shape[0], wo.data, bo, wo.shape[0], mlp_norm,
+        w_gate_up.data, b_gate_up, w_gate_up.shape[0], w_down.data, b_down, w_down.shape[0], k_cache, v_cache,
+        cos, sin, start, heads, mask, eps)

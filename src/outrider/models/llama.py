@@ -218,6 +218,8 @@ class StepOps(NamedTuple):
     attend: Callable[[Tensor, Tensor, Tensor, int, int, Tensor | None, bool], Tensor]
 
 
+FUSED_LAYERS = True  # benchmarks compare against the op-by-op layer by turning this off
+
 TORCH_OPS = StepOps(rms_norm, add_rms_norm, silu_mul, rope_heads, sdpa_attend)
 KERNEL_OPS = StepOps(kernel_lib.rms_norm, kernel_lib.add_rms_norm, kernel_lib.silu_mul, kernel_lib.rope, kernel_attend)
 
@@ -395,6 +397,8 @@ class NativeLlama:
         self._linear = linear or (_packed_linear if packed else F.linear)
         self._ops = step_ops(embed.dtype, embed.device, use_kernels)
         self.kernels = self._ops is KERNEL_OPS
+        # Whole layers in one kernel call where every op of a layer is outrider's (_layers).
+        self._fused_layers = self.kernels and self._linear is kernel_lib.linear and FUSED_LAYERS
         self._decoder_layers = self._layers
         self.capacity = capacity
         self.vocab_size = int(lm_head.shape[0])  # a packed tensor keeps its logical shape
@@ -632,6 +636,17 @@ class NativeLlama:
         another; each row writes its keys and values at [start, start + n) of its slot."""
         N = x.shape[0]
         H, Hkv, hd, eps, linear = self.n_heads, self.n_kv_heads, self.head_dim, self.eps, self._linear
+        if len(plans) == 1 and self._fused_layers and N <= kernel_lib.ATTEND_MAX_ROWS:
+            # One sequence's decode, verify or tree step: each layer is one call of outrider's kernels
+            # (the same ops as below, bit for bit, without their per-op dispatches).
+            plan = plans[0]
+            cos, sin = cos.contiguous(), sin.contiguous()
+            mask = None if plan.mask is None else plan.mask.contiguous()
+            for w, k_all, v_all in zip(self.layers[lo:hi], self._k[lo:hi], self._v[lo:hi]):
+                x = kernel_lib.decoder_layer(
+                    x, w.attn_norm, w.wqkv, w.bqkv, w.wo, w.bo, w.mlp_norm, w.w_gate_up, w.b_gate_up, w.w_down,
+                    w.b_down, k_all[plan.slot], v_all[plan.slot], cos, sin, plan.start, H, mask, eps)
+            return x
         ops = self._ops
         k_end = (H + Hkv) * hd
         one = len(plans) == 1
