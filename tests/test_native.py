@@ -273,3 +273,17 @@ def test_kernels_build_and_load_where_the_cpu_runs_them():
     if missing or shutil.which("g++") is None or kernels.os.environ.get("OUTRIDER_KERNELS") == "0":
         pytest.skip(f"this machine cannot run them (CPU lacks {missing}, or no g++, or OUTRIDER_KERNELS=0)")
     assert kernels.unavailable_reason() is None
+
+
+def test_kernel_cache_falls_back_to_a_temporary_folder_where_home_is_unwritable(monkeypatch, tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    from outrider.models import kernels
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a folder cannot be made under a file
+    monkeypatch.setenv("OUTRIDER_CACHE", str(blocker / "cache"))
+    assert kernels.cache_dir().parent == Path(tempfile.gettempdir())
+    monkeypatch.setenv("OUTRIDER_CACHE", str(tmp_path / "ok"))
+    assert kernels.cache_dir() == tmp_path / "ok" / "kernels" and kernels.cache_dir().is_dir()

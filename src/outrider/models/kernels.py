@@ -51,8 +51,17 @@ _DISABLE_ENV = "OUTRIDER_KERNELS"  # =0 turns them off (to compare against torch
 
 
 def cache_dir() -> Path:
+    """$OUTRIDER_CACHE/kernels (default ~/.cache/outrider/kernels); a temporary folder of this
+    user's where that cannot be created (a read-only home), so the kernels still build."""
     root = os.environ.get("OUTRIDER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "outrider"
-    return Path(root) / "kernels"
+    path = Path(root) / "kernels"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"outrider-kernels-{os.getuid()}"
 
 
 def _cpu_flags() -> set[str]:
