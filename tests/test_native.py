@@ -265,12 +265,13 @@ def test_kernels_build_and_load_where_the_cpu_runs_them():
     """tests/test_kernels.py skips where outrider's kernels cannot run; on a CPU with AVX512-BF16
     and a C++ compiler they must build and agree with torch's ops, or a broken kernel source would
     pass CI as a quiet fallback to the slower path."""
+    import os
     import shutil
 
     from outrider.models import kernels
 
     missing = [f for f in kernels._REQUIRED_CPU_FLAGS if f not in kernels._cpu_flags()]
-    if missing or shutil.which("g++") is None or kernels.os.environ.get("OUTRIDER_KERNELS") == "0":
+    if missing or shutil.which("g++") is None or os.environ.get("OUTRIDER_KERNELS") == "0":
         pytest.skip(f"this machine cannot run them (CPU lacks {missing}, or no g++, or OUTRIDER_KERNELS=0)")
     assert kernels.unavailable_reason() is None
 

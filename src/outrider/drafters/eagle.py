@@ -182,19 +182,20 @@ class EagleRunner:
         # Drafting runs a few pairs at a time. Where outrider's CPU kernels run (bf16 on a CPU),
         # every pass uses their matmul on the bf16 weights (models/kernels.py; a pass of SmolLM2's
         # head at one pair measured 1.4 ms, as fast as the int8 copies, and it drafts with the
-        # trained weights rather than a rounding of them). Else bf16 weights packed once for oneDNN where that works, plain F.linear where
-        # not, and a pass of at most FEW_PAIRS pairs (a chain depth, a step's read) reads int8
-        # copies: measured on SmolLM2's head, its six matmuls take 0.5-0.8 ms at 1-2 pairs against
-        # 1.5-3.2 ms oneDNN-packed (half the bytes, and a kernel made for few rows), even at 8 and
-        # 2.5x slower at 40. A draft is only a proposal: the target's verification keeps outputs
-        # exact (greedy) and lossless (q is the head's own distribution, as computed here).
+        # trained weights rather than a rounding of them). Else bf16 weights packed once for oneDNN
+        # where that works, plain F.linear where not, and a pass of at most FEW_PAIRS pairs (a
+        # chain depth, a step's read) reads int8 copies: measured on SmolLM2's head, its six
+        # matmuls take 0.5-0.8 ms at 1-2 pairs against 1.5-3.2 ms oneDNN-packed (half the bytes,
+        # and a kernel made for few rows), even at 8 and 2.5x slower at 40. A draft is only a
+        # proposal: the target's verification keeps outputs exact (greedy) and lossless (q is the
+        # head's own distribution, as computed here).
         from outrider.models import kernels as kernel_lib
-        from outrider.models.llama import _packed_linear, linear_packer, step_ops, KERNEL_OPS
+        from outrider.models.llama import _packed_linear, kernel_matmul, linear_packer, step_ops
         from outrider.models.quant import quant_linear, quant_works, quantize_int8
 
         weights = [w.detach() for w in (head.inp.weight, head.wqkv.weight, head.wo.weight, head.w_gate_up.weight,
                                         head.w_down.weight, head.lm_head.weight, head.fuse.weight)]
-        if step_ops(self.dtype, self.device) is KERNEL_OPS and all(w.shape[1] % 2 == 0 for w in weights):
+        if kernel_matmul(step_ops(self.dtype, self.device), (w.shape[1] for w in weights)):
             self._w = [kernel_lib.pack_linear(w) for w in weights]
             self._linear = lambda x, w: kernel_lib.linear(x, w, None)
             self._w_few, self._linear_few = self._w, self._linear

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -218,8 +218,6 @@ class StepOps(NamedTuple):
     attend: Callable[[Tensor, Tensor, Tensor, int, int, Tensor | None, bool], Tensor]
 
 
-FUSED_LAYERS = True  # benchmarks compare against the op-by-op layer by turning this off
-
 TORCH_OPS = StepOps(rms_norm, add_rms_norm, silu_mul, rope_heads, sdpa_attend)
 KERNEL_OPS = StepOps(kernel_lib.rms_norm, kernel_lib.add_rms_norm, kernel_lib.silu_mul, kernel_lib.rope, kernel_attend)
 
@@ -245,11 +243,10 @@ def step_ops(dtype: torch.dtype, device: torch.device, use_kernels: bool | None 
     return TORCH_OPS
 
 
-def _inputs_even(model: torch.nn.Module) -> bool:
-    """Whether every matmul of the model has an even input size (kernel_lib.linear reads pairs)."""
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return all(n % 2 == 0 for n in (c.hidden_size, c.intermediate_size, c.num_attention_heads * head_dim))
+def kernel_matmul(ops: StepOps, in_sizes: Iterable[int]) -> bool:
+    """Whether outrider's kernel matmul (kernel_lib.linear) takes weights of these input sizes: its
+    kernels run (`ops`, from step_ops) and every input size is even (it reads inputs in pairs)."""
+    return ops is KERNEL_OPS and all(n % 2 == 0 for n in in_sizes)
 
 
 @dataclass(slots=True)
@@ -381,7 +378,7 @@ class NativeLlama:
         *,
         packed: bool,
         linear: Callable[[Tensor, Any, Tensor | None], Tensor] | None = None,
-        use_kernels: bool | None = False,
+        ops: StepOps = TORCH_OPS,
         n_heads: int,
         n_kv_heads: int,
         eps: float,
@@ -395,10 +392,10 @@ class NativeLlama:
         assert n_heads % n_kv_heads == 0, (n_heads, n_kv_heads)
         self.packed = packed
         self._linear = linear or (_packed_linear if packed else F.linear)
-        self._ops = step_ops(embed.dtype, embed.device, use_kernels)
-        self.kernels = self._ops is KERNEL_OPS
+        self._ops = ops  # the small ops (step_ops)
+        self.kernels = ops is KERNEL_OPS
         # Whole layers in one kernel call where every op of a layer is outrider's (_layers).
-        self._fused_layers = self.kernels and self._linear is kernel_lib.linear and FUSED_LAYERS
+        self._fused_layers = self.kernels and self._linear is kernel_lib.linear
         self._decoder_layers = self._layers
         self.capacity = capacity
         self.vocab_size = int(lm_head.shape[0])  # a packed tensor keeps its logical shape
@@ -455,7 +452,7 @@ class NativeLlama:
                 raise ValueError(f"quant={quant!r} runs on bf16 activations: load the model in bfloat16")
             packer, head_packer = quantizer(quant, embed.device)
             linear = quant_linear
-        elif ops is KERNEL_OPS and pack is not False and _inputs_even(model):
+        elif pack is not False and kernel_matmul(ops, (config.hidden_size, config.intermediate_size, n_heads * head_dim)):
             # outrider's own matmul: faster than oneDNN's at 1-256 rows here, and row-invariant.
             packer = head_packer = kernel_lib.pack_linear
             linear = kernel_lib.linear
@@ -469,7 +466,7 @@ class NativeLlama:
             head.bias,
             packed=packer is not None,
             linear=linear,
-            use_kernels=ops is KERNEL_OPS,
+            ops=ops,
             n_heads=n_heads,
             n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
             eps=config.rms_norm_eps,

@@ -22,6 +22,10 @@ void check_bf16(const Tensor& t, const char* name, int64_t dim) {
               name, " must be a contiguous ", dim, "-d bfloat16 CPU tensor");
 }
 
+inline __mmask16 tail16(int64_t left) {  // the lanes of a 16-wide chunk with `left` elements to go
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
 inline __m512 load16(const uint16_t* p, __mmask16 m) {  // 16 bf16 -> float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
@@ -30,18 +34,26 @@ inline __m512 round_bf16(__m512 v) {  // v rounded to bf16 (nearest even) and ba
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
 
+// out = x + y over n bf16 elements, each sum rounded once to bf16 (torch's bf16 add).
+inline void add_span(const uint16_t* x, const uint16_t* y, uint16_t* out, int64_t n) {
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 m = tail16(n - k);
+    _mm256_mask_storeu_epi16(out + k, m, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(load16(x + k, m), load16(y + k, m))));
+  }
+}
+
 // One row of transformers' LlamaRMSNorm in bf16: h = bf16(x * rsqrt(mean(x^2) + eps)) in float32,
 // then bf16(weight * h).
 inline void rms_row(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t K, float eps) {
   __m512 ss = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    const __mmask16 m = tail16(K - k);
     const __m512 v = load16(x + k, m);
     ss = _mm512_fmadd_ps(v, v, ss);
   }
   const __m512 r = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(ss) / float(K) + eps));
   for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    const __mmask16 m = tail16(K - k);
     const __m512 h = round_bf16(_mm512_mul_ps(load16(x + k, m), r));
     _mm256_mask_storeu_epi16(out + k, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(load16(w + k, m), h)));
   }
@@ -82,11 +94,7 @@ std::tuple<Tensor, Tensor> add_rms_norm(const Tensor& x, const Tensor& y, const 
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, M, kRowGrain, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      for (int64_t k = m * K; k < (m + 1) * K; k += 16) {
-        const __mmask16 msk = (m + 1) * K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << ((m + 1) * K - k)) - 1);
-        const __m512 s = _mm512_add_ps(load16(xp + k, msk), load16(yp + k, msk));
-        _mm256_mask_storeu_epi16(sp + k, msk, (__m256i)_mm512_cvtneps_pbh(s));
-      }
+      add_span(xp + m * K, yp + m * K, sp + m * K, K);
       rms_row(sp + m * K, wp, op + m * K, K, float(eps));
     }
   });
@@ -122,7 +130,7 @@ Tensor silu_mul(const Tensor& gu) {
     for (int64_t m = m0; m < m1; ++m) {
       const uint16_t* g = gp + m * F2;
       for (int64_t f = 0; f < F; f += 16) {
-        const __mmask16 msk = F - f >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (F - f)) - 1);
+        const __mmask16 msk = tail16(F - f);
         const __m512 a = load16(g + f, msk);
         const __m512 silu = round_bf16(_mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), a)))));
         _mm256_mask_storeu_epi16(op + m * F + f, msk, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, load16(g + F + f, msk))));
@@ -157,7 +165,7 @@ Tensor rope(const Tensor& qkv, const Tensor& cos, const Tensor& sin, int64_t hea
         uint16_t* o = op + (n * heads + h) * hd;
         for (int64_t i = 0; i < hd; i += 16) {
           const int64_t left = hd - i;
-          const __mmask16 msk = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+          const __mmask16 msk = tail16(left);
           // roll by hd/2: element i reads x[(i + half) % hd]; a 16-lane chunk never straddles
           // the halves when half is a multiple of 16, else it is read lane by lane.
           __m512 rolled;
@@ -208,7 +216,7 @@ Tensor attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t group = heads / kv_heads, chunks = (hd + 15) / 16;
   // The last 16-lane chunk of a head is masked where hd is not a multiple of 16.
-  const __mmask16 last = hd % 16 ? __mmask16((1u << (hd % 16)) - 1) : __mmask16(0xFFFF);
+  const __mmask16 last = tail16(hd - (chunks - 1) * 16);
   const float scale = 1.f / std::sqrt(float(hd));
   // A decode step's 9-30 (row, head) tasks over a short cache are ~1 us each: run them inline;
   // split across threads only when the cache is long.
@@ -240,7 +248,7 @@ Tensor attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int
       __m512 total = _mm512_setzero_ps();
       for (int64_t s0 = 0; s0 < seen; s0 += 16) {
         const int64_t left = seen - s0;
-        const __mmask16 msk = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+        const __mmask16 msk = tail16(left);
         const __m512 e = _mm512_maskz_mov_ps(msk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(msk, score.data() + s0),
                                                                      _mm512_set1_ps(top))));
         total = _mm512_add_ps(total, e);
@@ -327,7 +335,7 @@ Tensor linear(const Tensor& x, const Tensor& w, const c10::optional<Tensor>& bia
       const int64_t n = g * kGroup, cols = std::min<int64_t>(kGroup, N - n);
       const int nvec = int((cols + 15) / 16);
       const int64_t tail = cols - (nvec - 1) * 16;
-      const __mmask16 last = tail == 16 ? __mmask16(0xFFFF) : __mmask16((1u << tail) - 1);
+      const __mmask16 last = tail16(tail);
       __m512 bv[kVecs];
       if (bp)
         for (int j = 0; j < nvec; ++j)
@@ -365,11 +373,7 @@ Tensor add_bf16(const Tensor& x, const Tensor& y) {
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
   const uint16_t* yp = reinterpret_cast<const uint16_t*>(y.data_ptr());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t total = x.numel();
-  for (int64_t k = 0; k < total; k += 16) {
-    const __mmask16 m = total - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (total - k)) - 1);
-    _mm256_mask_storeu_epi16(op + k, m, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(load16(xp + k, m), load16(yp + k, m))));
-  }
+  add_span(xp, yp, op, x.numel());
   return out;
 }
 
