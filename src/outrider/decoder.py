@@ -25,6 +25,7 @@ from outrider.detokenize import Detokenizer
 from outrider.drafters import REGISTRY, BuildContext, DraftStep, Drafter, drafter_class
 from outrider.drafters.base import Draft
 from outrider.models import LoadedModel, load_model
+from outrider.models.base import reuse_prefix
 from outrider.costs import CostModel, calibrate
 from outrider.sampling import SamplingParams, probs_from_logits
 from outrider.stats import SpecStats
@@ -285,6 +286,9 @@ class SpeculativeDecoder:
         self._learning = False  # True during calibrate_acceptance: requests then add to one history
         # A fresh drafter like this one (set by from_pretrained; batch.py builds one per row).
         self.new_drafter: Callable[..., Drafter] | None = None
+        # A request keeps the target's cache of the prefix it shares with the previous one
+        # (models/base.py, reuse_prefix); False prefills every prompt whole.
+        self.reuse_prefix = True
 
     @classmethod
     def from_pretrained(
@@ -554,11 +558,26 @@ class SpeculativeDecoder:
     def _prefill(self, state: _Sequence) -> None:
         t0 = self.clock()
         target = state.model
-        target.reset()
         ids = self._prefill_ids(state)
-        if ids is not None:
-            target.forward(ids.to(target.device), num_logits=0)
-        self._begin(state, target.hidden if ids is not None and self.hidden_layers else None, t0)
+        if ids is None:
+            target.reset()
+            self._begin(state, None, t0)
+            return
+        # The cache keeps what it shares with the last sequence (a chat's earlier turns, a common
+        # system prompt); only the rest is fed. Where the target runs outrider's kernels every
+        # token's states are computed alike however the prompt is split, so the outputs are
+        # those of a full prefill, bit for bit (models/llama.py, forward).
+        kept = reuse_prefix(target, ids) if self.reuse_prefix else 0
+        if not kept:
+            target.reset()
+        if kept < ids.shape[0]:
+            target.forward(ids[kept:].to(target.device), num_logits=0)
+        state.stats.reused_tokens = kept
+        hidden = None
+        if self.hidden_layers:
+            # The drafter reads the whole prompt's states: the reused part's from the cache's record.
+            hidden = target.hidden if not kept else target.cached_hidden().clone()
+        self._begin(state, hidden, t0)
 
     @staticmethod
     def _prefill_ids(state: _Sequence) -> torch.Tensor | None:

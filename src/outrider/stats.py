@@ -23,6 +23,7 @@ class SpecStats:
     drafted_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose cache the last sequence left (not fed again)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     draft_s: float = 0.0  # time inside the drafter (part of decode_s)
@@ -79,7 +80,8 @@ class SpecStats:
     def merge(self, other: SpecStats) -> SpecStats:
         """Sum of two runs' counts and times (for aggregating over prompts)."""
         out = SpecStats()
-        for name in ("steps", "new_tokens", "drafted", "accepted", "draft_forwards", "prompt_tokens"):
+        for name in ("steps", "new_tokens", "drafted", "accepted", "draft_forwards", "prompt_tokens",
+                     "reused_tokens"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("prefill_s", "decode_s", "draft_s", "target_s"):
             setattr(out, name, getattr(self, name) + getattr(other, name))

@@ -22,6 +22,7 @@ import torch
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, empty_draft, register
 from outrider.models import CausalModel
+from outrider.models.base import reuse_prefix
 from outrider.sampling import probs_from_logits, sample
 
 TREE_DEPTH = 6  # default deepest level of a draft tree (EAGLE-2 uses 6)
@@ -108,11 +109,15 @@ class DraftModel:
         return cls(ctx.draft.model, ctx.target.model.vocab_size, k=ctx.k or cls.default_k, width=ctx.width or 1)
 
     def begin(self, prompt: torch.Tensor) -> None:
-        self.model.reset()
         self._base = self._fed = 0
         self._fed_nodes = []
-        if prompt.shape[0] > 1:
-            self.model.forward(prompt[:-1].to(self.model.device), num_logits=0)
+        if prompt.shape[0] < 2:
+            self.model.reset()
+            return
+        # The draft cache keeps what it shares with the last sequence, as the target's does.
+        kept = reuse_prefix(self.model, prompt[:-1])
+        if kept < prompt.shape[0] - 1:
+            self.model.forward(prompt[kept:-1].to(self.model.device), num_logits=0)
 
     def _logits(self, out: torch.Tensor) -> torch.Tensor:
         return fit_vocab(out, self.vocab_size)

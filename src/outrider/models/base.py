@@ -14,6 +14,11 @@ whole cache) and `positions` (n,) gives each token its position (committed lengt
 verification `keep_path` keeps the accepted root-to-node path and drops the other branches, so
 the cache equals that of the path fed as a chain.
 
+Prefix reuse: a backend that records what its cache holds (`cached_ids`, and with capture_hidden
+`cached_hidden`; the native backend does) lets a new sequence keep the part of the cache it shares
+with the last one (`reuse_prefix`): a chat's next turn, or requests with one system prompt, feed
+only their new tokens.
+
 Hidden states (for self-drafting heads): `capture_hidden(layers)` makes every later forward record
 the hidden states of those layers for the tokens it appends, in `hidden` (len(layers), n, D), in
 the model's dtype. Layer indices follow transformers' `output_hidden_states`: 0 is the embedding
@@ -74,6 +79,26 @@ class CausalModel(Protocol):
         ...
 
 
+def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The length of the longest common prefix of two 1-D id tensors."""
+    n = min(a.shape[0], b.shape[0])
+    differ = (a[:n].cpu() != b[:n].cpu()).nonzero()
+    return int(differ[0, 0]) if differ.numel() else n
+
+
+def reuse_prefix(model: Any, ids: torch.Tensor) -> int:
+    """Start a new sequence whose first tokens are `ids` (n,) on `model`: keep the longest prefix
+    of them its cache already holds (rolled back to it) and return its length; a backend that does
+    not record its cache's ids (no `cached_ids`) is reset and 0 returned. The caller feeds ids[kept:]."""
+    cached = getattr(model, "cached_ids", None)
+    kept = common_prefix(cached(), ids) if cached is not None else 0
+    if kept:
+        model.rollback(kept)
+    else:
+        model.reset()
+    return kept
+
+
 @dataclass(frozen=True, slots=True)
 class RowForward:
     """One row of a batched forward (`forward_rows` of a backend with slots): append `ids` (n,)
@@ -110,6 +135,15 @@ class SlotRow:
 
     def rollback(self, length: int) -> None:
         self.model.rollback(length, self.slot)
+
+    def cached_ids(self) -> torch.Tensor:
+        """The slot's cached ids; none where the backend does not record them (nothing reusable)."""
+        cached = getattr(self.model, "cached_ids", None)
+        return cached(self.slot) if cached is not None else torch.zeros(0, dtype=torch.long)
+
+    def cached_hidden(self) -> torch.Tensor | None:
+        cached = getattr(self.model, "cached_hidden", None)
+        return cached(self.slot) if cached is not None else None
 
     def keep_path(self, start: int, path: list[int]) -> None:
         self.model.keep_path(start, path, self.slot)

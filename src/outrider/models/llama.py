@@ -487,9 +487,21 @@ class NativeLlama:
         shape = (slots, self.n_kv_heads, self.capacity, self.head_dim)
         self._k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self._v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        # What each cache position holds besides its keys and values, kept by the same rollback
+        # and keep_path: its token id, and with capture_hidden its captured hidden states. A new
+        # sequence that shares a prefix with the cached one then reuses it (reuse_prefix).
+        self._ids = torch.zeros(slots, self.capacity, dtype=torch.long)
+        self._hid: Tensor | None = None
         self._lengths = [0] * slots
         self.hidden = None
         self.row_hidden = None
+        self._new_hidden_record()
+
+    def _new_hidden_record(self) -> None:
+        """(slots, len(layers), capacity, D) for the captured layers' states, or None."""
+        D = self.embed.shape[1]
+        self._hid = (torch.zeros(self.slots, len(self._capture), self.capacity, D, dtype=self.dtype, device=self.device)
+                     if self._capture else None)
 
     @property
     def slots(self) -> int:
@@ -506,6 +518,14 @@ class NativeLlama:
         """Slot `slot` as a batch-1 CausalModel (base.py) of its own."""
         return SlotRow(self, slot)
 
+    def cached_ids(self, slot: int = 0) -> Tensor:
+        """The token ids (length,) whose keys and values the slot's cache holds, in cache order."""
+        return self._ids[slot, : self._lengths[slot]]
+
+    def cached_hidden(self, slot: int = 0) -> Tensor | None:
+        """The captured hidden states (len(layers), length, D) of those tokens; None when not capturing."""
+        return None if self._hid is None else self._hid[slot, :, : self._lengths[slot]]
+
     def forward(
         self,
         ids: Tensor,  # (n,) long
@@ -515,11 +535,32 @@ class NativeLlama:
     ) -> Tensor:
         """Append ids to the cache (slot 0); return float32 logits (m, V) of the last m positions
         (m = n when num_logits is None; 0 skips the output layer). Without attn_mask the new tokens
-        are causal."""
-        logits = self.forward_rows([RowForward(0, ids, num_logits, attn_mask, positions)])[0]
+        are causal.
+
+        Where whole layers run as outrider's kernels, a causal forward of more than ATTEND_MAX_ROWS
+        tokens (a prefill) goes through in chunks of that many: every token's states are then
+        computed by the same instructions however the prompt is split (a prompt fed whole, or
+        partly reused from the cache and partly fed), so reusing a prefix changes no bit."""
+        chunk = kernel_lib.ATTEND_MAX_ROWS
+        n = ids.shape[0]
+        if not (self._fused_layers and n > chunk and attn_mask is None and positions is None):
+            logits = self.forward_rows([RowForward(0, ids, num_logits, attn_mask, positions)])[0]
+            if self._capture:
+                self.hidden = self.row_hidden[0]
+            return logits
+        m = n if num_logits is None else num_logits
+        if not 0 <= m <= n:
+            raise ValueError(f"num_logits={num_logits} must lie in [0, {n}] (the number of new tokens)")
+        parts, hidden = [], []
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            parts.append(self.forward_rows([RowForward(0, ids[a:b], max(0, min(b - a, b - (n - m))))])[0])
+            if self._capture:
+                hidden.append(self.row_hidden[0])
         if self._capture:
-            self.hidden = self.row_hidden[0]
-        return logits
+            self.hidden = torch.cat(hidden, dim=1)
+            self.row_hidden = [self.hidden]
+        return torch.cat(parts)
 
     @torch.inference_mode()
     def forward_rows(self, rows: Sequence[RowForward]) -> list[Tensor]:
@@ -577,8 +618,12 @@ class NativeLlama:
             x, normed = self._capturing_layers(x, cos, sin, plans)
         else:
             x = self._decoder_layers(x, cos, sin, plans)
-        for plan in plans:
+        for plan, r in zip(plans, rows):
             self._lengths[plan.slot] = plan.start + plan.n
+            self._ids[plan.slot, plan.start : plan.start + plan.n] = r.ids
+        if self._hid is not None:
+            for plan, h in zip(plans, self.row_hidden):
+                self._hid[plan.slot, :, plan.start : plan.start + plan.n] = h
 
         # The norm and output layer are per position: only the m_i each row needs.
         picks, offset = [], 0
@@ -605,7 +650,11 @@ class NativeLlama:
         """Record these layers' hidden states in `hidden` (len(layers), n, D) on every later forward:
         0 = embedding output, i = output of decoder layer i, len(self.layers) = after the final norm
         (transformers' output_hidden_states indices). Empty stops; `hidden` is then None."""
-        self._capture = hidden_layer_indices(layers, len(self.layers))
+        capture = hidden_layer_indices(layers, len(self.layers))
+        if capture != self._capture:
+            self._capture = capture
+            self._new_hidden_record()  # the record of other layers' states says nothing of these
+            self._lengths = [0] * self.slots  # nor do the cached positions: they start over
         self.hidden = None
         self.row_hidden = None
 
@@ -683,6 +732,9 @@ class NativeLlama:
             k_cache, v_cache = k_all[slot], v_all[slot]
             k_cache[:, start : start + len(path)] = k_cache[:, idx]  # advanced indexing copies first
             v_cache[:, start : start + len(path)] = v_cache[:, idx]
+        self._ids[slot, start : start + len(path)] = self._ids[slot, idx.cpu()]
+        if self._hid is not None:
+            self._hid[slot, :, start : start + len(path)] = self._hid[slot, :, idx]
         self._lengths[slot] = start + len(path)
 
     def reset(self, slot: int | None = None) -> None:
