@@ -14,7 +14,7 @@ from test_e2e_hf import hf_greedy as greedy
 from outrider import SpeculativeDecoder
 from outrider.drafters.eagle import EagleDrafter, EagleHead, PairFeed, new_head
 from outrider.drafters.heads import fingerprint, target_embedding
-from outrider.models import load_model
+from outrider.models import kernels, load_model
 from outrider.sampling import SamplingParams
 
 PROMPT = [5, 17, 3, 42, 8, 5, 17, 3]
@@ -158,6 +158,9 @@ def test_bf16_drafting_weights_stay_the_layer_training_runs():
     embed = model.get_input_embeddings().weight.detach()
     head = new_head(model.config, embed, "tiny", torch.arange(50), seed=3, max_positions=64)
     g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # norms that are not all ones: a swapped or skipped norm then shows
+        for p in (head.attn_norm, head.mlp_norm, head.norm):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
     hidden = torch.randn(3, 7, embed.shape[1], generator=g)
     tokens = torch.randint(0, embed.shape[0], (7,), generator=g)
     with torch.no_grad():  # the float32 layer: the reference
@@ -172,4 +175,40 @@ def test_bf16_drafting_weights_stay_the_layer_training_runs():
     got = torch.stack(outs)
     err = (got - want).norm(dim=-1) / want.norm(dim=-1)
     assert float(err.max()) < 0.05, err
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 6 / 7
+    top2 = want.topk(2, dim=-1).values
+    decided = top2[:, 0] - top2[:, 1] > 0.1  # pairs whose fp32 choice is not a near-tie under bf16 rounding
+    assert decided.sum() >= 3 and torch.equal(got.argmax(-1)[decided], want.argmax(-1)[decided])
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+def test_the_fused_bf16_pass_computes_what_the_op_by_op_pass_does():
+    """Where outrider's kernels run, a pass over one row's few pairs is one kernel layer call
+    (EagleRunner._run_fused). Reads, chain pairs and tree feeds (mask, positions) give the op-by-op
+    pass's outputs and logits, to bf16 rounding."""
+    from outrider.drafters.eagle import EagleRunner
+
+    model = tiny_model("llama", seed=2)
+    embed = model.get_input_embeddings().weight.detach().to(torch.bfloat16)
+    head = new_head(model.config, embed, "tiny", torch.arange(50), seed=3, max_positions=64)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in (head.attn_norm, head.mlp_norm, head.norm):
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    head = head.to(torch.bfloat16)
+    V, D = embed.shape
+    fused, plain = EagleRunner(head, embed), EagleRunner(head, embed)
+    assert fused._fused
+    plain._fused = False
+    read = PairFeed(0, 0, torch.randint(0, V, (9,), generator=g), torch.randn(3, 9, D, generator=g).to(torch.bfloat16),
+                    fuse=True, logits=True)
+    chain = PairFeed(0, 9, torch.randint(0, V, (1,), generator=g), torch.randn(1, D, generator=g).to(torch.bfloat16),
+                     logits=True)
+    mask = torch.ones(3, 13, dtype=torch.bool)  # three siblings at depth 1: each sees the cache and itself
+    mask[:, 10:] = torch.eye(3, dtype=torch.bool)
+    tree = PairFeed(0, 10, torch.randint(0, V, (3,), generator=g), torch.randn(3, D, generator=g).to(torch.bfloat16),
+                    mask=mask, positions=torch.tensor([10, 10, 10]), logits=True)
+    for feed in (read, chain, tree):
+        (out, lg), (want, want_lg) = fused.run_rows([feed])[0], plain.run_rows([feed])[0]
+        assert torch.allclose(out.float(), want.float(), rtol=0.03, atol=0.03), feed.start
+        assert torch.allclose(lg, want_lg, rtol=0.03, atol=0.05), feed.start
+    assert torch.allclose(fused.k_cache.float(), plain.k_cache.float(), rtol=0.03, atol=0.03)

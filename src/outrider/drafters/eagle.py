@@ -195,10 +195,16 @@ class EagleRunner:
 
         weights = [w.detach() for w in (head.inp.weight, head.wqkv.weight, head.wo.weight, head.w_gate_up.weight,
                                         head.w_down.weight, head.lm_head.weight, head.fuse.weight)]
+        self._fused = False
         if kernel_matmul(step_ops(self.dtype, self.device), (w.shape[1] for w in weights)):
             self._w = [kernel_lib.pack_linear(w) for w in weights]
             self._linear = lambda x, w: kernel_lib.linear(x, w, None)
             self._w_few, self._linear_few = self._w, self._linear
+            # A pass of one row's few pairs (every drafting pass) runs the head's layer as one
+            # kernel call (kernels.decoder_layer), as the target's layers do: the ~20 small ops
+            # between the matmuls cost as much as the matmuls at one pair.
+            self._fused = True
+            self._norms = [p.detach().contiguous() for p in (head.attn_norm, head.mlp_norm, head.norm)]
             return
         pack = linear_packer(self.dtype, self.device)
         self._w = [pack(w) for w in weights] if pack else weights
@@ -217,17 +223,50 @@ class EagleRunner:
         w, lin = self._weights(out[..., 0].numel())
         return lin(_rms(out, self.head.norm, self.head.cfg.rms_norm_eps), w[5])
 
+    def _rope_rows(self, f: PairFeed, T: int) -> tuple[Tensor, Tensor]:
+        if f.positions is None:
+            return self._cos[f.start : f.start + T], self._sin[f.start : f.start + T]
+        return self._cos[f.positions], self._sin[f.positions]
+
+    def _run_fused(self, f: PairFeed) -> tuple[Tensor, Tensor | None]:
+        """run_rows for one row of at most ATTEND_MAX_ROWS pairs, with outrider's kernels: the same
+        layer, its attention and norms computed by the kernels (models/kernels.py)."""
+        from outrider.models import kernels as kernel_lib
+
+        cfg = self.head.cfg
+        w_inp, w_qkv, w_o, w_gu, w_down, w_lm, w_fuse = self._w
+        attn_norm, mlp_norm, norm = self._norms
+        T = int(f.tokens.shape[0])
+        feats = f.states.to(self.dtype)
+        if f.fuse:
+            feats = kernel_lib.linear(torch.cat(list(feats.unbind(0)), -1), w_fuse, None)
+        x = kernel_lib.linear(torch.cat([feats, F.embedding(f.tokens.to(self.device), self.embed)], -1), w_inp, None)
+        cos, sin = self._rope_rows(f, T)
+        out = kernel_lib.decoder_layer(
+            x, attn_norm, w_qkv, None, w_o, None, mlp_norm, w_gu, None, w_down, None, self.k_cache[f.slot],
+            self.v_cache[f.slot], cos.contiguous(), sin.contiguous(), f.start, cfg.num_heads,
+            None if f.mask is None else f.mask.contiguous(), cfg.rms_norm_eps)
+        self.outs[f.slot, f.start : f.start + T] = out
+        logits = None
+        if f.logits:
+            logits = kernel_lib.linear(kernel_lib.rms_norm(out[-1:], norm, cfg.rms_norm_eps), w_lm, None)[0].float()
+        return out, logits
+
     @torch.inference_mode()
     def run_rows(self, feeds: list[PairFeed]) -> list[tuple[Tensor, Tensor | None]]:
         """Each feed's head outputs (T, D) and, when it asks, its last pair's logits (N,) float32."""
+        from outrider.models.kernels import ATTEND_MAX_ROWS
+
         cfg = self.head.cfg
         H, hd, eps, cap = cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps, cfg.max_positions
         sizes = [int(f.tokens.shape[0]) for f in feeds]
-        weights, lin = self._weights(sum(sizes))
-        w_inp, w_qkv, w_o, w_gu, w_down = weights[:5]
         for f, T in zip(feeds, sizes):
             if f.start + T > cap:
                 raise ValueError(f"the EAGLE head holds {cap} positions; the sequence needs {f.start + T}")
+        if self._fused and len(feeds) == 1 and sizes[0] <= ATTEND_MAX_ROWS:
+            return [self._run_fused(feeds[0])]
+        weights, lin = self._weights(sum(sizes))
+        w_inp, w_qkv, w_o, w_gu, w_down = weights[:5]
         feats = [f.states for f in feeds]
         fused = [i for i, f in enumerate(feeds) if f.fuse]
         if fused:  # EagleHead.fuse_features, for all rows' target states in one matmul
@@ -242,10 +281,7 @@ class EagleRunner:
         for f, qi, ki, vi in zip(feeds, q.split(sizes), k.split(sizes), v.split(sizes)):
             T, start = qi.shape[0], f.start
             end = start + T
-            if f.positions is None:
-                cos, sin = self._cos[start:end], self._sin[start:end]
-            else:
-                cos, sin = self._cos[f.positions], self._sin[f.positions]
+            cos, sin = self._rope_rows(f, T)
             mask = f.mask
             if mask is None and T > 1:
                 ar = torch.arange(end, device=self.device)
