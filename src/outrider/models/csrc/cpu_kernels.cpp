@@ -186,6 +186,162 @@ Tensor rope(const Tensor& qkv, const Tensor& cos, const Tensor& sin, int64_t hea
   return out;
 }
 
+// Lane m of the result: the sum of the 16 lanes of a[m] (a is overwritten), by a fixed tree: pairs
+// of lanes 2 apart, then 1 apart within each 128-bit quarter, then across quarters.
+static inline __m512 sum16(__m512* a) {
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    a[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)
+    a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x88), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x88), _mm512_shuffle_f32x4(a[0], a[1], 0xDD));
+}
+
+// attend without a mask: row i sees positions [0, start + i]. Rows go in blocks of up to kRows
+// sharing each key and value row, converted to float32 once per block of 16 keys, and their value
+// sums run as independent chains; per (row, key) the arithmetic is the masked loop's below, in the
+// same order (scores by 16-key blocks and sum16, softmax over 16-lane chunks of the visible keys,
+// value sums in increasing position), so a token's output is the same bits on either path and at
+// any n.
+constexpr int64_t kRows = 4;
+
+// Rows r < rn of a causal block: out[r] = inv[r] * sum over keys j < vis[r] of p[r][j] * v[j], chunks
+// 16-lane chunks per row held in registers.
+template <int CH, int ROWS>
+static inline void value_sums(const uint16_t* vb, const float* p, int64_t stride, const int64_t* vis, int64_t rn,
+                              int64_t hd, __mmask16 last, const __m512* inv, uint16_t* out, int64_t out_stride) {
+  // p[r][j] is 0 past row r's keys (and for rows past rn): adding 0 * v leaves a sum's bits as they are.
+  __m512 o[ROWS][CH];
+  for (int r = 0; r < ROWS; ++r)
+    for (int c = 0; c < CH; ++c) o[r][c] = _mm512_setzero_ps();
+  const int64_t maxend = vis[rn - 1];
+  for (int64_t j = 0; j < maxend; ++j) {
+    __m512 v[CH];
+    for (int c = 0; c < CH; ++c) v[c] = load16(vb + j * hd + c * 16, c == CH - 1 ? last : __mmask16(0xFFFF));
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[r * stride + j]);
+      for (int c = 0; c < CH; ++c) o[r][c] = _mm512_fmadd_ps(pr, v[c], o[r][c]);
+    }
+  }
+  for (int64_t r = 0; r < rn; ++r)
+    for (int c = 0; c < CH; ++c)
+      _mm256_mask_storeu_epi16(out + r * out_stride + c * 16, c == CH - 1 ? last : __mmask16(0xFFFF),
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[r][c], inv[r])));
+}
+
+// The scores of 16 keys (kf: 16 rows of 256 float32, CH chunks used) against one query: the
+// masked loop's arithmetic, with every loop bound known so that the sums stay in registers.
+template <int CH>
+static inline __m512 scores16(const __m512* q, const float* kf) {
+  __m512 acc[16];
+  for (int jj = 0; jj < 16; ++jj) {
+    acc[jj] = _mm512_setzero_ps();
+    for (int c = 0; c < CH; ++c) acc[jj] = _mm512_fmadd_ps(q[c], _mm512_load_ps(kf + jj * 256 + c * 16), acc[jj]);
+  }
+  return sum16(acc);
+}
+
+// value_sums for one 16-lane chunk (head sizes other than 64 and 128).
+static inline void value_sums_chunk(const uint16_t* vb, const float* p, int64_t stride, const int64_t* vis, int64_t rn,
+                                    int64_t hd, __mmask16 cm, const __m512* inv, uint16_t* out, int64_t out_stride) {
+  __m512 o[kRows];
+  for (int r = 0; r < kRows; ++r) o[r] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < vis[rn - 1]; ++j) {
+    const __m512 v = load16(vb + j * hd, cm);
+    for (int64_t r = 0; r < rn; ++r)
+      if (j < vis[r]) o[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * stride + j]), v, o[r]);
+  }
+  for (int64_t r = 0; r < rn; ++r)
+    _mm256_mask_storeu_epi16(out + r * out_stride, cm, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[r], inv[r])));
+}
+
+static void attend_causal(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, uint16_t* op, int64_t n,
+                          int64_t heads, int64_t qheads, int64_t hd, int64_t C, int64_t start, int64_t group,
+                          float scale) {
+  const int64_t chunks = (hd + 15) / 16, end = start + n, blocks = (n + kRows - 1) / kRows;
+  const __mmask16 last = tail16(hd - (chunks - 1) * 16);
+  const int64_t grain = std::max<int64_t>(1, 8192 / (std::max<int64_t>(end, 1) * std::min<int64_t>(n, kRows)));
+  at::parallel_for(0, blocks * heads, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> score(kRows * (end + 16));
+    alignas(64) float kf[16 * 256] = {0};
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / heads, h = t % heads, kvh = h / group;
+      const int64_t i0 = b * kRows, rn = std::min(kRows, n - i0);
+      const uint16_t* kb = kp + kvh * C * hd;
+      const uint16_t* vb = vp + kvh * C * hd;
+      const int64_t stride = end + 16;  // a row's scores, padded to whole 16-key blocks
+      int64_t vis[kRows];
+      __m512 qf[kRows][16];
+      for (int64_t r = 0; r < rn; ++r) {
+        vis[r] = start + i0 + r + 1;
+        const uint16_t* qv = qp + ((i0 + r) * qheads + h) * hd;
+        for (int64_t c = 0; c < chunks; ++c) qf[r][c] = load16(qv + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF));
+      }
+      const int64_t maxend = vis[rn - 1];
+      for (int64_t j0 = 0; j0 < maxend; j0 += 16) {
+        const int64_t jn = std::min<int64_t>(16, maxend - j0);
+        for (int64_t jj = 0; jj < jn; ++jj)
+          for (int64_t c = 0; c < chunks; ++c)
+            _mm512_store_ps(kf + jj * 256 + c * 16,
+                            load16(kb + (j0 + jj) * hd + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF)));
+        for (int64_t r = 0; r < rn; ++r) {
+          // Keys past the row's (or the block's) end get scores that are never read.
+          __m512 sums;
+          if (chunks == 4) {
+            sums = scores16<4>(qf[r], kf);
+          } else if (chunks == 8) {
+            sums = scores16<8>(qf[r], kf);
+          } else {
+            __m512 acc[16];
+            for (int64_t jj = 0; jj < 16; ++jj) {
+              acc[jj] = _mm512_setzero_ps();
+              for (int64_t c = 0; c < chunks; ++c)
+                acc[jj] = _mm512_fmadd_ps(qf[r][c], _mm512_load_ps(kf + jj * 256 + c * 16), acc[jj]);
+            }
+            sums = sum16(acc);
+          }
+          _mm512_storeu_ps(score.data() + r * stride + j0, _mm512_mul_ps(sums, _mm512_set1_ps(scale)));
+        }
+      }
+      __m512 inv[kRows];
+      for (int64_t r = 0; r < rn; ++r) {
+        float* sc = score.data() + r * stride;
+        float top = -INFINITY;
+        for (int64_t j = 0; j < vis[r]; ++j) top = std::max(top, sc[j]);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t s0 = 0; s0 < vis[r]; s0 += 16) {
+          const __mmask16 msk = tail16(vis[r] - s0);
+          const __m512 e = _mm512_maskz_mov_ps(msk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(msk, sc + s0), _mm512_set1_ps(top))));
+          total = _mm512_add_ps(total, e);
+          _mm512_mask_storeu_ps(sc + s0, msk, e);
+        }
+        inv[r] = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+        std::fill(sc + vis[r], sc + maxend, 0.f);
+      }
+      for (int64_t r = rn; r < kRows; ++r) std::fill(score.data() + r * stride, score.data() + r * stride + maxend, 0.f);
+      // Value sums: keys in increasing position, each value row read once for the block's rows.
+      uint16_t* ob = op + i0 * heads * hd + h * hd;
+      // One row (a decode step) sums alone; a block's rows share each value row.
+      if (chunks == 4 && rn == 1) {
+        value_sums<4, 1>(vb, score.data(), stride, vis, rn, hd, last, inv, ob, heads * hd);
+      } else if (chunks == 4) {
+        value_sums<4, kRows>(vb, score.data(), stride, vis, rn, hd, last, inv, ob, heads * hd);
+      } else if (chunks == 8 && rn == 1) {
+        value_sums<8, 1>(vb, score.data(), stride, vis, rn, hd, last, inv, ob, heads * hd);
+      } else if (chunks == 8) {
+        value_sums<8, kRows>(vb, score.data(), stride, vis, rn, hd, last, inv, ob, heads * hd);
+      } else {
+        for (int64_t c = 0; c < chunks; ++c)
+          value_sums_chunk(vb + c * 16, score.data(), stride, vis, rn, hd, c == chunks - 1 ? last : __mmask16(0xFFFF),
+                           inv, op + i0 * heads * hd + h * hd + c * 16, heads * hd);
+      }
+    }
+  });
+}
+
 // Attention of n new tokens over one sequence's cache, for decode and verify steps: q (n, >= heads,
 // hd) (the first `heads` heads of each row are the queries), k and v caches (kv_heads, C, hd),
 // query head h reading kv head h / (heads / kv_heads). Row i sees the cache positions mask[i, j]
@@ -218,6 +374,10 @@ Tensor attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int
   // The last 16-lane chunk of a head is masked where hd is not a multiple of 16.
   const __mmask16 last = tail16(hd - (chunks - 1) * 16);
   const float scale = 1.f / std::sqrt(float(hd));
+  if (!mp) {
+    attend_causal(qp, kp, vp, op, n, heads, qheads, hd, C, start, group, scale);
+    return out;
+  }
   // A decode step's 9-30 (row, head) tasks over a short cache are ~1 us each: run them inline;
   // split across threads only when the cache is long.
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(end, 1));
@@ -233,15 +393,32 @@ Tensor attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int
       for (int64_t c = 0; c < chunks; ++c) qf[c] = load16(qv + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF));
       int64_t seen = 0;
       float top = -INFINITY;
-      for (int64_t j = 0; j < end; ++j) {
-        if (mp ? !mp[i * end + j] : j > start + i) continue;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t c = 0; c < chunks; ++c)
-          acc = _mm512_fmadd_ps(qf[c], load16(kb + j * hd + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF)), acc);
-        const float sc = _mm512_reduce_add_ps(acc) * scale;
-        score[seen] = sc;
-        pos[seen++] = int32_t(j);
-        top = std::max(top, sc);
+      // Scores 16 keys at a time: each key's 16 lane partials, then one transposing reduction
+      // for all 16 (sum16) instead of a horizontal sum per key. A key's score is the same
+      // arithmetic whichever block slot it has and whichever keys share the block.
+      const int64_t visible_end = mp ? end : std::min(end, start + i + 1);
+      for (int64_t j0 = 0; j0 < visible_end; j0 += 16) {
+        const int64_t jn = std::min<int64_t>(16, visible_end - j0);
+        uint32_t vis = 0;
+        for (int64_t jj = 0; jj < jn; ++jj)
+          if (!mp || mp[i * end + j0 + jj]) vis |= 1u << jj;
+        if (!vis) continue;
+        __m512 acc[16];
+        for (int64_t jj = 0; jj < 16; ++jj) {
+          acc[jj] = _mm512_setzero_ps();
+          if (!(vis >> jj & 1u)) continue;
+          const uint16_t* kv = kb + (j0 + jj) * hd;
+          for (int64_t c = 0; c < chunks; ++c)
+            acc[jj] = _mm512_fmadd_ps(qf[c], load16(kv + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF)), acc[jj]);
+        }
+        alignas(64) float sc[16];
+        _mm512_store_ps(sc, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+        for (int64_t jj = 0; jj < jn; ++jj) {
+          if (!(vis >> jj & 1u)) continue;
+          score[seen] = sc[jj];
+          pos[seen++] = int32_t(j0 + jj);
+          top = std::max(top, sc[jj]);
+        }
       }
       __m512 o[16];
       for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_setzero_ps();
