@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
+from test_e2e_hf import hf_greedy as greedy
 from test_eagle import eagle_decoder
 from test_kernels import bf16_model
 from test_tree_backends import CONTEXT, PARENTS, ROOT, TOKENS, oracle
@@ -139,3 +140,15 @@ def test_bf16_reuse_and_long_prefills_change_no_bit():
     assert reused.stats.reused_tokens > 120
     dec.reuse_prefix = False
     assert dec.generate(prompt, max_new_tokens=40).token_ids == reused.token_ids
+
+
+@pytest.mark.parametrize("method", ["autoregressive", "eagle"])
+def test_the_transformers_backend_reuses_a_prefix_unless_a_head_needs_states_it_does_not_record(method):
+    model = tiny_model("gpt2") if method == "autoregressive" else tiny_model("llama")
+    if method == "eagle":
+        dec = eagle_decoder(model, "hf")
+    else:
+        dec = SpeculativeDecoder(load_model(model, backend="hf"), Autoregressive(), k=0)
+    prompt, res = second_turn(dec, TURN1)
+    assert res.token_ids == greedy(model, prompt, 24)
+    assert res.stats.reused_tokens == (0 if method == "eagle" else len(prompt) - len(TURN2) - 1)

@@ -567,9 +567,14 @@ class SpeculativeDecoder:
         # system prompt); only the rest is fed. Where the target runs outrider's kernels every
         # token's states are computed alike however the prompt is split, so the outputs are
         # those of a full prefill, bit for bit (models/llama.py, forward).
-        kept = reuse_prefix(target, ids) if self.reuse_prefix else 0
-        if not kept:
+        # A drafter that reads hidden states needs the reused tokens' too: only from a cache that
+        # records them.
+        records = not self.hidden_layers or getattr(target, "cached_hidden", lambda: None)() is not None
+        if self.reuse_prefix and records:
+            kept = reuse_prefix(target, ids)
+        else:
             target.reset()
+            kept = 0
         if kept < ids.shape[0]:
             target.forward(ids[kept:].to(target.device), num_logits=0)
         state.stats.reused_tokens = kept

@@ -97,6 +97,10 @@ class HFModel:
         self._slot_caches: list[Any] = [self._cache]
         self._slot_lengths = [0]
         self._slot = 0
+        # The token ids the current slot's cache holds (cached_ids), kept by forward, rollback and
+        # keep_path; _slot_ids holds the other slots'.
+        self._ids = torch.zeros(0, dtype=torch.long)
+        self._slot_ids = [self._ids]
 
     @property
     def length(self) -> int:
@@ -112,8 +116,9 @@ class HFModel:
             raise ValueError(f"slots={slots!r} is invalid: use an integer >= 1 (sequences held at once)")
         self._slot_caches = [DynamicCache(config=self.model.config) for _ in range(slots)]
         self._slot_lengths = [0] * slots
+        self._slot_ids = [torch.zeros(0, dtype=torch.long) for _ in range(slots)]
         self._slot = 0
-        self._cache, self._length = self._slot_caches[0], 0
+        self._cache, self._length, self._ids = self._slot_caches[0], 0, self._slot_ids[0]
 
     @property
     def slots(self) -> int:
@@ -132,7 +137,18 @@ class HFModel:
             raise ValueError(f"slot {slot} is invalid: use a slot in [0, {self.slots})")
         if slot != self._slot:
             self._slot_caches[self._slot], self._slot_lengths[self._slot] = self._cache, self._length
+            self._slot_ids[self._slot] = self._ids
             self._slot, self._cache, self._length = slot, self._slot_caches[slot], self._slot_lengths[slot]
+            self._ids = self._slot_ids[slot]
+
+    def cached_ids(self, slot: int | None = None) -> torch.Tensor:
+        """The token ids (length,) the slot's cache holds; none where the cache cannot be cut back
+        to any of its prefixes (a sliding window that has dropped tokens): nothing is reusable."""
+        if slot is not None:
+            self._use(slot)
+        if self._tree_unsupported(self._length) is not None:
+            return self._ids[:0]
+        return self._ids[: self._length]
 
     def forward_rows(self, rows: Sequence[Any]) -> list[torch.Tensor]:
         """Each row's forward on its own slot's cache, one after another (see the slots note)."""
@@ -173,6 +189,7 @@ class HFModel:
             # logits_to_keep=0 means "all" in transformers; 1 is the least it computes.
             kwargs["logits_to_keep"] = max(num_logits, 1)
         out = self.model(input_ids=ids[None].to(self.device), position_ids=positions[None].to(self.device), **kwargs)
+        self._ids = torch.cat([self._ids[: self._length], ids.cpu()])
         self._length += n
         if self._capture:
             self.hidden = torch.stack([out.hidden_states[i][0] for i in self._capture])  # (len(layers), n, D)
@@ -236,6 +253,7 @@ class HFModel:
                 # keys, values (1, Hkv, length, hd): advanced indexing copies the rows before they are overwritten.
                 layer.keys[..., start:kept, :] = layer.keys[..., idx, :]
                 layer.values[..., start:kept, :] = layer.values[..., idx, :]
+            self._ids[start:kept] = self._ids[idx.cpu()]
         self.rollback(kept)
 
     def rollback(self, length: int, slot: int | None = None) -> None:

@@ -268,7 +268,10 @@ static void attend_causal(const uint16_t* qp, const uint16_t* kp, const uint16_t
     std::vector<float> score(kRows * (end + 16));
     alignas(64) float kf[16 * 256] = {0};
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / heads, h = t % heads, kvh = h / group;
+      // Blocks alternate from both ends (0, last, 1, last - 1, ...): a causal block's work grows
+      // with its rows, and each thread's contiguous share of tasks then holds short and long ones.
+      const int64_t u = t / heads, h = t % heads, kvh = h / group;
+      const int64_t b = u % 2 ? blocks - 1 - u / 2 : u / 2;
       const int64_t i0 = b * kRows, rn = std::min(kRows, n - i0);
       const uint16_t* kb = kp + kvh * C * hd;
       const uint16_t* vb = vp + kvh * C * hd;
