@@ -172,6 +172,24 @@ def test_token_id_prompt_and_chat_equal_generate(server, reference):
     assert chat.usage.completion_tokens == len(want.token_ids)
 
 
+def test_a_conversation_s_next_turn_reports_its_cached_prompt_tokens(server, reference):
+    """The server keeps the previous request's cache: a chat's next turn computes only its new
+    tokens, says how many it reused (OpenAI's usage.prompt_tokens_details.cached_tokens), and
+    answers as a fresh decoder would."""
+    client = server.client()
+    first = client.chat.completions.create(model="target", messages=MESSAGES, max_completion_tokens=12)
+    turn2 = MESSAGES + [{"role": "assistant", "content": first.choices[0].message.content},
+                        {"role": "user", "content": "and subtract?"}]
+    before = server.metrics().get(("outrider:prompt_tokens_cached_total", ()), 0.0)
+    second = client.chat.completions.create(model="target", messages=turn2, max_completion_tokens=12)
+    want = reference.generate(messages=turn2, max_new_tokens=12)
+    assert second.choices[0].message.content == want.text
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert len(reference.chat_ids(MESSAGES)) <= cached < second.usage.prompt_tokens
+    after = server.metrics()[("outrider:prompt_tokens_cached_total", ())]
+    assert after - before == cached
+
+
 def test_streaming_equals_generate_and_reports_usage(server, reference):
     want = reference.generate(PROMPTS[0], max_new_tokens=30)
     chunks = list(server.client().completions.create(

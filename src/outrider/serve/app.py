@@ -26,7 +26,8 @@ from outrider.serve.metrics import CONTENT_TYPE, ServeMetrics
 from outrider.serve.protocol import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, Delta,
-    ErrorBody, ErrorResponse, ModelCard, ModelList, SpecFigures, Usage, finish_reason, new_id, now,
+    ErrorBody, ErrorResponse, ModelCard, ModelList, PromptTokensDetails, SpecFigures, Usage, finish_reason, new_id,
+    now,
 )
 
 # Context of a target that states none (only the hf backend on a config without one): the
@@ -175,7 +176,8 @@ def create_app(
 
     def usage(job: Job) -> Usage:
         return Usage(prompt_tokens=job.n_prompt, completion_tokens=job.stats.new_tokens,
-                     total_tokens=job.n_prompt + job.stats.new_tokens)
+                     total_tokens=job.n_prompt + job.stats.new_tokens,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=job.stats.reused_tokens))
 
     async def collect(prepared: _Prepared, request: Request) -> tuple[str, str] | None:
         """Wait for a non-streamed job's text and finish reason; a client that hangs up cancels it

@@ -38,6 +38,9 @@ class ServeMetrics:
             m + ["position"], registry=r)
         self.prompt_tokens = Counter("outrider:prompt_tokens", "Prompt tokens of finished requests.", m,
                                      registry=r)
+        self.prompt_tokens_cached = Counter("outrider:prompt_tokens_cached",
+                                            "Prompt tokens reused from the previous request's cache.", m,
+                                            registry=r)
         self.generation_tokens = Counter("outrider:generation_tokens",
                                          "Committed (generated) tokens of finished requests.", m, registry=r)
         self.request_success = Counter("outrider:request_success", "Finished requests by finish reason.",
@@ -68,6 +71,7 @@ class ServeMetrics:
         for position, count in enumerate(stats.accepted_at):
             self.accepted_per_pos.labels(name, str(position)).inc(count)
         self.prompt_tokens.labels(name).inc(stats.prompt_tokens)
+        self.prompt_tokens_cached.labels(name).inc(stats.reused_tokens)
         self.generation_tokens.labels(name).inc(stats.new_tokens)
         self.request_success.labels(name, finish_reason).inc()
         if ttft_s is not None:

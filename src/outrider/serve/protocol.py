@@ -108,10 +108,15 @@ class ChatCompletionRequest(_Request):
         return super().unsupported()
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose cache the previous request left (not computed again)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int  # committed tokens, never drafted ones that were rejected
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class SpecFigures(BaseModel):
