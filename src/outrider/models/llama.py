@@ -604,6 +604,8 @@ class NativeLlama:
                 mask = None  # one token sees everything before it
             elif start == 0:
                 mask, is_causal = None, True  # SDPA's causal mask is top-left aligned: right only when L == S
+            elif self.kernels and n <= kernel_lib.ATTEND_MAX_ROWS:
+                mask = None  # the kernel's maskless attention is causal from `start` (bottom-right)
             else:
                 mask = self._arange[:end] <= self._arange[start:end, None]  # (n, end) bottom-right causal
             plans.append(_RowPlan(r.slot, start, n, m, mask, is_causal))

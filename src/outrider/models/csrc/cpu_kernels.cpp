@@ -30,6 +30,14 @@ inline __m512 load16(const uint16_t* p, __mmask16 m) {  // 16 bf16 -> float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
+inline __mmask32 tail32(int64_t left) {  // the lanes of a 32-wide chunk with `left` elements to go
+  return left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << left) - 1);
+}
+
+inline __m512bh load32bh(const uint16_t* p, __mmask32 m) {  // 32 bf16 as they are
+  return (__m512bh)_mm512_maskz_loadu_epi16(m, p);
+}
+
 inline __m512 round_bf16(__m512 v) {  // v rounded to bf16 (nearest even) and back to float32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
 }
@@ -232,16 +240,34 @@ static inline void value_sums(const uint16_t* vb, const float* p, int64_t stride
                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[r][c], inv[r])));
 }
 
-// The scores of 16 keys (kf: 16 rows of 256 float32, CH chunks used) against one query: the
-// masked loop's arithmetic, with every loop bound known so that the sums stay in registers.
+// The dot products of one query (CH 32-wide bf16 chunks) with 16 keys (rows of kb, hd apart), keys
+// past `n` left out: per key, vdpbf16ps over the chunks in order, then sum16. Both attention paths
+// score with it, so a (row, key) score is the same bits on either path.
 template <int CH>
-static inline __m512 scores16(const __m512* q, const float* kf) {
+static inline __m512 scores16(const __m512bh* q, const uint16_t* kb, int64_t hd, int64_t n, uint32_t vis,
+                              __mmask32 last) {
   __m512 acc[16];
   for (int jj = 0; jj < 16; ++jj) {
     acc[jj] = _mm512_setzero_ps();
-    for (int c = 0; c < CH; ++c) acc[jj] = _mm512_fmadd_ps(q[c], _mm512_load_ps(kf + jj * 256 + c * 16), acc[jj]);
+    if (jj >= n || !(vis >> jj & 1u)) continue;
+    for (int c = 0; c < CH; ++c)
+      acc[jj] = _mm512_dpbf16_ps(acc[jj], q[c], load32bh(kb + jj * hd + c * 32, c == CH - 1 ? last : __mmask32(0xFFFFFFFFu)));
   }
   return sum16(acc);
+}
+
+static inline __m512 scores16_any(const __m512bh* q, int64_t chunks, const uint16_t* kb, int64_t hd, int64_t n,
+                                  uint32_t vis, __mmask32 last) {
+  switch (chunks) {
+    case 1: return scores16<1>(q, kb, hd, n, vis, last);
+    case 2: return scores16<2>(q, kb, hd, n, vis, last);
+    case 3: return scores16<3>(q, kb, hd, n, vis, last);
+    case 4: return scores16<4>(q, kb, hd, n, vis, last);
+    case 5: return scores16<5>(q, kb, hd, n, vis, last);
+    case 6: return scores16<6>(q, kb, hd, n, vis, last);
+    case 7: return scores16<7>(q, kb, hd, n, vis, last);
+    default: return scores16<8>(q, kb, hd, n, vis, last);
+  }
 }
 
 // value_sums for one 16-lane chunk (head sizes other than 64 and 128).
@@ -262,11 +288,12 @@ static void attend_causal(const uint16_t* qp, const uint16_t* kp, const uint16_t
                           int64_t heads, int64_t qheads, int64_t hd, int64_t C, int64_t start, int64_t group,
                           float scale) {
   const int64_t chunks = (hd + 15) / 16, end = start + n, blocks = (n + kRows - 1) / kRows;
+  const int64_t chunks32 = (hd + 31) / 32;
   const __mmask16 last = tail16(hd - (chunks - 1) * 16);
+  const __mmask32 last32 = tail32(hd - (chunks32 - 1) * 32);
   const int64_t grain = std::max<int64_t>(1, 8192 / (std::max<int64_t>(end, 1) * std::min<int64_t>(n, kRows)));
   at::parallel_for(0, blocks * heads, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> score(kRows * (end + 16));
-    alignas(64) float kf[16 * 256] = {0};
     for (int64_t t = t0; t < t1; ++t) {
       // Blocks alternate from both ends (0, last, 1, last - 1, ...): a causal block's work grows
       // with its rows, and each thread's contiguous share of tasks then holds short and long ones.
@@ -277,38 +304,20 @@ static void attend_causal(const uint16_t* qp, const uint16_t* kp, const uint16_t
       const uint16_t* vb = vp + kvh * C * hd;
       const int64_t stride = end + 16;  // a row's scores, padded to whole 16-key blocks
       int64_t vis[kRows];
-      __m512 qf[kRows][16];
+      __m512bh qb[kRows][8];
       for (int64_t r = 0; r < rn; ++r) {
         vis[r] = start + i0 + r + 1;
         const uint16_t* qv = qp + ((i0 + r) * qheads + h) * hd;
-        for (int64_t c = 0; c < chunks; ++c) qf[r][c] = load16(qv + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF));
+        for (int64_t c = 0; c < chunks32; ++c) qb[r][c] = load32bh(qv + c * 32, c == chunks32 - 1 ? last32 : __mmask32(0xFFFFFFFFu));
       }
       const int64_t maxend = vis[rn - 1];
-      for (int64_t j0 = 0; j0 < maxend; j0 += 16) {
-        const int64_t jn = std::min<int64_t>(16, maxend - j0);
-        for (int64_t jj = 0; jj < jn; ++jj)
-          for (int64_t c = 0; c < chunks; ++c)
-            _mm512_store_ps(kf + jj * 256 + c * 16,
-                            load16(kb + (j0 + jj) * hd + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF)));
+      for (int64_t j0 = 0; j0 < maxend; j0 += 16)
         for (int64_t r = 0; r < rn; ++r) {
-          // Keys past the row's (or the block's) end get scores that are never read.
-          __m512 sums;
-          if (chunks == 4) {
-            sums = scores16<4>(qf[r], kf);
-          } else if (chunks == 8) {
-            sums = scores16<8>(qf[r], kf);
-          } else {
-            __m512 acc[16];
-            for (int64_t jj = 0; jj < 16; ++jj) {
-              acc[jj] = _mm512_setzero_ps();
-              for (int64_t c = 0; c < chunks; ++c)
-                acc[jj] = _mm512_fmadd_ps(qf[r][c], _mm512_load_ps(kf + jj * 256 + c * 16), acc[jj]);
-            }
-            sums = sum16(acc);
-          }
+          const int64_t lim = std::min<int64_t>(16, vis[r] - j0);  // the row's keys in this block
+          if (lim <= 0) continue;
+          const __m512 sums = scores16_any(qb[r], chunks32, kb + j0 * hd, hd, lim, 0xFFFFu, last32);
           _mm512_storeu_ps(score.data() + r * stride + j0, _mm512_mul_ps(sums, _mm512_set1_ps(scale)));
         }
-      }
       __m512 inv[kRows];
       for (int64_t r = 0; r < rn; ++r) {
         float* sc = score.data() + r * stride;
@@ -373,9 +382,10 @@ Tensor attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
   const uint16_t* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t group = heads / kv_heads, chunks = (hd + 15) / 16;
-  // The last 16-lane chunk of a head is masked where hd is not a multiple of 16.
+  const int64_t group = heads / kv_heads, chunks = (hd + 15) / 16, chunks32 = (hd + 31) / 32;
+  // The last 16-lane (32-lane) chunk of a head is masked where hd is not a multiple of 16 (32).
   const __mmask16 last = tail16(hd - (chunks - 1) * 16);
+  const __mmask32 last32 = tail32(hd - (chunks32 - 1) * 32);
   const float scale = 1.f / std::sqrt(float(hd));
   if (!mp) {
     attend_causal(qp, kp, vp, op, n, heads, qheads, hd, C, start, group, scale);
@@ -392,30 +402,22 @@ Tensor attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int
       const uint16_t* qv = qp + (i * qheads + h) * hd;
       const uint16_t* kb = kp + kvh * C * hd;
       const uint16_t* vb = vp + kvh * C * hd;
-      __m512 qf[16];
-      for (int64_t c = 0; c < chunks; ++c) qf[c] = load16(qv + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF));
+      __m512bh qb[8];
+      for (int64_t c = 0; c < chunks32; ++c) qb[c] = load32bh(qv + c * 32, c == chunks32 - 1 ? last32 : __mmask32(0xFFFFFFFFu));
       int64_t seen = 0;
       float top = -INFINITY;
-      // Scores 16 keys at a time: each key's 16 lane partials, then one transposing reduction
-      // for all 16 (sum16) instead of a horizontal sum per key. A key's score is the same
-      // arithmetic whichever block slot it has and whichever keys share the block.
-      const int64_t visible_end = mp ? end : std::min(end, start + i + 1);
+      // Scores 16 keys at a time (scores16: one transposing sum for the 16 dot products), as
+      // attend_causal does; keys the mask hides are left out of the block.
+      const int64_t visible_end = end;
       for (int64_t j0 = 0; j0 < visible_end; j0 += 16) {
         const int64_t jn = std::min<int64_t>(16, visible_end - j0);
         uint32_t vis = 0;
         for (int64_t jj = 0; jj < jn; ++jj)
-          if (!mp || mp[i * end + j0 + jj]) vis |= 1u << jj;
+          if (mp[i * end + j0 + jj]) vis |= 1u << jj;
         if (!vis) continue;
-        __m512 acc[16];
-        for (int64_t jj = 0; jj < 16; ++jj) {
-          acc[jj] = _mm512_setzero_ps();
-          if (!(vis >> jj & 1u)) continue;
-          const uint16_t* kv = kb + (j0 + jj) * hd;
-          for (int64_t c = 0; c < chunks; ++c)
-            acc[jj] = _mm512_fmadd_ps(qf[c], load16(kv + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF)), acc[jj]);
-        }
+        const __m512 sums = scores16_any(qb, chunks32, kb + j0 * hd, hd, jn, vis, last32);
         alignas(64) float sc[16];
-        _mm512_store_ps(sc, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(scale)));
+        _mm512_store_ps(sc, _mm512_mul_ps(sums, _mm512_set1_ps(scale)));
         for (int64_t jj = 0; jj < jn; ++jj) {
           if (!(vis >> jj & 1u)) continue;
           score[seen] = sc[jj];
