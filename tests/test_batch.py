@@ -440,3 +440,33 @@ def test_the_gate_skips_a_draft_model_that_cannot_pay(model_dirs, table_s):
     assert [r.token_ids for r in every] == [r.token_ids for r in gated]
     drafted = lambda results: sum(r.stats.drafted for r in results)  # noqa: E731
     assert 0 < drafted(gated) < drafted(every) / 3
+
+
+@pytest.mark.parametrize("method", ["prompt_lookup", "eagle"])
+def test_a_next_turn_joins_the_slot_that_holds_its_conversation(target_dir, head_dirs, method):
+    """Prefix reuse in a batch: each conversation's next turn is served by the free slot whose cache
+    holds its first turn, feeds only its new tokens, and answers as a decoder that prefills it whole
+    (an EAGLE head reading the kept tokens' hidden states from the cache's record)."""
+    draft = head_dirs["eagle"] if method == "eagle" else None
+    load = lambda: SpeculativeDecoder.from_pretrained(target_dir, draft=draft, method=method, dtype="float32",  # noqa: E731
+                                                      backend="native")
+    batch = BatchDecoder(load(), max_batch=3, gate=False)
+    first = [GenerationRequest(list(r.prompt) if isinstance(r.prompt, list) else batch.decoder.encode(r.prompt),
+                               max_new_tokens=12) for r in REQUESTS[:3]]
+    answers = batch.generate(first)
+    follow = [7, 7, 21, 4]
+    second = [GenerationRequest(r.prompt + a.token_ids + follow, max_new_tokens=12) for r, a in zip(first, answers)]
+    rows = [batch.add(r) for r in second[::-1]][::-1]  # in another order than the first turns took the slots
+    while batch.active:
+        batch.step()
+    fresh = load()
+    fresh.reuse_prefix = False
+    for row, r in zip(rows, second):
+        want = fresh.generate(r)
+        assert row.collected.ids == want.token_ids
+        assert row.stats.reused_tokens == len(r.prompt) - len(follow) - 1
+        if method == "eagle":  # the head's cache holds what a full prefill gives it: it read the whole prompt's states
+            mine, alone = batch._drafters[row.slot], fresh.drafter
+            assert mine._pairs == alone._pairs
+            assert torch.allclose(mine.runner.outs[row.slot, : mine._pairs], alone.runner.outs[0, : alone._pairs],
+                                  atol=1e-5)

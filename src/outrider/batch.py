@@ -69,7 +69,7 @@ import torch
 
 from outrider.decoder import Chunk, Collector, GenerationRequest, GenerationResult, SpeculativeDecoder, _Sequence
 from outrider.lockstep import Lockstep, LockstepRow
-from outrider.models.base import RowForward
+from outrider.models.base import RowForward, common_prefix
 from outrider.stats import SpecStats
 from outrider.verify import verify_greedy_rows
 
@@ -281,14 +281,20 @@ class BatchDecoder:
         """Admit a request into a free slot. The next step prefills it, in the same forward as the
         other rows' step (the weights read once for both: chunked prefill); it drafts from the
         step after."""
-        slot = next((i for i, r in enumerate(self._rows) if r is None), None)
-        if slot is None:
+        free = [i for i, r in enumerate(self._rows) if r is None]
+        if not free:
             raise RuntimeError(f"the batch is full ({self.max_batch} rows): wait for a row to finish")
         stats = stats or SpecStats()
         dec = self.decoder
-        state = dec._new_sequence(request, stats, True, self.model.row(slot), self._drafters[slot],
-                                  self._adaptives[slot])
-        state.model.reset()
+        state = dec._new_sequence(request, stats, True, self.model.row(free[0]), self._drafters[free[0]],
+                                  self._adaptives[free[0]])
+        # The free slot whose cache shares the longest prefix with the prompt (a conversation's
+        # earlier turns, wherever they ran) serves it, and keeps that prefix (decoder._keep_prefix).
+        ids = state.seq[: state.n_prompt]
+        slot = max(free, key=lambda i: (common_prefix(self.model.row(i).cached_ids(), ids), -i))
+        if slot != free[0]:
+            state.model, state.drafter, state.adaptive = self.model.row(slot), self._drafters[slot], self._adaptives[slot]
+        dec._keep_prefix(state)
         # Prior: 2 drafted tokens per draft. k is only a cap (k="auto" drafters stop far earlier),
         # and a prior of k made the gate skip a draft model's drafts at batch 4-8 (0.9x measured).
         row = Row(slot, request, state, stats, exempt=request.seed is not None and not request.sampling.greedy,
@@ -354,15 +360,18 @@ class BatchDecoder:
         if speculate and self.cost_gate and rows:
             self._gate(rows, plans)
         feeds = [RowForward(r.slot, p.ids, None, p.attn_mask, p.positions) for r, p in zip(rows, plans)]
+        # A joining row feeds its prompt but the last token and the prefix its slot kept (add).
         prefills = [(r, dec._prefill_ids(r.state)) for r in joining]
-        feeds += [RowForward(r.slot, ids.to(self.model.device), 0) for r, ids in prefills if ids is not None]
+        fed = [(r, ids) for r, ids in prefills if ids is not None and r.state.kept < ids.shape[0]]
+        feeds += [RowForward(r.slot, ids[r.state.kept :].to(self.model.device), 0) for r, ids in fed]
         logits = self.model.forward_rows(feeds) if feeds else []
         hidden = self.model.row_hidden if dec.hidden_layers and feeds else [None] * len(feeds)
         for r, h in zip(rows, hidden):  # each row's hidden states of this forward, for its head (_complete)
             r.state.model.hidden = h
-        later = iter(hidden[len(rows):])
+        fed_hidden = {id(r): h for (r, _), h in zip(fed, hidden[len(rows):])}
         for r, ids in prefills:
-            dec._begin(r.state, next(later) if ids is not None else None, t0)
+            prompt_hidden = dec._prompt_hidden(r.state, fed_hidden.get(id(r))) if ids is not None else None
+            dec._begin(r.state, prompt_hidden, t0)
             r.joining = False
         verdicts = _greedy_chain_verdicts(rows, plans, logits)
         out = []

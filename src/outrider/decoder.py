@@ -240,6 +240,7 @@ class _Sequence:
         self.stats = stats
         self.text = text
         self.hidden: torch.Tensor | None = None  # (L, m, D) states not yet handed to the drafter
+        self.kept = 0  # prompt tokens whose cache the previous sequence left (not fed again)
 
     @property
     def remaining(self) -> int:
@@ -559,30 +560,37 @@ class SpeculativeDecoder:
         t0 = self.clock()
         target = state.model
         ids = self._prefill_ids(state)
-        if ids is None:
-            target.reset()
-            self._begin(state, None, t0)
-            return
-        # The cache keeps what it shares with the last sequence (a chat's earlier turns, a common
-        # system prompt); only the rest is fed. Where the target runs outrider's kernels every
-        # token's states are computed alike however the prompt is split, so the outputs are
-        # those of a full prefill, bit for bit (models/llama.py, forward).
+        kept = self._keep_prefix(state)
+        hidden = None
+        if ids is not None and kept < ids.shape[0]:
+            target.forward(ids[kept:].to(target.device), num_logits=0)
+            hidden = target.hidden
+        self._begin(state, self._prompt_hidden(state, hidden) if ids is not None else None, t0)
+
+    def _keep_prefix(self, state: _Sequence) -> int:
+        """Keep the part of the sequence's cache that the prompt shares with what it holds (a chat's
+        earlier turns, a common system prompt; models/base.py, reuse_prefix), or empty it; returns
+        the prompt tokens kept, which the prefill then skips."""
+        ids = self._prefill_ids(state)
+        target = state.model
         # A drafter that reads hidden states needs the reused tokens' too: only from a cache that
         # records them.
         records = not self.hidden_layers or getattr(target, "cached_hidden", lambda: None)() is not None
-        if self.reuse_prefix and records:
-            kept = reuse_prefix(target, ids)
-        else:
+        if ids is None or not (self.reuse_prefix and records):
             target.reset()
             kept = 0
-        if kept < ids.shape[0]:
-            target.forward(ids[kept:].to(target.device), num_logits=0)
-        state.stats.reused_tokens = kept
-        hidden = None
-        if self.hidden_layers:
-            # The drafter reads the whole prompt's states: the reused part's from the cache's record.
-            hidden = target.hidden if not kept else target.cached_hidden().clone()
-        self._begin(state, hidden, t0)
+        else:
+            kept = reuse_prefix(target, ids)
+        state.kept = state.stats.reused_tokens = kept
+        return kept
+
+    def _prompt_hidden(self, state: _Sequence, fed: torch.Tensor | None) -> torch.Tensor | None:
+        """The hidden states of the prompt's prefill tokens for the drafter, from those the prefill
+        fed (fed) and, for a kept prefix, the cache's record. Where the kernels run, the whole
+        prompt's states are the same bits as a full prefill's (models/llama.py, forward)."""
+        if not self.hidden_layers:
+            return None
+        return state.model.cached_hidden().clone() if state.kept else fed
 
     @staticmethod
     def _prefill_ids(state: _Sequence) -> torch.Tensor | None:

@@ -264,6 +264,7 @@ class Bench:
             "precision": getattr(method, "precision", None),
             "costs": method.costs.to_dict() if getattr(method, "costs", None) else None,
             "prompt_tokens": len(ids),
+            "reused_tokens": s.reused_tokens if s else None,  # served by the last request's cache
             "prompt_truncated": truncated,
             "new_tokens": len(res.token_ids),
             "wall_s": res.wall_s,

@@ -17,7 +17,8 @@ the cache equals that of the path fed as a chain.
 Prefix reuse: a backend that records what its cache holds (`cached_ids`, and with capture_hidden
 `cached_hidden`; the native backend does) lets a new sequence keep the part of the cache it shares
 with the last one (`reuse_prefix`): a chat's next turn, or requests with one system prompt, feed
-only their new tokens.
+only their new tokens. Changing the captured layers starts the native cache over (its record holds
+the old layers' states).
 
 Hidden states (for self-drafting heads): `capture_hidden(layers)` makes every later forward record
 the hidden states of those layers for the tokens it appends, in `hidden` (len(layers), n, D), in

@@ -490,7 +490,7 @@ class NativeLlama:
         # What each cache position holds besides its keys and values, kept by the same rollback
         # and keep_path: its token id, and with capture_hidden its captured hidden states. A new
         # sequence that shares a prefix with the cached one then reuses it (reuse_prefix).
-        self._ids = torch.zeros(slots, self.capacity, dtype=torch.long)
+        self._ids = torch.zeros(slots, self.capacity, dtype=torch.long, device=self.device)
         self._hid: Tensor | None = None
         self._lengths = [0] * slots
         self.hidden = None
@@ -622,7 +622,7 @@ class NativeLlama:
             x = self._decoder_layers(x, cos, sin, plans)
         for plan, r in zip(plans, rows):
             self._lengths[plan.slot] = plan.start + plan.n
-            self._ids[plan.slot, plan.start : plan.start + plan.n] = r.ids
+            self._ids[plan.slot, plan.start : plan.start + plan.n] = r.ids.to(self.device)
         if self._hid is not None:
             for plan, h in zip(plans, self.row_hidden):
                 self._hid[plan.slot, :, plan.start : plan.start + plan.n] = h
@@ -734,7 +734,7 @@ class NativeLlama:
             k_cache, v_cache = k_all[slot], v_all[slot]
             k_cache[:, start : start + len(path)] = k_cache[:, idx]  # advanced indexing copies first
             v_cache[:, start : start + len(path)] = v_cache[:, idx]
-        self._ids[slot, start : start + len(path)] = self._ids[slot, idx.cpu()]
+        self._ids[slot, start : start + len(path)] = self._ids[slot, idx]
         if self._hid is not None:
             self._hid[slot, :, start : start + len(path)] = self._hid[slot, :, idx]
         self._lengths[slot] = start + len(path)
