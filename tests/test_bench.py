@@ -23,7 +23,7 @@ FIELDS = {
     "question_id", "category", "turn", "method", "repeat", "k", "prompt_tokens", "prompt_truncated",
     "new_tokens", "wall_s", "tokens_per_s", "steps", "drafted", "accepted", "drafted_at", "accepted_at",
     "draft_s", "target_s", "tau", "alpha", "matches_autoregressive", "output_ids", "output_text", "costs",
-    "draft_forwards", "precision",
+    "draft_forwards", "precision", "reused_tokens",
 }
 
 
@@ -48,6 +48,9 @@ def test_spec_bench_run_then_resume(model_dirs, tmp_path):
     by = {(r["question_id"], r["turn"], r["method"]): r for r in recs}
     writing = next(r["question_id"] for r in recs if r["category"] == "writing")
     assert (writing, 1, "draft_model") in by  # the second turn, after the model's own first answer
+    # which computed only its new tokens: the first turn and answer came from the cache
+    assert by[(writing, 1, "draft_model")]["reused_tokens"] >= by[(writing, 0, "draft_model")]["prompt_tokens"]
+    assert by[(writing, 1, "hf-generate")]["reused_tokens"] is None  # a peer reports none
     assert by[(writing, 1, "autoregressive")]["prompt_tokens"] > by[(writing, 0, "autoregressive")]["prompt_tokens"]
     assert any(r["prompt_truncated"] for r in recs if r["category"] == "summarization")
     for r in recs:

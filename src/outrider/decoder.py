@@ -564,7 +564,7 @@ class SpeculativeDecoder:
         hidden = None
         if ids is not None and kept < ids.shape[0]:
             target.forward(ids[kept:].to(target.device), num_logits=0)
-            hidden = target.hidden
+            hidden = target.hidden if self.hidden_layers else None
         self._begin(state, self._prompt_hidden(state, hidden) if ids is not None else None, t0)
 
     def _keep_prefix(self, state: _Sequence) -> int:
