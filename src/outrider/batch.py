@@ -293,7 +293,8 @@ class BatchDecoder:
         ids = state.seq[: state.n_prompt]
         slot = max(free, key=lambda i: (common_prefix(self.model.row(i).cached_ids(), ids), -i))
         if slot != free[0]:
-            state.model, state.drafter, state.adaptive = self.model.row(slot), self._drafters[slot], self._adaptives[slot]
+            state.model, state.drafter = self.model.row(slot), self._drafters[slot]
+            state.adaptive = self._adaptives[slot]
         dec._keep_prefix(state)
         # Prior: 2 drafted tokens per draft. k is only a cap (k="auto" drafters stop far earlier),
         # and a prior of k made the gate skip a draft model's drafts at batch 4-8 (0.9x measured).
