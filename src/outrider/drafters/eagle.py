@@ -200,7 +200,7 @@ class EagleRunner:
             self._w = [kernel_lib.pack_linear(w) for w in weights]
             self._linear = lambda x, w: kernel_lib.linear(x, w, None)
             self._w_few, self._linear_few = self._w, self._linear
-            # A pass of one row's few pairs (every drafting pass) runs the head's layer as one
+            # A pass of one row's pairs (every drafting pass, and a prompt's read) runs the head's layer as one
             # kernel call (kernels.decoder_layer), as the target's layers do: the ~20 small ops
             # between the matmuls cost as much as the matmuls at one pair.
             self._fused = True
@@ -229,7 +229,7 @@ class EagleRunner:
         return self._cos[f.positions], self._sin[f.positions]
 
     def _run_fused(self, f: PairFeed) -> tuple[Tensor, Tensor | None]:
-        """run_rows for one row of at most ATTEND_MAX_ROWS pairs, with outrider's kernels: the same
+        """run_rows for one row, with outrider's kernels: the same
         layer, its attention and norms computed by the kernels (models/kernels.py)."""
         from outrider.models import kernels as kernel_lib
 
@@ -255,15 +255,13 @@ class EagleRunner:
     @torch.inference_mode()
     def run_rows(self, feeds: list[PairFeed]) -> list[tuple[Tensor, Tensor | None]]:
         """Each feed's head outputs (T, D) and, when it asks, its last pair's logits (N,) float32."""
-        from outrider.models.kernels import ATTEND_MAX_ROWS
-
         cfg = self.head.cfg
         H, hd, eps, cap = cfg.num_heads, cfg.head_dim, cfg.rms_norm_eps, cfg.max_positions
         sizes = [int(f.tokens.shape[0]) for f in feeds]
         for f, T in zip(feeds, sizes):
             if f.start + T > cap:
                 raise ValueError(f"the EAGLE head holds {cap} positions; the sequence needs {f.start + T}")
-        if self._fused and len(feeds) == 1 and sizes[0] <= ATTEND_MAX_ROWS:
+        if self._fused and len(feeds) == 1:
             return [self._run_fused(feeds[0])]
         weights, lin = self._weights(sum(sizes))
         w_inp, w_qkv, w_o, w_gu, w_down = weights[:5]

@@ -38,9 +38,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
-# New tokens above which attention goes to SDPA: a prompt's prefill, where its flash kernel's GEMMs
-# win; decode, verify and tree steps stay under it (and so stay batch-invariant).
-ATTEND_MAX_ROWS = 64
 # Output columns per packed group of `linear` (a multiple of 16): 32 splits SmolLM2's 576-wide
 # matrices evenly over 2 threads (64 left one thread 5 groups of 9).
 LINEAR_GROUP = 32
@@ -190,7 +187,8 @@ def attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: int, heads: int, 
     """Attention of n new tokens (q (n, >= heads, hd), the first `heads` heads the queries) over
     one sequence's caches (kv_heads, C, hd), positions [0, start + n): token i sees mask[i]
     ((n, start + n) bool) or, without one, positions <= start + i. Returns (n, heads * hd) bf16.
-    The caller sends more than ATTEND_MAX_ROWS tokens to SDPA."""
+    Row-invariant at any n, and as fast as SDPA's flash kernel on a prefill here (768 causal rows:
+    7.3 ms a layer against 7.5), so a prefill, a verify and a decode step all go through it."""
     return torch.ops.outrider.attend(q.contiguous(), k_cache, v_cache, start, heads, mask)
 
 
@@ -222,7 +220,7 @@ def decoder_layer(x: Tensor, attn_norm: Tensor, wqkv: KernelWeight, bqkv: Tensor
                   bo: Tensor | None, mlp_norm: Tensor, w_gate_up: KernelWeight, b_gate_up: Tensor | None,
                   w_down: KernelWeight, b_down: Tensor | None, k_cache: Tensor, v_cache: Tensor, cos: Tensor,
                   sin: Tensor, start: int, heads: int, mask: Tensor | None, eps: float) -> Tensor:
-    """One Llama decoder layer over the n (<= ATTEND_MAX_ROWS) new tokens x (n, D) of one sequence,
+    """One Llama decoder layer over the n new tokens x (n, D) of one sequence,
     in one call: llama.py's _layers with these kernels, bit for bit; the tokens' keys and values
     are written at [start, start + n) of k_cache, v_cache (kv_heads, C, hd)."""
     return torch.ops.outrider.decoder_layer(

@@ -201,10 +201,8 @@ def sdpa_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: int, heads: 
 
 def kernel_attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: int, heads: int, mask: Tensor | None,
                   is_causal: bool) -> Tensor:
-    """sdpa_attend through outrider's kernel up to kernel_lib.ATTEND_MAX_ROWS new tokens (its None
-    mask is causal from `start`, which covers both of SDPA's maskless cases)."""
-    if q.shape[0] > kernel_lib.ATTEND_MAX_ROWS:
-        return sdpa_attend(q, k_cache, v_cache, start, heads, mask, is_causal)
+    """sdpa_attend through outrider's kernel (its None mask is causal from `start`, which covers
+    both of SDPA's maskless cases)."""
     return kernel_lib.attend(q, k_cache, v_cache, start, heads, None if mask is None else mask.contiguous())
 
 
@@ -537,30 +535,14 @@ class NativeLlama:
         (m = n when num_logits is None; 0 skips the output layer). Without attn_mask the new tokens
         are causal.
 
-        Where whole layers run as outrider's kernels, a causal forward of more than ATTEND_MAX_ROWS
-        tokens (a prefill) goes through in chunks of that many: every token's states are then
-        computed by the same instructions however the prompt is split (a prompt fed whole, or
-        partly reused from the cache and partly fed), so reusing a prefix changes no bit."""
-        chunk = kernel_lib.ATTEND_MAX_ROWS
-        n = ids.shape[0]
-        if not (self._fused_layers and n > chunk and attn_mask is None and positions is None):
-            logits = self.forward_rows([RowForward(0, ids, num_logits, attn_mask, positions)])[0]
-            if self._capture:
-                self.hidden = self.row_hidden[0]
-            return logits
-        m = n if num_logits is None else num_logits
-        if not 0 <= m <= n:
-            raise ValueError(f"num_logits={num_logits} must lie in [0, {n}] (the number of new tokens)")
-        parts, hidden = [], []
-        for a in range(0, n, chunk):
-            b = min(n, a + chunk)
-            parts.append(self.forward_rows([RowForward(0, ids[a:b], max(0, min(b - a, b - (n - m))))])[0])
-            if self._capture:
-                hidden.append(self.row_hidden[0])
+        Where outrider's kernels run, every op computes a token's outputs by the same instructions
+        whatever the number of tokens in the forward (models/kernels.py), so a prompt fed whole, or
+        partly reused from the cache and partly fed, gets the same bits: reusing a prefix changes
+        none."""
+        logits = self.forward_rows([RowForward(0, ids, num_logits, attn_mask, positions)])[0]
         if self._capture:
-            self.hidden = torch.cat(hidden, dim=1)
-            self.row_hidden = [self.hidden]
-        return torch.cat(parts)
+            self.hidden = self.row_hidden[0]
+        return logits
 
     @torch.inference_mode()
     def forward_rows(self, rows: Sequence[RowForward]) -> list[Tensor]:
@@ -604,7 +586,7 @@ class NativeLlama:
                 mask = None  # one token sees everything before it
             elif start == 0:
                 mask, is_causal = None, True  # SDPA's causal mask is top-left aligned: right only when L == S
-            elif self.kernels and n <= kernel_lib.ATTEND_MAX_ROWS:
+            elif self.kernels:
                 mask = None  # the kernel's maskless attention is causal from `start` (bottom-right)
             else:
                 mask = self._arange[:end] <= self._arange[start:end, None]  # (n, end) bottom-right causal
@@ -684,8 +666,8 @@ class NativeLlama:
         another; each row writes its keys and values at [start, start + n) of its slot."""
         N = x.shape[0]
         H, Hkv, hd, eps, linear = self.n_heads, self.n_kv_heads, self.head_dim, self.eps, self._linear
-        if len(plans) == 1 and self._fused_layers and N <= kernel_lib.ATTEND_MAX_ROWS:
-            # One sequence's decode, verify or tree step: each layer is one call of outrider's kernels
+        if len(plans) == 1 and self._fused_layers:
+            # One sequence's prefill, decode, verify or tree step: each layer is one call of outrider's kernels
             # (the same ops as below, bit for bit, without their per-op dispatches).
             plan = plans[0]
             cos, sin = cos.contiguous(), sin.contiguous()
