@@ -21,6 +21,9 @@ from pathlib import Path
 import torch
 
 
+POSITION_BUCKETS = (128, 1024)  # bucket width; the last bucket starts here
+
+
 def main() -> None:
     from outrider.bench.datasets import load_spec_bench, render_prompt
     from outrider.drafters.eagle import EagleHead
@@ -48,6 +51,9 @@ def main() -> None:
     if not answers:
         raise SystemExit(f"{args.run}/results.jsonl has no autoregressive records: run the bench first")
     agree: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    # By the drafted token's position in its sequence: a head trained on short rows may not carry
+    # to the long prompts of summarization and RAG (positions it never saw).
+    by_position: dict[int, list[int]] = collections.defaultdict(lambda: [0, 0])
     for (qid, turn), rec in sorted(answers.items()):
         q = questions[qid]
         ids = render_prompt(tokenizer, q, turn, [answers[(qid, t)]["output_text"] for t in range(turn)])
@@ -63,12 +69,24 @@ def main() -> None:
         first = len(ids) - 1  # pairs from here on draft an answer token (pair j drafts token j + 2)
         counts[0] += int((hits[0] & in_reduced)[first : seq.shape[1] - 2].sum())
         counts[1] += seq.shape[1] - 2 - first
+        agreed = hits[0] & in_reduced
+        for j in range(first, seq.shape[1] - 2):
+            bucket = by_position[min(j + 2, POSITION_BUCKETS[-1]) // POSITION_BUCKETS[0]]
+            bucket[0] += int(agreed[j])
+            bucket[1] += 1
     total = [sum(c[0] for c in agree.values()), sum(c[1] for c in agree.values())]
     print("| category | answer tokens | head's first draft = target's argmax |")
     print("|---|---:|---:|")
     for category, (right, n) in sorted(agree.items()):
         print(f"| {category} | {n} | {right / max(n, 1):.3f} |")
     print(f"| overall | {total[1]} | {total[0] / max(total[1], 1):.3f} |")
+    print()
+    print("| drafted token's position | answer tokens | head's first draft = target's argmax |")
+    print("|---|---:|---:|")
+    step = POSITION_BUCKETS[0]
+    for b, (right, n) in sorted(by_position.items()):
+        span = f"{b * step}-{(b + 1) * step - 1}" if b * step < POSITION_BUCKETS[-1] else f">= {b * step}"
+        print(f"| {span} | {n} | {right / max(n, 1):.3f} |")
 
 
 if __name__ == "__main__":

@@ -239,6 +239,46 @@ def test_a_rerun_with_more_prompts_extends_the_data_and_keeps_the_head(tmp_path,
 
 
 
+def test_a_warm_start_carries_the_head_and_refuses_another_targets(tmp_path, tokenizer):
+    """--init starts from a trained head: its layers and reduced vocabulary carry over (the recipe's
+    draft_vocab is not used), the report names it; a head of another target is refused by name."""
+    from dataclasses import replace
+
+    from outrider.drafters.eagle import EagleHead
+    from outrider.models import load_transformers_model
+    from outrider.train.eagle import warm_head
+
+    recipe = replace(tiny_recipe(tmp_path, tokenizer, 2, "def h{i}(y):\n    return y - {i}", "head", 8, 8),
+                     prompts=12, draft_vocab=16, minutes=0.02)
+    train_eagle(recipe)
+    first = EagleHead.load(tmp_path / "head", dtype=torch.float32)
+    embed = load_transformers_model(tmp_path / "target", torch.float32).get_input_embeddings().weight.detach()
+    warm = warm_head(str(tmp_path / "head"), embed, "t")
+    assert all(torch.equal(a, b) for a, b in zip(warm.state_dict().values(), first.state_dict().values()))
+    report = train_eagle(replace(recipe, out=str(tmp_path / "warm"), init=str(tmp_path / "head"), draft_vocab=32))
+    assert report["init"] == str(tmp_path / "head") and report["draft_vocab"] == 16
+    assert torch.equal(EagleHead.load(tmp_path / "warm").d2t, first.d2t)
+
+    other = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=2, seed=7)
+    with pytest.raises(ValueError, match="is a head for target .* not for 'other'"):
+        warm_head(str(tmp_path / "head"), other.get_input_embeddings().weight.detach(), "other")
+    with pytest.raises(ValueError, match="is not an EAGLE head folder"):
+        replace(recipe, init=str(tmp_path)).check()
+
+
+def test_long_requests_carry_passages_and_keep_the_split():
+    from outrider.train.instructions import LONG_PASSAGE, make_long_instructions, read_sources
+
+    train, held = make_long_instructions(40, False, 0), make_long_instructions(10, True, 0)
+    assert train == make_long_instructions(40, False, 0) and train != make_long_instructions(40, False, 1)
+    assert len(set(train)) > 30  # passages differ, not one text 40 times
+    assert all(len(r) > LONG_PASSAGE[0] // 3 for r in train + held)
+    held_paragraphs = {p for paras in read_sources(True) for p in paras if len(p) > 200}
+    assert held_paragraphs and not any(p in r for p in held_paragraphs for r in train)
+    with pytest.raises(ValueError, match="self_requests \\+ long_requests = 1.2 is over 1"):
+        EagleRecipe(target="t", out="o", self_requests=0.6, long_requests=0.6).check()
+
+
 def test_generation_stopped_midway_resumes_from_its_last_chunk(tmp_path, tokenizer, monkeypatch):
     """Self-distillation saves every chunk: a run stopped while generating keeps what it wrote, and
     the rerun generates only the rest."""

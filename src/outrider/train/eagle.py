@@ -58,6 +58,12 @@ class EagleRecipe:
     # Chat targets: the share of requests the target writes itself (Magpie). They are as varied as
     # its tuning data, where the offline templates are not; each costs a short generation.
     self_requests: float = 0.5
+    # Chat targets: the share of requests carrying a long passage (summarize, answer from, extract):
+    # they need prompt_len ~1024. 0 keeps the short requests alone.
+    long_requests: float = 0.0
+    # A head folder to start from (warm start): its weights, layers and reduced vocabulary carry
+    # over, so a run adds data or training to a head instead of starting over. None: a new head.
+    init: str | None = None
 
     def check(self) -> None:
         for name in ("prompts", "heldout_prompts", "prompt_len", "gen_len", "draft_vocab", "unroll", "batch_size",
@@ -65,15 +71,24 @@ class EagleRecipe:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid: use an integer >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} is invalid: use a positive learning rate")
         if not self.minutes > 0:
             raise ValueError(f"minutes={self.minutes!r} is invalid: use a positive number of minutes")
         from outrider.models import parse_dtype
 
         parse_dtype(self.dtype)  # names the bad value before any work
-        if not 0.0 <= self.self_requests <= 1.0:
-            raise ValueError(f"self_requests={self.self_requests!r} is invalid: use a share between 0 and 1")
+        for name in ("self_requests", "long_requests"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: use a share between 0 and 1")
+        if self.self_requests + self.long_requests > 1.0:
+            raise ValueError(f"self_requests + long_requests = {self.self_requests + self.long_requests:g} is over 1: "
+                             "lower one of them (the rest of the requests come from the templates)")
         if not self.cache_gb >= 0:
             raise ValueError(f"cache_gb={self.cache_gb!r} is invalid: use a number of GB >= 0 (0: no cache)")
+        if self.init is not None and not (Path(self.init) / "eagle_config.json").is_file():
+            raise ValueError(f"init={self.init!r} is not an EAGLE head folder (no eagle_config.json): pass a "
+                             "folder written by `outrider train drafter --method eagle`")
 
 
 def unroll_mask(T: int, s: int, device: torch.device) -> torch.Tensor:
@@ -150,6 +165,20 @@ class IndexSampler:
 
     def next_batch(self) -> torch.Tensor:
         return torch.randint(0, self.rows, (self.batch_size,), generator=self.generator)
+
+
+class LengthGroupedSampler(IndexSampler):
+    """Seeded batches of rows of similar length: a random window of rows in length order. A batch
+    costs its longest row's width (the rest is padding), so mixing 1,000-token rows (long
+    requests) with 300-token ones would spend about half of every step on padding."""
+
+    def __init__(self, lengths: torch.Tensor, batch_size: int, seed: int) -> None:
+        super().__init__(int(lengths.shape[0]), batch_size, seed)
+        self.order = torch.argsort(lengths, stable=True)
+
+    def next_batch(self) -> torch.Tensor:
+        start = int(torch.randint(0, max(1, self.rows - self.batch_size + 1), (1,), generator=self.generator))
+        return self.order[start : start + self.batch_size]
 
 
 def unrolled_losses(head: EagleHead, embed: torch.Tensor, batch: torch.Tensor, hidden: torch.Tensor,
@@ -290,6 +319,7 @@ def build_parser(parser: Any) -> Any:
     parser.add_argument("--prompt-len", type=int, default=EagleRecipe.prompt_len,
                         help="prompt tokens (code windows), or the longest chat prompt kept")
     parser.add_argument("--batch-size", type=int, default=EagleRecipe.batch_size, help="sequences per step")
+    parser.add_argument("--lr", type=float, default=EagleRecipe.lr, help="peak learning rate (lower for --init)")
     parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                         help="prompts as chat requests (default: when the target has a chat template)")
     parser.add_argument("--dtype", default=EagleRecipe.dtype,
@@ -298,7 +328,11 @@ def build_parser(parser: Any) -> Any:
                         help="RAM for the target's features, computed once (0: recompute per batch)")
     parser.add_argument("--self-requests", type=float, default=EagleRecipe.self_requests,
                         help="chat targets: share of training requests the target writes itself (0: templates only)")
+    parser.add_argument("--long-requests", type=float, default=EagleRecipe.long_requests,
+                        help="chat targets: share of training requests with a long passage (raise --prompt-len to ~1024)")
     parser.add_argument("--gen-batch", type=int, default=EagleRecipe.gen_batch, help="sequences per generation batch")
+    parser.add_argument("--init", default=None,
+                        help="eagle: a head folder to start from (its layers and vocabulary carry over)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -306,6 +340,8 @@ def build_parser(parser: Any) -> Any:
 
 
 def run_from_args(args: Any) -> int:
+    if args.init is not None and args.method != "eagle":
+        raise ValueError(f"--init {args.init!r} starts an EAGLE head: it does not apply to --method {args.method}")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads {args.threads} is invalid: use an integer >= 1")
@@ -314,7 +350,8 @@ def run_from_args(args: Any) -> int:
                          prompts_file=args.prompts_file, gen_len=args.gen_len, draft_vocab=args.draft_vocab,
                          unroll=args.unroll, seed=args.seed, prompt_len=args.prompt_len, batch_size=args.batch_size,
                          chat=args.chat, dtype=args.dtype, cache_gb=args.cache_gb,
-                         self_requests=args.self_requests, gen_batch=args.gen_batch)
+                         self_requests=args.self_requests, gen_batch=args.gen_batch, init=args.init,
+                         long_requests=args.long_requests, lr=args.lr)
     from outrider.models import resolve_device
 
     device = resolve_device(args.device)
@@ -330,20 +367,35 @@ def run_from_args(args: Any) -> int:
     return 0
 
 
+def warm_head(path: str, embed: torch.Tensor, target_name: str) -> EagleHead:
+    """The head in `path` as a float32 starting point for training on this target; refused, naming
+    both, when it was trained for another target (its embeddings differ)."""
+    from outrider.drafters.heads import fingerprint
+
+    head = EagleHead.load(path, dtype=torch.float32)
+    if head.cfg.target_fingerprint != fingerprint(embed):
+        raise ValueError(f"--init {path!r} is a head for target {head.cfg.target!r}, not for {target_name!r} "
+                         "(their embeddings differ): start from a head trained for this target, or without --init")
+    return head
+
+
 def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict[str, Any]:
     """Run the recipe end to end (resuming a stopped run in recipe.out); returns the report."""
     device = device or torch.device("cpu")
     run = start_run(recipe, device)
     target, embed, data, d2t, out = run.target, run.embed, run.data, run.d2t, run.out
-    layers = default_layers(target.config.num_hidden_layers)
+    if recipe.init is not None:
+        head = warm_head(recipe.init, embed, str(recipe.target)).to(device)
+        layers, d2t = head.cfg.target_layers, head.d2t.long().cpu()
+    else:
+        layers = default_layers(target.config.num_hidden_layers)
+        head = new_head(target.config, embed, str(recipe.target), d2t, layers, seed=recipe.seed).to(device)
     held = data["heldout"]
     coverage = float(torch.isin(held[held >= 0], d2t).float().mean())
-
-    head = new_head(target.config, embed, str(recipe.target), d2t, layers, seed=recipe.seed).to(device)
     settings = head_settings(recipe, data)
     seq_len = settings.seq_len
     features = Features(target, data["train"].to(device), layers, d2t.to(device), recipe.cache_gb)
-    sampler = IndexSampler(data["train"].shape[0], recipe.batch_size, recipe.seed)
+    sampler = LengthGroupedSampler((data["train"] >= 0).sum(1), recipe.batch_size, recipe.seed)
     result: LoopResult = train(head, make_loss(features, embed.float(), recipe.unroll), sampler, settings,
                                Budget(tokens=None, minutes=recipe.minutes), run.work / "head.ckpt", device, "eagle")
     starts = data.get("heldout_starts")
@@ -361,13 +413,16 @@ def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict
             "train_sequences": int(data["train"].shape[0]), "heldout_sequences": int(data["heldout"].shape[0]),
             "tokens_per_sequence": seq_len, "generate_s": round(float(data["generate_s"]), 1),
             "source": recipe.prompts_file or (f"chat requests, {recipe.self_requests:.0%} written by the target "
-                                              "itself, the rest made from Python standard library docstrings "
-                                              "(train files; held-out files for evaluation)"
+                                              f"itself, {recipe.long_requests:.0%} carrying a long passage "
+                                              "(pydoc_data topics, module docstrings), the rest made from Python "
+                                              "standard library docstrings (train files; held-out files for "
+                                              "evaluation)"
                                               if uses_chat(run.tokenizer, recipe)
                                               else "Python standard library (train files; held-out files for evaluation)"),
             "features_cached": features.cached,
         },
         "draft_vocab": int(d2t.shape[0]),
+        "init": recipe.init,  # the head this run started from (None: a new head)
         "heldout_coverage": round(coverage, 4),
         "parameters": sum(p.numel() for p in head.parameters()),
         "size_mb": round(size_mb, 2),

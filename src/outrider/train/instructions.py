@@ -5,6 +5,11 @@ the requests come from the Python standard library's own docstrings (read with `
 imported) set into templates of the kinds users send: code, explanations, summaries, lists,
 translations, arithmetic, general questions. Files are split by the corpus' stable hash, so
 held-out instructions come from files that training never saw. Spec-Bench stays a test set.
+
+Long requests (`make_long_instructions`) carry a passage of 1,200-3,600 characters (300-900 tokens):
+the reference topics of `pydoc_data` and long module docstrings, to summarize, answer questions on,
+extract from or rewrite. Summaries, retrieval answers and extraction quote their prompt, far into
+it: a head trained only on short prompts never attends that far.
 """
 
 from __future__ import annotations
@@ -65,6 +70,71 @@ def read_docs(heldout: bool) -> Docs:
                 if 20 <= len(line) <= 120 and line[0].isupper() and line.endswith("."):
                     functions.append((f"{module}.{node.name}", line))
     return Docs(functions, paragraphs)
+
+
+LONG_PASSAGE = (1200, 3600)  # characters of a long request's passage
+
+
+@functools.cache
+def read_sources(heldout: bool) -> list[list[str]]:
+    """Long texts as lists of paragraphs: the pydoc_data reference topics (split by topic name's
+    hash) and module docstrings of at least LONG_PASSAGE[0] characters (by file)."""
+    texts: list[str] = []
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # a Python built without its docs data: module docstrings alone
+        topics = {}
+    for name in sorted(topics):
+        if is_heldout(f"pydoc_data/{name}", HELDOUT_FRACTION) == heldout:
+            texts.append(topics[name])
+    root = stdlib_root()
+    for path in list_files(root):
+        rel = path.relative_to(root).as_posix()
+        if is_heldout(rel, HELDOUT_FRACTION) != heldout or "test" in rel or rel.startswith("idlelib"):
+            continue
+        try:
+            texts.append(ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "")
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+    sources = [[p.strip() for p in text.split("\n\n") if p.strip()] for text in texts]
+    return [paras for paras in sources if sum(len(p) for p in paras) >= LONG_PASSAGE[0]]
+
+
+def passage(rng: random.Random, sources: list[list[str]]) -> str:
+    """Consecutive paragraphs of one source from a random one on, until a random length in
+    LONG_PASSAGE is reached (cut at a paragraph; at most LONG_PASSAGE[1] characters)."""
+    lo, hi = LONG_PASSAGE
+    paras = rng.choice(sources)
+    want = rng.randint(lo, hi)
+    start = rng.randrange(len(paras))
+    text = ""
+    for para in paras[start:] + paras[:start]:  # wrap around: a late start still reaches the length
+        if text and len(text) + len(para) > hi:
+            break
+        text = f"{text}\n\n{para}" if text else para[:hi]
+        if len(text) >= want:
+            break
+    return text
+
+
+def make_long_instructions(n: int, heldout: bool, seed: int) -> list[str]:
+    """n requests carrying a long passage (seeded; held-out ones from other topics and files)."""
+    sources = read_sources(heldout)
+    if not sources:
+        raise ValueError("this Python has no long docs (pydoc_data, module docstrings) to build long requests from")
+    rng = random.Random(f"long-{seed}-{heldout}")
+    kinds = [
+        lambda p: "Summarize the following text in {} sentences:\n\n{}".format(rng.choice(("two", "three", "four")), p),
+        lambda p: "{}\n\nWhat is the main point of the text above? Answer briefly.".format(p),
+        lambda p: "Read the document and answer the question.\n\nDocument: {}\n\nQuestion: {}".format(
+            p, rng.choice(("What does the document explain?", "Which terms does the document define?",
+                           "What should a programmer be careful about, according to the document?",
+                           "Give an example of what the document describes."))),
+        lambda p: "Extract the key terms from this document as a bulleted list:\n\n" + p,
+        lambda p: "Rewrite the following text in plain language for a beginner:\n\n" + p,
+        lambda p: "{}\n\nWrite three questions a student might ask about this text, with their answers.".format(p),
+    ]
+    return [rng.choice(kinds)(passage(rng, sources)) for _ in range(n)]
 
 
 def _lower_first(text: str) -> str:

@@ -106,8 +106,9 @@ class SeededSampler:
 
 def chat_requests(tokenizer: Any, recipe: Any, heldout: bool, n: int, seed: int, target: Any = None) -> list[list[int]]:
     """n chat prompts of at most recipe.prompt_len tokens: a `self_requests` share written by the
-    target itself (train/selfrequests.py; when a target is given), the rest from the offline
-    templates (train/instructions.py), in a seeded order. The held-out set uses another seed
+    target itself (train/selfrequests.py; when a target is given), a `long_requests` share carrying
+    a long passage (those that fit prompt_len), the rest from the offline templates
+    (train/instructions.py), in a seeded order. The held-out set uses another seed
     stream (and the templates' held-out stdlib files)."""
     from outrider.train.instructions import make_instructions
 
@@ -121,7 +122,14 @@ def chat_requests(tokenizer: Any, recipe: Any, heldout: bool, n: int, seed: int,
 
         own = fitting(target_requests(target, tokenizer, wanted, 2 * seed + int(heldout),
                                       eos_ids_of(target, tokenizer), batch=recipe.gen_batch))
-    rows = own + fitting(make_instructions(2 * (n - len(own)), heldout, seed))[: n - len(own)]
+    long: list[list[int]] = []
+    wanted_long = round(n * getattr(recipe, "long_requests", 0.0))
+    if wanted_long:
+        from outrider.train.instructions import make_long_instructions
+
+        long = fitting(make_long_instructions(2 * wanted_long, heldout, seed))[:wanted_long]
+    rest = n - len(own) - len(long)
+    rows = own + long + fitting(make_instructions(2 * rest, heldout, seed))[:rest]
     return [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
 
 
