@@ -266,6 +266,23 @@ def test_a_warm_start_carries_the_head_and_refuses_another_targets(tmp_path, tok
         replace(recipe, init=str(tmp_path)).check()
 
 
+def test_batches_group_rows_of_similar_length():
+    """A batch costs its longest row: batches are windows of rows in length order, seeded."""
+    from outrider.train.eagle import LengthGroupedSampler
+
+    lengths = torch.tensor([900, 10, 500, 20, 880, 30, 510, 15])
+    ordered = lengths.sort().values.tolist()
+    windows = [ordered[i : i + 3] for i in range(len(ordered) - 2)]
+    a, b = LengthGroupedSampler(lengths, 3, 0), LengthGroupedSampler(lengths, 3, 0)
+    seen = set()
+    for _ in range(60):
+        batch = a.next_batch()
+        assert torch.equal(batch, b.next_batch())  # seeded
+        assert lengths[batch].sort().values.tolist() in windows  # neighbours in length order
+        seen.update(batch.tolist())
+    assert seen == set(range(8))  # every row is drawn
+
+
 def test_long_requests_carry_passages_and_keep_the_split():
     from outrider.train.instructions import LONG_PASSAGE, make_long_instructions, read_sources
 
