@@ -67,12 +67,12 @@ def main() -> None:
             in_reduced = head.d2t[logits[0, 1:, head.d2t].float().argmax(-1)] == top
         counts = agree[q.category]
         first = len(ids) - 1  # pairs from here on draft an answer token (pair j drafts token j + 2)
-        counts[0] += int((hits[0] & in_reduced)[first : seq.shape[1] - 2].sum())
-        counts[1] += seq.shape[1] - 2 - first
-        agreed = hits[0] & in_reduced
-        for j in range(first, seq.shape[1] - 2):
-            bucket = by_position[min(j + 2, POSITION_BUCKETS[-1]) // POSITION_BUCKETS[0]]
-            bucket[0] += int(agreed[j])
+        agreed = (hits[0] & in_reduced)[first : seq.shape[1] - 2]
+        counts[0] += int(agreed.sum())
+        counts[1] += int(agreed.shape[0])
+        for at, ok in enumerate(agreed.tolist(), start=first + 2):  # the drafted token's position
+            bucket = by_position[min(at, POSITION_BUCKETS[-1]) // POSITION_BUCKETS[0]]
+            bucket[0] += ok
             bucket[1] += 1
     total = [sum(c[0] for c in agree.values()), sum(c[1] for c in agree.values())]
     print("| category | answer tokens | head's first draft = target's argmax |")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, empty_draft, register
-from outrider.drafters.heads import fingerprint, load_head, save_head, target_embedding
+from outrider.drafters.heads import fingerprint, load_head, refuse_other_target, save_head, target_embedding
 from outrider.sampling import probs_from_logits, sample
 
 CONFIG_NAME = "eagle_config.json"
@@ -200,8 +200,8 @@ class EagleRunner:
             self._w = [kernel_lib.pack_linear(w) for w in weights]
             self._linear = lambda x, w: kernel_lib.linear(x, w, None)
             self._w_few, self._linear_few = self._w, self._linear
-            # A pass of one row's pairs (every drafting pass, and a prompt's read) runs the head's layer as one
-            # kernel call (kernels.decoder_layer), as the target's layers do: the ~20 small ops
+            # A pass of one row's pairs (every drafting pass, and a prompt's read) runs the head's
+            # layer as one kernel call (kernels.decoder_layer), as the target's layers do: the ~20 small ops
             # between the matmuls cost as much as the matmuls at one pair.
             self._fused = True
             self._norms = [p.detach().contiguous() for p in (head.attn_norm, head.mlp_norm, head.norm)]
@@ -229,8 +229,8 @@ class EagleRunner:
         return self._cos[f.positions], self._sin[f.positions]
 
     def _run_fused(self, f: PairFeed) -> tuple[Tensor, Tensor | None]:
-        """run_rows for one row, with outrider's kernels: the same
-        layer, its attention and norms computed by the kernels (models/kernels.py)."""
+        """run_rows for one row, with outrider's kernels: the same layer, its attention and norms
+        computed by the kernels (models/kernels.py)."""
         from outrider.models import kernels as kernel_lib
 
         cfg = self.head.cfg
@@ -371,12 +371,8 @@ class EagleDrafter:
         model = ctx.target.model
         embed = target_embedding(model)
         head = EagleHead.load(ctx.draft_path, dtype=embed.dtype, device=embed.device)
-        if head.cfg.target_fingerprint != fingerprint(embed):
-            raise ValueError(
-                f"the EAGLE head in {str(ctx.draft_path)!r} was trained for target {head.cfg.target!r}, not for "
-                f"{ctx.target.name!r} (their embeddings differ): train a head for this target with "
-                "`outrider train drafter`"
-            )
+        refuse_other_target(head.cfg, embed, f"the EAGLE head in {str(ctx.draft_path)!r} was trained",
+                            ctx.target.name, "train a head for this target with `outrider train drafter`")
         width = ctx.width or 1
         return cls(head, embed, model.vocab_size, k=ctx.k or cls.default_k * width, width=width)
 

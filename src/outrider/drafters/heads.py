@@ -19,6 +19,14 @@ def fingerprint(embed: Tensor) -> str:
     return f"{embed.shape[0]}x{embed.shape[1]}:{float(rows.abs().sum()):.4e}:{float(rows.sum()):.4e}"
 
 
+def refuse_other_target(cfg: Any, embed: Tensor, subject: str, target_name: str, fix: str) -> None:
+    """Raise, naming both targets, when a head's config (cfg.target, cfg.target_fingerprint) was
+    trained for another target than the one whose embeddings are `embed`. subject: what the head
+    is and where ("the EAGLE head in 'DIR' was trained"); fix: what to do instead."""
+    if cfg.target_fingerprint != fingerprint(embed):
+        raise ValueError(f"{subject} for target {cfg.target!r}, not for {target_name!r} (their embeddings differ): {fix}")
+
+
 def target_embedding(model: object) -> Tensor:
     """The (V, D_t) token embedding of a backend (native or transformers)."""
     embed = getattr(model, "embed", None)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, empty_draft, register
-from outrider.drafters.heads import fingerprint, load_head, save_head, target_embedding
+from outrider.drafters.heads import fingerprint, load_head, refuse_other_target, save_head, target_embedding
 
 CONFIG_NAME = "medusa_config.json"
 
@@ -132,11 +132,8 @@ class MedusaDrafter:
             raise ValueError("method 'medusa' needs heads: pass draft=<folder written by `outrider train drafter`>")
         embed = target_embedding(ctx.target.model)
         heads = MedusaHeads.load(ctx.draft_path, dtype=embed.dtype, device=embed.device)
-        if heads.cfg.target_fingerprint != fingerprint(embed):
-            raise ValueError(
-                f"the Medusa heads in {str(ctx.draft_path)!r} were trained for target {heads.cfg.target!r}, not for "
-                f"{ctx.target.name!r} (their embeddings differ): train heads for this target"
-            )
+        refuse_other_target(heads.cfg, embed, f"the Medusa heads in {str(ctx.draft_path)!r} were trained",
+                            ctx.target.name, "train heads for this target")
         return cls(heads, ctx.target.model.vocab_size, k=ctx.k or cls.default_k)
 
     def begin(self, prompt: Tensor) -> None:

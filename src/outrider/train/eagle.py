@@ -155,25 +155,16 @@ class Features:
         else:
             hidden, final = self._states(batch)
         return batch, hidden, final.float() @ self.out_rows.T
-class IndexSampler:
-    """Seeded random row indices (B,): the training loop's sampler interface over Features."""
-
-    def __init__(self, rows: int, batch_size: int, seed: int) -> None:
-        self.rows = rows
-        self.batch_size = batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next_batch(self) -> torch.Tensor:
-        return torch.randint(0, self.rows, (self.batch_size,), generator=self.generator)
-
-
-class LengthGroupedSampler(IndexSampler):
-    """Seeded batches of rows of similar length: a random window of rows in length order. A batch
-    costs its longest row's width (the rest is padding), so mixing 1,000-token rows (long
-    requests) with 300-token ones would spend about half of every step on padding."""
+class LengthGroupedSampler:
+    """Seeded batches of row indices (B,) of similar length, the training loop's sampler interface
+    over Features: a random window of rows in length order. A batch costs its longest row's width
+    (the rest is padding), so mixing 1,000-token rows (long requests) with 300-token ones would
+    spend about half of every step on padding."""
 
     def __init__(self, lengths: torch.Tensor, batch_size: int, seed: int) -> None:
-        super().__init__(int(lengths.shape[0]), batch_size, seed)
+        self.rows = int(lengths.shape[0])
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
         self.order = torch.argsort(lengths, stable=True)
 
     def next_batch(self) -> torch.Tensor:
@@ -370,12 +361,11 @@ def run_from_args(args: Any) -> int:
 def warm_head(path: str, embed: torch.Tensor, target_name: str) -> EagleHead:
     """The head in `path` as a float32 starting point for training on this target; refused, naming
     both, when it was trained for another target (its embeddings differ)."""
-    from outrider.drafters.heads import fingerprint
+    from outrider.drafters.heads import refuse_other_target
 
     head = EagleHead.load(path, dtype=torch.float32)
-    if head.cfg.target_fingerprint != fingerprint(embed):
-        raise ValueError(f"--init {path!r} is a head for target {head.cfg.target!r}, not for {target_name!r} "
-                         "(their embeddings differ): start from a head trained for this target, or without --init")
+    refuse_other_target(head.cfg, embed, f"--init {path!r} is a head", target_name,
+                        "start from a head trained for this target, or without --init")
     return head
 
 

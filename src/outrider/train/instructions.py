@@ -46,6 +46,7 @@ class Docs:
 
     functions: list[tuple[str, str]]  # (qualified name, first docstring line)
     paragraphs: list[str]
+    modules: list[str]  # whole module docstrings (the long requests' passages)
 
 
 @functools.cache  # parses every stdlib file: once per process (train and held-out sets both ask)
@@ -53,6 +54,7 @@ def read_docs(heldout: bool) -> Docs:
     root = stdlib_root()
     functions: list[tuple[str, str]] = []
     paragraphs: list[str] = []
+    modules: list[str] = []
     for path in list_files(root):
         rel = path.relative_to(root).as_posix()
         if is_heldout(rel, HELDOUT_FRACTION) != heldout or "test" in rel or rel.startswith("idlelib"):
@@ -63,13 +65,14 @@ def read_docs(heldout: bool) -> Docs:
             continue  # a few stdlib files are templates or in other encodings: skip them
         module = rel[:-3].replace("/", ".").removesuffix(".__init__")
         doc = ast.get_docstring(tree) or ""
+        modules.append(doc)
         paragraphs += [p.strip() for p in doc.split("\n\n") if 200 <= len(p.strip()) <= 900 and "  " not in p]
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
                 line = (ast.get_docstring(node) or "").strip().split("\n")[0].strip()
                 if 20 <= len(line) <= 120 and line[0].isupper() and line.endswith("."):
                     functions.append((f"{module}.{node.name}", line))
-    return Docs(functions, paragraphs)
+    return Docs(functions, paragraphs, modules)
 
 
 LONG_PASSAGE = (1200, 3600)  # characters of a long request's passage
@@ -79,23 +82,12 @@ LONG_PASSAGE = (1200, 3600)  # characters of a long request's passage
 def read_sources(heldout: bool) -> list[list[str]]:
     """Long texts as lists of paragraphs: the pydoc_data reference topics (split by topic name's
     hash) and module docstrings of at least LONG_PASSAGE[0] characters (by file)."""
-    texts: list[str] = []
     try:
         from pydoc_data.topics import topics
     except ImportError:  # a Python built without its docs data: module docstrings alone
         topics = {}
-    for name in sorted(topics):
-        if is_heldout(f"pydoc_data/{name}", HELDOUT_FRACTION) == heldout:
-            texts.append(topics[name])
-    root = stdlib_root()
-    for path in list_files(root):
-        rel = path.relative_to(root).as_posix()
-        if is_heldout(rel, HELDOUT_FRACTION) != heldout or "test" in rel or rel.startswith("idlelib"):
-            continue
-        try:
-            texts.append(ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or "")
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
+    texts = [topics[name] for name in sorted(topics) if is_heldout(f"pydoc_data/{name}", HELDOUT_FRACTION) == heldout]
+    texts += read_docs(heldout).modules
     sources = [[p.strip() for p in text.split("\n\n") if p.strip()] for text in texts]
     return [paras for paras in sources if sum(len(p) for p in paras) >= LONG_PASSAGE[0]]
 

@@ -123,7 +123,7 @@ def chat_requests(tokenizer: Any, recipe: Any, heldout: bool, n: int, seed: int,
         own = fitting(target_requests(target, tokenizer, wanted, 2 * seed + int(heldout),
                                       eos_ids_of(target, tokenizer), batch=recipe.gen_batch))
     long: list[list[int]] = []
-    wanted_long = round(n * getattr(recipe, "long_requests", 0.0))
+    wanted_long = round(n * recipe.long_requests)
     if wanted_long:
         from outrider.train.instructions import make_long_instructions
 
