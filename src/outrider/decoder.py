@@ -331,7 +331,11 @@ class SpeculativeDecoder:
         if width is not None:
             _check_positive("width", width)
         uses_head = getattr(cls_, "uses_head", False)
-        if draft is not None and not cls_.uses_draft_model and not uses_head:
+        # A drafter that may read a datastore (suffix) takes draft= as one: a file or head folder.
+        reads_datastore = getattr(cls_, "reads_datastore", False) and draft is not None
+        if reads_datastore and not isinstance(draft, (str, Path)):
+            raise ValueError(f"method {method!r} reads draft= as a datastore file or head folder, got {draft!r}")
+        if draft is not None and not cls_.uses_draft_model and not uses_head and not reads_datastore:
             raise ValueError(
                 f"method {method!r} uses no draft model, but draft={draft!r} was given: drop the "
                 "draft or use method='draft_model'"
@@ -366,7 +370,7 @@ class SpeculativeDecoder:
                 tokenizer=draft_tokenizer if draft_tokenizer is not None else tokenizer,
             )
             _check_same_vocabulary(loaded_target, loaded_draft)
-        head_path = Path(draft).expanduser() if uses_head else None
+        head_path = Path(draft).expanduser() if uses_head or reads_datastore else None
         drafter = cls_.build(BuildContext(loaded_target, loaded_draft, k, width, head_path))
         k = k or getattr(drafter, "k", cls_.default_k)
         adaptive = None

@@ -20,6 +20,7 @@ from typing import Callable, ClassVar
 from torch import Tensor
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, register
+from outrider.drafters.datastore import datastore_in
 from outrider.drafters.eagle import EagleDrafter
 from outrider.drafters.suffix import SuffixDrafter
 
@@ -43,7 +44,9 @@ class HeadWithSuffix:
 
     @classmethod
     def build(cls, ctx: BuildContext) -> HeadWithSuffix:
-        suffix = SuffixDrafter.build(BuildContext(ctx.target, None, None))  # its own tree size and depth
+        # Its own tree size and depth; the head folder's datastore (the target's answers of the
+        # head's training run), when it has one.
+        suffix = SuffixDrafter.for_target(BuildContext(ctx.target, None, None), datastore_in(ctx.draft_path))
         return cls(EagleDrafter.build(ctx), suffix)
 
     def begin(self, prompt: Tensor) -> None:

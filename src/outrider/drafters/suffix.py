@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, empty_draft, register
+from outrider.drafters.datastore import Datastore, load_datastore
 
 
 class SuffixTrie:
@@ -229,9 +230,12 @@ class SuffixDrafter:
       oldest forgotten first; memory up to ~300 bytes * D per remembered token.
     max_spec_factor: tree size <= max_spec_factor * match length; short matches predict poorly.
     min_match: shortest suffix worth matching.
+    datastore: the target's answers to other requests (drafters/datastore.py), a third source
+      beside the two tries, read the same way; None: the tries alone.
     """
 
     uses_draft_model: ClassVar[bool] = False
+    reads_datastore: ClassVar[bool] = True  # draft= may name a datastore (optional)
     stops_on_confidence: ClassVar[bool] = False
     default_k: ClassVar[int] = 16  # most nodes; its own score threshold cuts (bench: 16 > 12 > 8 on code)
     batches: ClassVar[bool] = True  # model-free: a batch gives each row its own, for nothing
@@ -245,6 +249,7 @@ class SuffixDrafter:
         max_spec_factor: float = 1.0,
         min_match: int = 1,
         device: torch.device | str = "cpu",
+        datastore: Datastore | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"k={k} is invalid: propose at least 1 token per step")
@@ -269,6 +274,7 @@ class SuffixDrafter:
         self.max_depth, self.k, self.min_score = max_depth, k, min_score
         self.max_requests, self.max_spec_factor, self.min_match = max_requests, max_spec_factor, min_match
         self.device = torch.device(device)
+        self.datastore = datastore  # shared and read-only: rows of a batch hold the same one
         self._empty = empty_draft(self.device)
         self.global_trie = SuffixTrie(max_depth)
         self._remembered: deque[tuple[int, ...]] = deque()  # oldest first
@@ -276,9 +282,16 @@ class SuffixDrafter:
 
     @classmethod
     def build(cls, ctx: BuildContext) -> SuffixDrafter:
+        """ctx.draft_path, when given: a datastore (drafters/datastore.py) of the target's earlier
+        answers, a file or a head folder holding one."""
+        datastore = load_datastore(ctx.draft_path) if ctx.draft_path is not None else None
+        return cls.for_target(ctx, datastore)
+
+    @classmethod
+    def for_target(cls, ctx: BuildContext, datastore: Datastore | None) -> SuffixDrafter:
         k = ctx.k or cls.default_k
         # Room for matches of 16 tokens above a full chain of k.
-        return cls(k=k, max_depth=max(24, k + 16), device=ctx.target.model.device)
+        return cls(k=k, max_depth=max(24, k + 16), device=ctx.target.model.device, datastore=datastore)
 
     # --- sequence protocol -------------------------------------------------------------------
 
@@ -309,6 +322,14 @@ class SuffixDrafter:
             value = sum(tree[2])  # expected accepted tokens; ties keep the request trie's
             if value > best_value:
                 best, best_value = tree, value
+        store = self.datastore
+        if store is not None:  # last: on a tie the tries' own text wins
+            found_in = store.match(self._tokens, self.min_match, min(max_match, store.depth - budget))
+            if found_in is not None:
+                length, lo, hi = found_in
+                tree = store.tree(length, lo, hi, min(budget, int(self.max_spec_factor * length)), self.min_score)
+                if sum(tree[2]) > best_value:
+                    best, best_value = tree, sum(tree[2])
         if best is None:
             return self._empty, 0.0
         # (2, d): one host-to-device copy for tokens and parents

@@ -1,0 +1,160 @@
+"""The datastore (a suffix array over the target's earlier answers): its order, matches and trees
+against brute force and against the suffix trie it stands in for; the suffix drafter and
+eagle+suffix reading it, exact under greedy; its file."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from test_e2e_hf import hf_greedy as greedy
+from test_suffix import propose, substring_counts
+from outrider import SpeculativeDecoder
+from outrider.drafters.datastore import DATASTORE_NAME, SEP, Datastore, datastore_in, sorted_suffixes
+from outrider.drafters.eagle import new_head
+from outrider.drafters.heads import target_embedding
+from outrider.drafters.suffix import SuffixDrafter, SuffixTrie, best_first_tree
+from outrider.models import load_model
+
+
+def corpus(seed: int, n: int = 12, vocab: int = 5) -> list[list[int]]:
+    """Short sequences over a small vocabulary: many repeats, so trees branch."""
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(rng.randrange(1, 30))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("depth", [1, 3, 8])
+def test_suffixes_are_sorted_by_their_first_depth_tokens(depth):
+    tokens = np.array([3, 1, 3, 1, 2, SEP, 3, 1, 3, SEP, 0, 0, 0, 0], dtype=np.int64)
+    order = sorted_suffixes(tokens, depth)
+    padded = list(tokens) + [SEP] * depth
+    keys = [tuple(padded[i : i + depth]) for i in order]
+    assert sorted(order.tolist()) == list(range(len(tokens)))
+    assert keys == sorted(keys)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_match_is_the_longest_suffix_found_and_its_range_counts_it(seed):
+    seqs = corpus(seed)
+    store = Datastore.from_sequences(seqs, depth=10)
+    counts = substring_counts(seqs, 10)
+    rng = random.Random(seed)
+    for _ in range(30):
+        context = [rng.randrange(6) for _ in range(rng.randrange(1, 12))]  # token 5 is never in it
+        found = store.match(context, 1, 8)
+        lengths = [m for m in range(1, min(8, len(context)) + 1) if tuple(context[-m:]) in counts]
+        if not lengths:
+            assert found is None
+            continue
+        length, lo, hi = found
+        assert length == max(lengths)
+        assert hi - lo == counts[tuple(context[-length:])]
+    assert store.match([0, 1], 3, 8) is None  # shorter than min_len
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_trees_equal_the_suffix_tries(seed):
+    """The datastore stands in for a suffix trie holding the same sequences: every tree it grows
+    (all nodes over the score threshold) is the trie's, node for node, score for score."""
+    depth = 12
+    seqs = corpus(seed)
+    store = Datastore.from_sequences(seqs, depth=depth)
+    trie = SuffixTrie(depth)
+    for s in seqs:
+        trie.insert(s)
+    rng = random.Random(100 + seed)
+    for _ in range(20):
+        context = [rng.randrange(5) for _ in range(rng.randrange(1, 6))]
+        found = store.match(context, 1, 5)
+        if found is None:
+            continue
+        length, lo, hi = found
+        node = trie.find(context[-length:])
+        assert node is not None
+        size = 10_000  # every node over the threshold (a smaller size cuts ties either way)
+        ours = store.tree(length, lo, hi, size, 0.05)
+        theirs = best_first_tree(trie, node, size, 0.05)
+        assert as_paths(ours) == as_paths(theirs)
+
+
+def as_paths(tree: tuple[list[int], list[int], list[float]]) -> dict[tuple[int, ...], float]:
+    tokens, parents, scores = tree
+    paths: list[tuple[int, ...]] = []
+    for t, p in zip(tokens, parents):
+        assert p < len(paths), "topological"
+        paths.append((paths[p] if p >= 0 else ()) + (t,))
+    return {path: round(s, 9) for path, s in zip(paths, scores)}
+
+
+def test_no_draft_crosses_from_one_sequence_into_the_next():
+    store = Datastore.from_sequences([[1, 2, 3], [4, 5, 6]])
+    length, lo, hi = store.match([9, 2, 3], 1, 8)
+    assert (length, hi - lo) == (2, 1)
+    assert store.tree(length, lo, hi, 8, 0.0) == ([], [], [])  # [1, 2, 3] ended: 4 does not follow
+
+
+def test_the_suffix_drafter_drafts_from_its_datastore():
+    answers = [[7, 8, 9, 10, 11, 12], [7, 8, 9, 10, 11, 12], [20, 21]]
+    plain, with_store = SuffixDrafter(k=8), SuffixDrafter(k=8, datastore=Datastore.from_sequences(answers))
+    for d in (plain, with_store):
+        d.begin(torch.tensor([1, 2, 3]))
+    assert propose(plain, [1, 2, 3, 7, 8, 9])[:2] == ([], [])  # the request has no earlier 7 8 9
+    assert propose(with_store, [1, 2, 3, 7, 8, 9])[:2] == ([10, 11, 12], [-1, 0, 1])
+
+
+@pytest.mark.parametrize("vocab_top", [100, 70000])  # uint16 on disk, and int32 past it
+def test_file_round_trip(tmp_path, vocab_top):
+    seqs = [[1, 2, vocab_top, 4], [vocab_top, 0]]
+    store = Datastore.from_sequences(seqs)
+    store.save(tmp_path / DATASTORE_NAME)
+    again = Datastore.load(tmp_path)  # a folder holding one
+    assert again.corpus.tolist() == store.corpus.tolist() == [1, 2, vocab_top, 4, SEP, vocab_top, 0, SEP]
+    assert len(again) == 6
+    assert datastore_in(tmp_path) is not None and datastore_in(tmp_path / "none") is None
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ValueError, match="is not a datastore.*outrider train drafter"):
+        Datastore.load(tmp_path)
+    np.save(tmp_path / "x.npy", np.zeros((2, 2), dtype=np.float32))
+    with pytest.raises(ValueError, match="x.npy.*is not a datastore"):
+        Datastore.load(tmp_path / "x.npy")
+
+
+PROMPT = [5, 17, 3, 42, 8]
+
+
+def test_suffix_with_a_datastore_is_exact_and_drafts_from_it(tmp_path):
+    """The datastore holds the target's own greedy continuation: drafting from it is exact and
+    accepts more than the tries alone, which have nothing to match in a fresh request."""
+    model = tiny_model("llama")
+    answer = greedy(model, PROMPT, 30)
+    Datastore.from_sequences([answer]).save(tmp_path / DATASTORE_NAME)
+    plain = SpeculativeDecoder.from_pretrained(model, method="suffix", k=8)
+    stored = SpeculativeDecoder.from_pretrained(model, draft=tmp_path, method="suffix", k=8)
+    a, b = plain.generate(PROMPT, max_new_tokens=30), stored.generate(PROMPT, max_new_tokens=30)
+    assert a.token_ids == b.token_ids == answer
+    assert b.stats.accepted > a.stats.accepted and b.stats.steps < a.stats.steps
+
+
+def test_eagle_suffix_reads_the_head_folders_datastore(tmp_path):
+    model = tiny_model("llama")
+    embed = target_embedding(load_model(model).model)
+    new_head(model.config, embed, "tiny", torch.arange(50), max_positions=256).save(tmp_path / "head")
+    answer = greedy(model, PROMPT, 30)
+    bare = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle+suffix", k=3)
+    Datastore.from_sequences([answer]).save(tmp_path / "head" / DATASTORE_NAME)
+    dec = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle+suffix", k=3)
+    assert bare.drafter.suffix.datastore is None and dec.drafter.suffix.datastore is not None
+    res = dec.generate(PROMPT, max_new_tokens=30)
+    assert res.token_ids == answer
+    assert dec.drafter.chose_suffix > 0 and res.stats.steps < bare.generate(PROMPT, max_new_tokens=30).stats.steps
+
+
+def test_suffix_refuses_a_draft_that_is_not_a_datastore(tmp_path):
+    with pytest.raises(ValueError, match="is not a datastore"):
+        SpeculativeDecoder.from_pretrained(tiny_model("llama"), draft=tmp_path, method="suffix", k=8)
