@@ -158,3 +158,17 @@ def test_eagle_suffix_reads_the_head_folders_datastore(tmp_path):
 def test_suffix_refuses_a_draft_that_is_not_a_datastore(tmp_path):
     with pytest.raises(ValueError, match="is not a datastore"):
         SpeculativeDecoder.from_pretrained(tiny_model("llama"), draft=tmp_path, method="suffix", k=8)
+
+
+def test_train_answers_fall_back_to_the_cue_or_the_window(tokenizer):
+    from test_train_eagle import tiny_tokenizer_with_template
+    from outrider.train.datastore import train_answers
+
+    tok = tiny_tokenizer_with_template(tokenizer)
+    cued = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    prompt = tok(cued, add_special_tokens=False)["input_ids"]
+    rows = torch.tensor([prompt + [11, 12, -1], prompt + [13, -1, -1]])
+    assert train_answers({"train": rows}, tok, True, 4) == [[11, 12], [13]]
+    assert train_answers({"train": rows}, tok, False, len(prompt) + 1) == [[12]]  # row 2's is empty: dropped
+    starts = torch.tensor([len(prompt) + 1, len(prompt)])
+    assert train_answers({"train": rows, "train_starts": starts}, tok, True, 4) == [[12], [13]]

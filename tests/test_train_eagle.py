@@ -11,6 +11,8 @@ import torch
 
 from conftest import tiny_model
 from outrider import SpeculativeDecoder
+from outrider.cli import main
+from outrider.drafters.datastore import SEP, Datastore
 from outrider.train.eagle import EagleRecipe, train_eagle, unroll_mask
 from outrider.train.selfdistill import frequent_tokens
 
@@ -55,6 +57,31 @@ def test_train_drafter_end_to_end(tmp_path, tokenizer):
     ref = SpeculativeDecoder.from_pretrained(str(tmp_path / "target"), method="autoregressive", dtype="float32")
     prompt = "def f3(a, b):\n"
     assert dec.generate(prompt, max_new_tokens=16).token_ids == ref.generate(prompt, max_new_tokens=16).token_ids
+    # The head's folder keeps the target's training answers as a datastore, prompts left out.
+    data = torch.load(tmp_path / "head" / "work" / "data.pt")
+    answers = [row[start:][row[start:] >= 0].tolist() for row, start in zip(data["train"], data["train_starts"])]
+    assert all(tokenizer.decode(row[:start].tolist()).startswith("def f") and 0 < start <= 8
+               for row, start in zip(data["train"], data["train_starts"]))
+    assert sequences(Datastore.load(tmp_path / "head")) == answers and report["datastore_tokens"] == sum(map(len, answers))
+    # `outrider train datastore` gathers runs' answers into one file that `suffix` reads.
+    assert main(["train", "datastore", "--target", str(tmp_path / "target"), "--runs", str(tmp_path / "head"),
+                 "--out", str(tmp_path / "answers.npy")]) == 0
+    assert sequences(Datastore.load(tmp_path / "answers.npy")) == answers
+    dec = SpeculativeDecoder.from_pretrained(str(tmp_path / "target"), draft=str(tmp_path / "answers.npy"),
+                                             method="suffix", dtype="float32")
+    assert dec.generate(prompt, max_new_tokens=16).token_ids == ref.generate(prompt, max_new_tokens=16).token_ids
+
+
+def sequences(store) -> list[list[int]]:
+    """A datastore's corpus split back into its sequences."""
+    out, cur = [], []
+    for t in store.corpus.tolist():
+        if t == SEP:
+            out.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return out
 
 
 def test_cli_train_drafter_validates(tmp_path, capsys):
@@ -229,6 +256,7 @@ def test_a_rerun_with_more_prompts_extends_the_data_and_keeps_the_head(tmp_path,
     grown = train_eagle(replace(recipe, prompts=20, minutes=0.04))
     more = torch.load(tmp_path / "head" / "work" / "data.pt")
     assert more["train"].shape[0] == 20 and grown["data"]["train_sequences"] == 20
+    assert more["train_starts"].shape[0] == 20  # each row keeps where its answer begins
     old = data["train"]
     assert torch.equal(more["train"][:12, : old.shape[1]], old)  # the first rows, untouched
     assert torch.equal(more["heldout"], data["heldout"])  # the same held-out set: figures compare

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     from outrider.train.eagle import build_parser as drafter_parser
 
     drafter_parser(train_sub.add_parser("drafter", help="train a self-drafting head (eagle) for any target"))
+    from outrider.train.datastore import build_parser as datastore_parser
+
+    datastore_parser(train_sub.add_parser("datastore", help="the target's answers of `train drafter` runs as one "
+                                                            "datastore (for --method suffix --draft FILE)"))
     return parser
 
 
@@ -217,6 +221,10 @@ def main(argv: list[str] | None = None) -> int:
             from outrider.serve.server import run_from_args as serve_run
 
             return serve_run(args)
+        if args.command == "train" and args.recipe == "datastore":
+            from outrider.train.datastore import run_from_args as train_datastore
+
+            return train_datastore(args)
         if args.command == "train" and args.recipe == "drafter":
             from outrider.train.eagle import run_from_args as train_drafter
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from outrider.drafters.datastore import DATASTORE_NAME
 from outrider.drafters.eagle import EagleHead, _rope, default_layers, new_head
 from outrider.train.config import Budget
 from outrider.train.loop import LoopResult, autocast, train
@@ -324,6 +325,8 @@ def build_parser(parser: Any) -> Any:
     parser.add_argument("--gen-batch", type=int, default=EagleRecipe.gen_batch, help="sequences per generation batch")
     parser.add_argument("--init", default=None,
                         help="eagle: a head folder to start from (its layers and vocabulary carry over)")
+    parser.add_argument("--data-only", action="store_true",
+                        help="eagle: generate the self-distillation data (resumable) and its datastore, no training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -346,6 +349,14 @@ def run_from_args(args: Any) -> int:
     from outrider.models import resolve_device
 
     device = resolve_device(args.device)
+    if args.data_only:
+        if args.method != "eagle":
+            raise ValueError(f"--data-only keeps eagle's data and datastore: it does not apply to --method {args.method}")
+        run = start_run(recipe, device)
+        tokens = write_run_datastore(run, recipe)
+        print(f"{args.out}/work/data.pt: {int(run.data['train'].shape[0])} training rows; "
+              f"{args.out}/{DATASTORE_NAME}: {tokens} answer tokens")
+        return 0
     if args.method == "medusa":
         from outrider.train.medusa import train_medusa
 
@@ -367,6 +378,15 @@ def warm_head(path: str, embed: torch.Tensor, target_name: str) -> EagleHead:
     refuse_other_target(head.cfg, embed, f"--init {path!r} is a head", target_name,
                         "start from a head trained for this target, or without --init")
     return head
+
+
+def write_run_datastore(run: Any, recipe: EagleRecipe) -> int:
+    """The run's training answers as the head folder's datastore.npy (train/datastore.py); returns
+    its token count."""
+    from outrider.train.datastore import train_answers, write_datastore
+
+    answers = train_answers(run.data, run.tokenizer, uses_chat(run.tokenizer, recipe), recipe.prompt_len)
+    return write_datastore(run.out / DATASTORE_NAME, answers)
 
 
 def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict[str, Any]:
@@ -394,6 +414,7 @@ def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict
     export.load_state_dict(head.state_dict())
     export.to(torch.bfloat16).save(out)  # bf16: half the file, the dtype the CPU drafts fastest in
     size_mb = (out / "model.safetensors").stat().st_size / 1e6
+    stored = write_run_datastore(run, recipe)
     report = {
         "command": "outrider train drafter --method eagle",
         "recipe": asdict(recipe),
@@ -414,6 +435,7 @@ def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict
         "draft_vocab": int(d2t.shape[0]),
         "init": recipe.init,  # the head this run started from (None: a new head)
         "heldout_coverage": round(coverage, 4),
+        "datastore_tokens": stored,  # the training answers kept for eagle+suffix (datastore.npy)
         "parameters": sum(p.numel() for p in head.parameters()),
         "size_mb": round(size_mb, 2),
         "steps": result.progress.step,
@@ -447,6 +469,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"({r['data']['source']}), generated in {r['data']['generate_s']} s; {r['data']['heldout_sequences']} "
         "held-out sequences.",
         "",
+        *([f"Datastore: {r['datastore_tokens']} tokens of the target's training answers ({DATASTORE_NAME}, read "
+           "by eagle+suffix).", ""] if r.get("datastore_tokens") else []),
         f"Training: {r['steps']} steps, {r['tokens_seen']} tokens, {r['train_minutes']} min "
         f"({r['wall_minutes']} min with data and evaluation).",
         "",

@@ -223,7 +223,8 @@ GEN_CHUNK_BATCHES = 4  # generation batches per saved chunk: a stopped run loses
 
 
 def load_or_generate(target: Any, tokenizer: Any, recipe: Any, path: Path) -> dict[str, Any]:
-    """{"train": (S, L), "heldout": (S', L'), "heldout_starts", "generate_s"}: read from `path` when
+    """{"train": (S, L), "heldout": (S', L'), "train_starts", "heldout_starts", "generate_s"} (the
+    starts: where each row's answer begins): read from `path` when
     an earlier run saved it there (a resumed run trains on the same data), else generated. Rows are
     generated and saved (atomically) in chunks of GEN_CHUNK_BATCHES batches, so a run stopped while
     generating resumes from its last chunk. A rerun asking for more prompts than `path` holds
@@ -240,15 +241,17 @@ def load_or_generate(target: Any, tokenizer: Any, recipe: Any, path: Path) -> di
         n = min(recipe.prompts, have + chunk)
         # recipe.seed + 1 is the held-out set's stream; a chunk after `have` rows takes its own.
         seed = recipe.seed if data is None else recipe.seed + 2 + have
-        new_rows = self_distill(target, prompt_windows(tokenizer, recipe, False, n, seed, target, skip=have),
-                                recipe.gen_len, recipe.gen_batch, seed, eos)
+        prompts = prompt_windows(tokenizer, recipe, False, n, seed, target, skip=have)
+        new_rows = self_distill(target, prompts, recipe.gen_len, recipe.gen_batch, seed, eos)
         if data is None:
             held_prompts = prompt_windows(tokenizer, recipe, True, recipe.heldout_prompts, recipe.seed + 1, target)
             held_rows = self_distill(target, held_prompts, recipe.gen_len, recipe.gen_batch, recipe.seed + 1, eos)
             data = {"train": new_rows, "heldout": held_rows, "generate_s": 0.0,
-                    "heldout_starts": answer_starts(held_prompts)}
+                    "heldout_starts": answer_starts(held_prompts), "train_starts": answer_starts(prompts)}
         else:
             data["train"] = cat_rows(data["train"], new_rows)
+            if "train_starts" in data:  # data saved before they were kept has none (see train/datastore.py)
+                data["train_starts"] = torch.cat([data["train_starts"], answer_starts(prompts)])
         data["generate_s"] = float(data["generate_s"]) + time.monotonic() - t0
         tmp = path.with_name(path.name + ".tmp")
         torch.save(data, tmp)
