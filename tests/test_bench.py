@@ -346,6 +346,24 @@ def test_bench_runs_a_self_drafting_head(model_dirs, tmp_path):
     assert o["match_rate"] == 1.0 and o["tau"] >= 1.0
 
 
+def test_a_datastore_variant_is_its_own_row(model_dirs, tmp_path):
+    """`suffix` and `suffix@datastore=FILE` in one run: the variant drafts from the target's own
+    answers (here its autoregressive answers of a first run), so it accepts more, exactly."""
+    from outrider.drafters.datastore import Datastore
+
+    target, _ = model_dirs
+    first = BenchConfig(out=str(tmp_path / "ar"), limit_per_category=2, methods=["autoregressive"], max_new_tokens=12,
+                        target=str(target), dtype="float32", progress=False)
+    run_bench(first)
+    Datastore.from_sequences([r["output_ids"] for r in _lines(tmp_path / "ar" / "results.jsonl")]).save(tmp_path / "a.npy")
+    variant = f"suffix@datastore={tmp_path / 'a.npy'}"
+    cfg = BenchConfig(out=str(tmp_path / "out"), limit_per_category=2, methods=["suffix", variant], max_new_tokens=12,
+                      target=str(target), dtype="float32", progress=False)
+    o = run_bench(cfg)["summary"]["overall"]
+    assert o[variant]["match_rate"] == o["suffix"]["match_rate"] == 1.0
+    assert o[variant]["tau"] > o["suffix"]["tau"]
+
+
 def _has_llama_cpp() -> bool:
     import importlib.util
 

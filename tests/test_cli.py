@@ -75,3 +75,23 @@ def test_console_script_runs(model_dirs):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len(json.loads(proc.stdout)["token_ids"]) <= 4
+
+
+def test_generate_drafts_from_a_datastore(model_dirs, tmp_path, capsys):
+    """--datastore FILE feeds the suffix drafter the answers in it ('none' and a bad path checked)."""
+    from outrider.drafters.datastore import Datastore
+
+    target, _ = model_dirs
+    args = ["generate", "--target", str(target), "--method", "suffix", "--prompt-ids", "5,6,7",
+            "--max-new-tokens", "16", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    Datastore.from_sequences([plain["token_ids"]]).save(tmp_path / "answers.npy")
+    assert main(args + ["--datastore", str(tmp_path / "answers.npy")]) == 0
+    stored = json.loads(capsys.readouterr().out)
+    assert stored["token_ids"] == plain["token_ids"]
+    assert stored["stats"]["accepted"] > plain["stats"]["accepted"]
+    assert main(args + ["--datastore", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["stats"]["accepted"] == plain["stats"]["accepted"]
+    assert main(args + ["--datastore", str(tmp_path / "missing.npy")]) == 2
+    assert "missing.npy' is not a datastore" in capsys.readouterr().err

@@ -27,9 +27,10 @@ def corpus(seed: int, n: int = 12, vocab: int = 5) -> list[list[int]]:
     return [[rng.randrange(vocab) for _ in range(rng.randrange(1, 30))] for _ in range(n)]
 
 
-@pytest.mark.parametrize("depth", [1, 3, 8])
-def test_suffixes_are_sorted_by_their_first_depth_tokens(depth):
-    tokens = np.array([3, 1, 3, 1, 2, SEP, 3, 1, 3, SEP, 0, 0, 0, 0], dtype=np.int64)
+@pytest.mark.parametrize("depth", [1, 3, 8, 32])
+@pytest.mark.parametrize("tokens", [[3, 1, 3, 1, 2, SEP, 3, 1, 3, SEP, 0, 0, 0, 0], [2, SEP], []])
+def test_suffixes_are_sorted_by_their_first_depth_tokens(depth, tokens):
+    tokens = np.array(tokens, dtype=np.int64)
     order = sorted_suffixes(tokens, depth)
     padded = list(tokens) + [SEP] * depth
     keys = [tuple(padded[i : i + depth]) for i in order]
@@ -135,7 +136,7 @@ def test_suffix_with_a_datastore_is_exact_and_drafts_from_it(tmp_path):
     answer = greedy(model, PROMPT, 30)
     Datastore.from_sequences([answer]).save(tmp_path / DATASTORE_NAME)
     plain = SpeculativeDecoder.from_pretrained(model, method="suffix", k=8)
-    stored = SpeculativeDecoder.from_pretrained(model, draft=tmp_path, method="suffix", k=8)
+    stored = SpeculativeDecoder.from_pretrained(model, method="suffix", k=8, datastore=tmp_path)
     a, b = plain.generate(PROMPT, max_new_tokens=30), stored.generate(PROMPT, max_new_tokens=30)
     assert a.token_ids == b.token_ids == answer
     assert b.stats.accepted > a.stats.accepted and b.stats.steps < a.stats.steps
@@ -149,15 +150,23 @@ def test_eagle_suffix_reads_the_head_folders_datastore(tmp_path):
     bare = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle+suffix", k=3)
     Datastore.from_sequences([answer]).save(tmp_path / "head" / DATASTORE_NAME)
     dec = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle+suffix", k=3)
-    assert bare.drafter.suffix.datastore is None and dec.drafter.suffix.datastore is not None
+    off = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle+suffix", k=3, datastore=False)
+    assert bare.drafter.suffix.datastore is None and off.drafter.suffix.datastore is None
+    assert dec.drafter.suffix.datastore is not None
     res = dec.generate(PROMPT, max_new_tokens=30)
     assert res.token_ids == answer
     assert dec.drafter.chose_suffix > 0 and res.stats.steps < bare.generate(PROMPT, max_new_tokens=30).stats.steps
 
 
-def test_suffix_refuses_a_draft_that_is_not_a_datastore(tmp_path):
+def test_a_datastore_is_refused_where_it_cannot_be_read(tmp_path):
+    model = tiny_model("llama")
     with pytest.raises(ValueError, match="is not a datastore"):
-        SpeculativeDecoder.from_pretrained(tiny_model("llama"), draft=tmp_path, method="suffix", k=8)
+        SpeculativeDecoder.from_pretrained(model, method="suffix", k=8, datastore=tmp_path)
+    Datastore.from_sequences([[1, 2]]).save(tmp_path / DATASTORE_NAME)
+    with pytest.raises(ValueError, match="'prompt_lookup' reads no datastore.*'eagle\\+suffix', 'suffix'"):
+        SpeculativeDecoder.from_pretrained(model, method="prompt_lookup", k=4, datastore=tmp_path)
+    with pytest.raises(ValueError, match="datastore=True is invalid"):
+        SpeculativeDecoder.from_pretrained(model, method="suffix", k=8, datastore=True)
 
 
 def test_train_answers_fall_back_to_the_cue_or_the_window(tokenizer):

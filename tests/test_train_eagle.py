@@ -67,8 +67,8 @@ def test_train_drafter_end_to_end(tmp_path, tokenizer):
     assert main(["train", "datastore", "--target", str(tmp_path / "target"), "--runs", str(tmp_path / "head"),
                  "--out", str(tmp_path / "answers.npy")]) == 0
     assert sequences(Datastore.load(tmp_path / "answers.npy")) == answers
-    dec = SpeculativeDecoder.from_pretrained(str(tmp_path / "target"), draft=str(tmp_path / "answers.npy"),
-                                             method="suffix", dtype="float32")
+    dec = SpeculativeDecoder.from_pretrained(str(tmp_path / "target"), method="suffix", dtype="float32",
+                                             datastore=str(tmp_path / "answers.npy"))
     assert dec.generate(prompt, max_new_tokens=16).token_ids == ref.generate(prompt, max_new_tokens=16).token_ids
 
 

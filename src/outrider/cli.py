@@ -34,6 +34,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--chat-template", default=None,
                    help="a Jinja chat template file, for chat with a model that has none (or to replace its own)")
+    p.add_argument("--datastore", type=_datastore_arg, default=None,
+                   help="suffix, eagle+suffix: the target's earlier answers to draft from (a datastore.npy, or a "
+                        "head folder holding one; `outrider train datastore` writes one); 'none': no datastore "
+                        "(default: the head folder's, when it has one)")
+
+
+def _datastore_arg(value: str) -> str | bool:
+    return False if value == "none" else value
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -102,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     from outrider.train.datastore import build_parser as datastore_parser
 
     datastore_parser(train_sub.add_parser("datastore", help="the target's answers of `train drafter` runs as one "
-                                                            "datastore (for --method suffix --draft FILE)"))
+                                                            "datastore (for --method suffix --datastore FILE)"))
     return parser
 
 
@@ -110,7 +118,8 @@ def decoder_options(args: argparse.Namespace) -> dict:
     """SpeculativeDecoder.from_pretrained's keywords from the shared model options (_add_model_args):
     generate, chat and serve (one process or Ray replicas) build their decoders from these."""
     return dict(target=args.target, draft=args.draft, method=args.method, k=args.k, width=args.width,
-                backend=args.backend, dtype=args.dtype, device=args.device, chat_template=args.chat_template)
+                backend=args.backend, dtype=args.dtype, device=args.device, chat_template=args.chat_template,
+                datastore=args.datastore)
 
 
 def _decoder(args: argparse.Namespace):

@@ -192,6 +192,23 @@ def _default_target() -> Path:
     return path
 
 
+def _datastore(cls_: Any, method: str, datastore: str | Path | bool | None, head_path: Path | None) -> Any:
+    """The Datastore a drafter of class cls_ reads (from_pretrained's `datastore`), or None."""
+    from outrider.drafters.datastore import datastore_in, load_datastore
+
+    reads = getattr(cls_, "reads_datastore", False)
+    if datastore is None or datastore is False:
+        return datastore_in(head_path) if reads and datastore is None else None
+    if datastore is True or not isinstance(datastore, (str, Path)):
+        raise ValueError(f"datastore={datastore!r} is invalid: pass a datastore file or a folder holding one, "
+                         "None (the head folder's) or False (none)")
+    if not reads:
+        readers = sorted(name for name, c in REGISTRY.items() if getattr(c, "reads_datastore", False))
+        raise ValueError(f"method {method!r} reads no datastore, but datastore={str(datastore)!r} was given: "
+                         f"drop it or use one of {readers}")
+    return load_datastore(datastore)
+
+
 def _check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
     """Speculative decoding compares token ids, so both models must mean the same by each id."""
     tt, dt = target.tokenizer, draft.tokenizer
@@ -306,6 +323,7 @@ class SpeculativeDecoder:
         width: int | None = None,
         costs: CostModel | str | Path | None = None,
         chat_template: str | Path | None = None,
+        datastore: str | Path | bool | None = None,
     ) -> SpeculativeDecoder:
         """Load target (and draft) from local folders or model objects.
 
@@ -319,6 +337,9 @@ class SpeculativeDecoder:
         None: measured once now (costs.calibrate) and frozen.
         tokenizer: a transformers tokenizer or folder, for model objects that come without one.
         chat_template: Jinja text (or a file of it) for chat messages, replacing the tokenizer's.
+        datastore: for the drafters that read one (suffix, eagle+suffix): the target's earlier
+        answers (drafters/datastore.py), a file or a folder holding datastore.npy; None: the head
+        folder's when it holds one (`outrider train drafter` writes it); False: none.
         """
         cls_ = drafter_class(method)
         if k is None and getattr(cls_, "stops_on_confidence", False):
@@ -331,11 +352,7 @@ class SpeculativeDecoder:
         if width is not None:
             _check_positive("width", width)
         uses_head = getattr(cls_, "uses_head", False)
-        # A drafter that may read a datastore (suffix) takes draft= as one: a file or head folder.
-        reads_datastore = getattr(cls_, "reads_datastore", False) and draft is not None
-        if reads_datastore and not isinstance(draft, (str, Path)):
-            raise ValueError(f"method {method!r} reads draft= as a datastore file or head folder, got {draft!r}")
-        if draft is not None and not cls_.uses_draft_model and not uses_head and not reads_datastore:
+        if draft is not None and not cls_.uses_draft_model and not uses_head:
             raise ValueError(
                 f"method {method!r} uses no draft model, but draft={draft!r} was given: drop the "
                 "draft or use method='draft_model'"
@@ -370,8 +387,9 @@ class SpeculativeDecoder:
                 tokenizer=draft_tokenizer if draft_tokenizer is not None else tokenizer,
             )
             _check_same_vocabulary(loaded_target, loaded_draft)
-        head_path = Path(draft).expanduser() if uses_head or reads_datastore else None
-        drafter = cls_.build(BuildContext(loaded_target, loaded_draft, k, width, head_path))
+        head_path = Path(draft).expanduser() if uses_head else None
+        store = _datastore(cls_, method, datastore, head_path)
+        drafter = cls_.build(BuildContext(loaded_target, loaded_draft, k, width, head_path, store))
         k = k or getattr(drafter, "k", cls_.default_k)
         adaptive = None
         if auto and k:
@@ -384,7 +402,7 @@ class SpeculativeDecoder:
         # view of the draft model, for a drafter that has one).
         def new_drafter(draft_model: Any = None) -> Drafter:
             draft = loaded_draft if draft_model is None else dataclasses.replace(loaded_draft, model=draft_model)
-            return cls_.build(BuildContext(loaded_target, draft, k, width, head_path))
+            return cls_.build(BuildContext(loaded_target, draft, k, width, head_path, store))
 
         decoder.new_drafter = new_drafter
         decoder.chat_template = read_chat_template(chat_template)

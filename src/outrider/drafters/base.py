@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -81,6 +81,7 @@ class BuildContext:
     k: int | None
     width: int | None = None  # children per expanded tree node (1: a chain; None: the drafter's default)
     draft_path: Path | None = None  # a trained head's folder, for drafters with uses_head (eagle)
+    datastore: Any = None  # a Datastore (drafters/datastore.py), for drafters with reads_datastore
 
 
 @runtime_checkable

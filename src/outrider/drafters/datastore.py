@@ -42,7 +42,8 @@ def sorted_suffixes(tokens: np.ndarray, depth: int) -> np.ndarray:
     k = 1
     while k < depth:
         second = np.zeros_like(rank)
-        second[: len(rank) - k] = rank[k:]
+        if k < len(rank):
+            second[: len(rank) - k] = rank[k:]
         order = np.lexsort((second, rank))  # by rank, then by the rank k tokens later
         r1, r2 = rank[order], second[order]
         new = np.empty_like(rank)

@@ -20,7 +20,6 @@ from typing import Callable, ClassVar
 from torch import Tensor
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, register
-from outrider.drafters.datastore import datastore_in
 from outrider.drafters.eagle import EagleDrafter
 from outrider.drafters.suffix import SuffixDrafter
 
@@ -29,6 +28,7 @@ from outrider.drafters.suffix import SuffixDrafter
 class HeadWithSuffix:
     uses_draft_model: ClassVar[bool] = False
     uses_head: ClassVar[bool] = True
+    reads_datastore: ClassVar[bool] = True  # its suffix drafter's (from_pretrained(datastore=...))
     head_method: ClassVar[str] = "eagle"  # the head folder it reads (`outrider train drafter --method eagle`)
     stops_on_confidence: ClassVar[bool] = True  # the head's drafts stop per token under k="auto"
     default_k: ClassVar[int] = EagleDrafter.default_k
@@ -44,9 +44,8 @@ class HeadWithSuffix:
 
     @classmethod
     def build(cls, ctx: BuildContext) -> HeadWithSuffix:
-        # Its own tree size and depth; the head folder's datastore (the target's answers of the
-        # head's training run), when it has one.
-        suffix = SuffixDrafter.for_target(BuildContext(ctx.target, None, None), datastore_in(ctx.draft_path))
+        # Its own tree size and depth; the datastore is the decoder's (by default the head folder's).
+        suffix = SuffixDrafter.build(BuildContext(ctx.target, None, None, datastore=ctx.datastore))
         return cls(EagleDrafter.build(ctx), suffix)
 
     def begin(self, prompt: Tensor) -> None:

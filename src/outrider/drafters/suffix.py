@@ -32,7 +32,7 @@ from typing import ClassVar
 import torch
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, empty_draft, register
-from outrider.drafters.datastore import Datastore, load_datastore
+from outrider.drafters.datastore import Datastore
 
 
 class SuffixTrie:
@@ -235,7 +235,7 @@ class SuffixDrafter:
     """
 
     uses_draft_model: ClassVar[bool] = False
-    reads_datastore: ClassVar[bool] = True  # draft= may name a datastore (optional)
+    reads_datastore: ClassVar[bool] = True  # from_pretrained(datastore=...)
     stops_on_confidence: ClassVar[bool] = False
     default_k: ClassVar[int] = 16  # most nodes; its own score threshold cuts (bench: 16 > 12 > 8 on code)
     batches: ClassVar[bool] = True  # model-free: a batch gives each row its own, for nothing
@@ -282,16 +282,9 @@ class SuffixDrafter:
 
     @classmethod
     def build(cls, ctx: BuildContext) -> SuffixDrafter:
-        """ctx.draft_path, when given: a datastore (drafters/datastore.py) of the target's earlier
-        answers, a file or a head folder holding one."""
-        datastore = load_datastore(ctx.draft_path) if ctx.draft_path is not None else None
-        return cls.for_target(ctx, datastore)
-
-    @classmethod
-    def for_target(cls, ctx: BuildContext, datastore: Datastore | None) -> SuffixDrafter:
         k = ctx.k or cls.default_k
         # Room for matches of 16 tokens above a full chain of k.
-        return cls(k=k, max_depth=max(24, k + 16), device=ctx.target.model.device, datastore=datastore)
+        return cls(k=k, max_depth=max(24, k + 16), device=ctx.target.model.device, datastore=ctx.datastore)
 
     # --- sequence protocol -------------------------------------------------------------------
 

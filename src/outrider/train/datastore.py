@@ -3,7 +3,7 @@
 Self-distillation (train/selfdistill.py) has the target answer thousands of requests to train a
 head; those answers are also what the target tends to say, so `outrider train drafter` keeps them
 beside the head (`datastore.npy`, read by eagle+suffix), and `outrider train datastore` gathers the
-answers of several runs into one file (read by `--method suffix --draft FILE`).
+answers of several runs into one file (read by `--method suffix --datastore FILE`).
 Only answers go in, never prompts: the prompts are made by templates or by the target playing the
 user, and the request's own prompt is already in the request trie at decode time.
 """
