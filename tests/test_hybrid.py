@@ -105,26 +105,3 @@ def test_from_pretrained_reads_the_eagle_head(tmp_path):
     dec = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle+suffix", k=3)
     assert isinstance(dec.drafter, HeadWithSuffix)
     assert dec.generate(PROMPT, max_new_tokens=12).token_ids == greedy(model, PROMPT, 12)
-
-
-@pytest.mark.parametrize("merge_nodes", [0, 4])
-def test_greedy_drafts_merge_the_tries_guess_into_the_heads_and_stay_exact(merge_nodes):
-    """Where the tries expect less than one token the head drafts; under greedy the tries' best
-    nodes join its draft as one tree (merge_nodes of them), and the output stays the target's."""
-    model = tiny_model("llama")
-    dec = hybrid_decoder(model, "native", k=3)
-    dec.drafter.merge_nodes = merge_nodes
-    dec.drafter.min_value = 50.0  # the head drafts every step: the tries' trees only merge
-    trees = []
-    real = dec.drafter.propose_rows
-
-    def spy(drafters, steps):
-        out = real(drafters, steps)
-        trees.extend(d.parents is not None for d in out)
-        return out
-
-    dec.drafter.propose_rows = spy
-    for prompt in (PROMPT, [7, 8, 9, 10]):
-        assert dec.generate(prompt, max_new_tokens=40).token_ids == greedy(model, prompt, 40)
-    assert any(trees) == (merge_nodes > 0)  # the head alone drafts chains
-    assert dec.drafter.chose_suffix == 0

@@ -230,15 +230,3 @@ def test_tree_drafters_sample_losslessly_through_the_decoder(drafter):
     # Power at the same sample size: the draft's own law is rejected.
     other = sample_exact(exact_distribution(FakeModel(vocab_size=6, seed=1, scale=1.0), params), seed=0)
     assert chi_square_p_value(other, target_dist, N) < P_REJECT
-
-
-def test_merge_trees_keeps_shared_paths_once_and_stays_topological():
-    from outrider.tree import merge_trees
-
-    # a: chain 5 -> 6 -> 7; b: 5 -> 6 -> 9 and 8 (a second child of the root), 8 -> 1
-    tokens, parents = merge_trees([5, 6, 7], [-1, 0, 1], [5, 8, 6, 9, 1], [-1, -1, 0, 2, 1])
-    assert tokens == [5, 6, 7, 8, 9, 1] and parents == [-1, 0, 1, -1, 1, 3]
-    check_parents(torch.tensor(parents))
-    paths = {tuple(tokens[i] for i in path_to(parents, n)) for n in range(len(tokens))}
-    assert paths == {(5,), (5, 6), (5, 6, 7), (8,), (5, 6, 9), (8, 1)}  # every path of a and of b
-    assert merge_trees([], [], [3], [-1]) == ([3], [-1]) and merge_trees([3], [-1], [], []) == ([3], [-1])

@@ -69,21 +69,3 @@ def path_to(parents: list[int], node: int) -> list[int]:
         path.append(node)
         node = parents[node]
     return path[::-1]
-
-
-def merge_trees(a_tokens: list[int], a_parents: list[int], b_tokens: list[int], b_parents: list[int]
-                ) -> tuple[list[int], list[int]]:
-    """One tree holding the nodes of two trees below the same root: a's nodes first, in order,
-    then b's that a lacks (a path both trees hold appears once). Both topological, parents -1 for
-    the root's children; the result is topological too (a node comes after its parent)."""
-    tokens, parents = list(a_tokens), list(a_parents)
-    index = {(p, t): i for i, (t, p) in enumerate(zip(a_tokens, a_parents))}  # (parent, token) -> node
-    local: list[int] = []  # b's node i -> its node in the result
-    for t, p in zip(b_tokens, b_parents):
-        key = (-1 if p < 0 else local[p], t)
-        if key not in index:
-            index[key] = len(tokens)
-            tokens.append(t)
-            parents.append(key[0])
-        local.append(index[key])
-    return tokens, parents

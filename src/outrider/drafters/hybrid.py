@@ -17,13 +17,11 @@ from __future__ import annotations
 
 from typing import Callable, ClassVar
 
-import torch
 from torch import Tensor
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, register
 from outrider.drafters.eagle import EagleDrafter
 from outrider.drafters.suffix import SuffixDrafter
-from outrider.tree import merge_trees
 
 
 @register("eagle+suffix")
@@ -36,12 +34,10 @@ class HeadWithSuffix:
     default_k: ClassVar[int] = EagleDrafter.default_k
     batches: ClassVar[bool] = True  # the heads propose together (propose_rows), the tries per row
 
-    def __init__(self, head: EagleDrafter, suffix: SuffixDrafter, min_value: float = 1.0, merge_nodes: int = 4) -> None:
+    def __init__(self, head: EagleDrafter, suffix: SuffixDrafter, min_value: float = 1.0) -> None:
         if not min_value > 0:
             raise ValueError(f"min_value={min_value} is invalid: it is an expected number of accepted tokens, use > 0")
-        if merge_nodes < 0:
-            raise ValueError(f"merge_nodes={merge_nodes} is invalid: use 0 (never merge) or more nodes")
-        self.head, self.suffix, self.min_value, self.merge_nodes = head, suffix, min_value, merge_nodes
+        self.head, self.suffix, self.min_value = head, suffix, min_value
         self.hidden_layers = head.hidden_layers
         self.k = head.k
         self.chose_suffix = 0  # steps drafted by the suffix tries (the rest: the head)
@@ -69,16 +65,9 @@ class HeadWithSuffix:
         scored = [d.suffix.propose_scored(st) for d, st in zip(drafters, steps)]
         wants = [value < d.min_value for d, (_, value) in zip(drafters, scored)]
         heads = EagleDrafter.propose_rows([d.head for d in drafters], steps, wants)
-        drafts = []
-        for d, st, head, (tree, _), want in zip(drafters, steps, heads, scored, wants):
+        for d, want in zip(drafters, wants):
             d.chose_suffix += not want
-            if not want:
-                drafts.append(tree)
-            elif st.sampling.greedy and d.merge_nodes and tree.size and head.size:
-                drafts.append(with_suffix_nodes(head, tree, d.merge_nodes))
-            else:
-                drafts.append(head)
-        return drafts
+        return [head if want else tree for head, (tree, _), want in zip(heads, scored, wants)]
 
     def propose(self, step: DraftStep) -> Draft:
         return self.propose_rows([self], [step])[0]
@@ -92,16 +81,3 @@ class HeadWithSuffix:
 
     def probe(self) -> None:
         self.head.probe()
-
-
-def with_suffix_nodes(head: Draft, tree: Draft, nodes: int) -> Draft:
-    """Greedy decoding only: the head's draft with the suffix tree's first `nodes` nodes (its best,
-    a topological prefix) added, as one deterministic tree. Greedy verification keeps the path the
-    target's argmax walks, whatever drafted each node, so a weak head loses nothing where the tries
-    had a guess; sampled drafts are never merged (their q would no longer describe the tree).
-    Confidences are left out: k="auto" calibrates the head's on its own drafts."""
-    a_parents = head.parents.tolist() if head.parents is not None else list(range(-1, head.size - 1))
-    b_parents = tree.parents.tolist() if tree.parents is not None else list(range(-1, tree.size - 1))
-    tokens, parents = merge_trees(head.tokens.tolist(), a_parents, tree.tokens[:nodes].tolist(), b_parents[:nodes])
-    both = torch.tensor([tokens, parents], dtype=torch.long).to(head.tokens.device)
-    return Draft(both[0], parents=both[1], forwards=head.forwards)
