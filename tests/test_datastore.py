@@ -17,7 +17,9 @@ from outrider import SpeculativeDecoder
 from outrider.drafters.datastore import DATASTORE_NAME, SEP, Datastore, datastore_in, sorted_suffixes
 from outrider.drafters.eagle import new_head
 from outrider.drafters.heads import target_embedding
+from outrider.drafters.base import DraftStep
 from outrider.drafters.suffix import SuffixDrafter, SuffixTrie, best_first_tree
+from outrider.sampling import SamplingParams
 from outrider.models import load_model
 
 
@@ -100,11 +102,19 @@ def test_no_draft_crosses_from_one_sequence_into_the_next():
 
 def test_the_suffix_drafter_drafts_from_its_datastore():
     answers = [[7, 8, 9, 10, 11, 12], [7, 8, 9, 10, 11, 12], [20, 21]]
-    plain, with_store = SuffixDrafter(k=8), SuffixDrafter(k=8, datastore=Datastore.from_sequences(answers))
+    store = Datastore.from_sequences(answers)
+    plain, with_store = SuffixDrafter(k=8), SuffixDrafter(k=8, datastore=store, datastore_weight=0.5)
     for d in (plain, with_store):
         d.begin(torch.tensor([1, 2, 3]))
     assert propose(plain, [1, 2, 3, 7, 8, 9])[:2] == ([], [])  # the request has no earlier 7 8 9
     assert propose(with_store, [1, 2, 3, 7, 8, 9])[:2] == ([10, 11, 12], [-1, 0, 1])
+    # Its scores count at datastore_weight (each path was seen every time: 1.0 -> 0.5).
+    assert with_store.propose_scored(DraftStep(torch.tensor([1, 2, 3, 7, 8, 9]), 8, SamplingParams(), None))[1] == 1.5
+    # A one-token match is too weak a guess (datastore_min_match 2), unless allowed.
+    assert propose(with_store, [1, 2, 3, 5, 20])[:2] == ([], [])
+    one = SuffixDrafter(k=8, datastore=store, datastore_min_match=1)
+    one.begin(torch.tensor([1, 2, 3]))
+    assert propose(one, [1, 2, 3, 5, 20])[:2] == ([21], [-1])
 
 
 @pytest.mark.parametrize("vocab_top", [100, 70000])  # uint16 on disk, and int32 past it

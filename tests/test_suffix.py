@@ -305,6 +305,9 @@ def test_finish_adds_the_final_tokens_and_only_once():
         ({"min_score": -0.1}, "min_score=-0.1"),
         ({"max_requests": -1}, "max_requests=-1"),
         ({"max_spec_factor": 0.0}, "max_spec_factor=0.0"),
+        ({"datastore_weight": 0.0}, "datastore_weight=0.0"),
+        ({"datastore_weight": 1.5}, "datastore_weight=1.5"),
+        ({"datastore_min_match": 0}, "datastore_min_match=0"),
     ],
 )
 def test_bad_constructor_values_raise(kwargs, name):
@@ -319,3 +322,22 @@ def test_registered_and_built_from_context():
     drafter = SuffixDrafter.build(BuildContext(target=target, draft=None, k=12))
     assert drafter.k == 12 and drafter.max_depth >= 12 + 16
     assert SuffixDrafter.build(BuildContext(target=target, draft=None, k=None)).k == SuffixDrafter.default_k
+
+
+def test_k_auto_keeps_the_nodes_that_pay_for_their_verification():
+    """With k="auto" the step's policy cuts the best-first tree (AdaptiveK.tree_size: a prefix of
+    it, so still a tree); without one the whole tree is drafted."""
+    d = SuffixDrafter(k=8)
+    tokens = [1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 5, 9, 1, 2, 3]
+    d.begin(torch.tensor(tokens))
+    full = d.propose(DraftStep(torch.tensor(tokens), 8, SamplingParams(), None))
+    seen = []
+
+    def tree_size(reach, draft_forwards, explore=True):
+        seen.append(list(reach))
+        return 2
+
+    policy = SimpleNamespace(tree_size=tree_size)
+    cut = d.propose(DraftStep(torch.tensor(tokens), 8, SamplingParams(), None, adaptive=policy))
+    assert full.size > 2 and cut.tokens.tolist() == full.tokens[:2].tolist()
+    assert len(seen[0]) == full.size  # the policy saw every node's score, best first
