@@ -78,7 +78,7 @@ def test_console_script_runs(model_dirs):
 
 
 def test_generate_drafts_from_a_datastore(model_dirs, tmp_path, capsys):
-    """--datastore FILE feeds the suffix drafter the answers in it ('none' and a bad path checked)."""
+    """--datastore FILE feeds the suffix drafter the answers in it (a bad path is named)."""
     from outrider.drafters.datastore import Datastore
 
     target, _ = model_dirs
@@ -91,7 +91,5 @@ def test_generate_drafts_from_a_datastore(model_dirs, tmp_path, capsys):
     stored = json.loads(capsys.readouterr().out)
     assert stored["token_ids"] == plain["token_ids"]
     assert stored["stats"]["accepted"] > plain["stats"]["accepted"]
-    assert main(args + ["--datastore", "none"]) == 0
-    assert json.loads(capsys.readouterr().out)["stats"]["accepted"] == plain["stats"]["accepted"]
     assert main(args + ["--datastore", str(tmp_path / "missing.npy")]) == 2
     assert "missing.npy' is not a datastore" in capsys.readouterr().err

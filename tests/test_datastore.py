@@ -14,7 +14,7 @@ from conftest import tiny_model
 from test_e2e_hf import hf_greedy as greedy
 from test_suffix import propose, substring_counts
 from outrider import SpeculativeDecoder
-from outrider.drafters.datastore import DATASTORE_NAME, SEP, Datastore, datastore_in, sorted_suffixes
+from outrider.drafters.datastore import DATASTORE_NAME, SEP, Datastore, sorted_suffixes
 from outrider.drafters.eagle import new_head
 from outrider.drafters.heads import target_embedding
 from outrider.drafters.base import DraftStep
@@ -125,7 +125,6 @@ def test_file_round_trip(tmp_path, vocab_top):
     again = Datastore.load(tmp_path)  # a folder holding one
     assert again.corpus.tolist() == store.corpus.tolist() == [1, 2, vocab_top, 4, SEP, vocab_top, 0, SEP]
     assert len(again) == 6
-    assert datastore_in(tmp_path) is not None and datastore_in(tmp_path / "none") is None
 
 
 def test_bad_files_are_named(tmp_path):
@@ -152,17 +151,18 @@ def test_suffix_with_a_datastore_is_exact_and_drafts_from_it(tmp_path):
     assert b.stats.accepted > a.stats.accepted and b.stats.steps < a.stats.steps
 
 
-def test_eagle_suffix_reads_the_head_folders_datastore(tmp_path):
+def test_eagle_suffix_reads_a_datastore_when_given(tmp_path):
+    """eagle+suffix drafts from a datastore given by name (a head folder holding one), and from
+    none by default, even where the head's folder holds one."""
     model = tiny_model("llama")
     embed = target_embedding(load_model(model).model)
     new_head(model.config, embed, "tiny", torch.arange(50), max_positions=256).save(tmp_path / "head")
     answer = greedy(model, PROMPT, 30)
-    bare = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle+suffix", k=3)
     Datastore.from_sequences([answer]).save(tmp_path / "head" / DATASTORE_NAME)
-    dec = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle+suffix", k=3)
-    off = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle+suffix", k=3, datastore=False)
-    assert bare.drafter.suffix.datastore is None and off.drafter.suffix.datastore is None
-    assert dec.drafter.suffix.datastore is not None
+    bare = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle+suffix", k=3)
+    dec = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle+suffix", k=3,
+                                             datastore=tmp_path / "head")
+    assert bare.drafter.suffix.datastore is None and dec.drafter.suffix.datastore is not None
     res = dec.generate(PROMPT, max_new_tokens=30)
     assert res.token_ids == answer
     assert dec.drafter.chose_suffix > 0 and res.stats.steps < bare.generate(PROMPT, max_new_tokens=30).stats.steps
@@ -176,7 +176,7 @@ def test_a_datastore_is_refused_where_it_cannot_be_read(tmp_path):
     with pytest.raises(ValueError, match="'prompt_lookup' reads no datastore.*'eagle\\+suffix', 'suffix'"):
         SpeculativeDecoder.from_pretrained(model, method="prompt_lookup", k=4, datastore=tmp_path)
     with pytest.raises(ValueError, match="datastore=True is invalid"):
-        SpeculativeDecoder.from_pretrained(model, method="suffix", k=8, datastore=True)
+        SpeculativeDecoder.from_pretrained(model, method="suffix", k=8, datastore=True)  # type: ignore[arg-type]
 
 
 def test_train_answers_fall_back_to_the_cue_or_the_window(tokenizer):

@@ -34,14 +34,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--chat-template", default=None,
                    help="a Jinja chat template file, for chat with a model that has none (or to replace its own)")
-    p.add_argument("--datastore", type=_datastore_arg, default=None,
-                   help="suffix, eagle+suffix: the target's earlier answers to draft from (a datastore.npy, or a "
-                        "head folder holding one; `outrider train datastore` writes one); 'none': no datastore "
-                        "(default: the head folder's, when it has one)")
-
-
-def _datastore_arg(value: str) -> str | bool:
-    return False if value == "none" else value
+    p.add_argument("--datastore", default=None,
+                   help="suffix, eagle+suffix: the target's answers to other requests to draft from (a datastore.npy, "
+                        "or a head folder holding one: `outrider train drafter` and `train datastore` write them)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -192,17 +192,15 @@ def _default_target() -> Path:
     return path
 
 
-def _datastore(cls_: Any, method: str, datastore: str | Path | bool | None, head_path: Path | None) -> Any:
+def _datastore(cls_: Any, method: str, datastore: str | Path | None) -> Any:
     """The Datastore a drafter of class cls_ reads (from_pretrained's `datastore`), or None."""
-    from outrider.drafters.datastore import datastore_in, load_datastore
+    from outrider.drafters.datastore import load_datastore
 
-    reads = getattr(cls_, "reads_datastore", False)
-    if datastore is None or datastore is False:
-        return datastore_in(head_path) if reads and datastore is None else None
-    if datastore is True or not isinstance(datastore, (str, Path)):
-        raise ValueError(f"datastore={datastore!r} is invalid: pass a datastore file or a folder holding one, "
-                         "None (the head folder's) or False (none)")
-    if not reads:
+    if datastore is None:
+        return None
+    if not isinstance(datastore, (str, Path)):
+        raise ValueError(f"datastore={datastore!r} is invalid: pass a datastore file or a folder holding one")
+    if not getattr(cls_, "reads_datastore", False):
         readers = sorted(name for name, c in REGISTRY.items() if getattr(c, "reads_datastore", False))
         raise ValueError(f"method {method!r} reads no datastore, but datastore={str(datastore)!r} was given: "
                          f"drop it or use one of {readers}")
@@ -323,7 +321,7 @@ class SpeculativeDecoder:
         width: int | None = None,
         costs: CostModel | str | Path | None = None,
         chat_template: str | Path | None = None,
-        datastore: str | Path | bool | None = None,
+        datastore: str | Path | None = None,
     ) -> SpeculativeDecoder:
         """Load target (and draft) from local folders or model objects.
 
@@ -337,9 +335,9 @@ class SpeculativeDecoder:
         None: measured once now (costs.calibrate) and frozen.
         tokenizer: a transformers tokenizer or folder, for model objects that come without one.
         chat_template: Jinja text (or a file of it) for chat messages, replacing the tokenizer's.
-        datastore: for the drafters that read one (suffix, eagle+suffix): the target's earlier
-        answers (drafters/datastore.py), a file or a folder holding datastore.npy; None: the head
-        folder's when it holds one (`outrider train drafter` writes it); False: none.
+        datastore: for the drafters that read one (suffix, eagle+suffix): the target's answers to
+        other requests (drafters/datastore.py), a file or a folder holding datastore.npy (a head
+        folder: `outrider train drafter` writes one); None: none.
         """
         cls_ = drafter_class(method)
         if k is None and getattr(cls_, "stops_on_confidence", False):
@@ -388,7 +386,7 @@ class SpeculativeDecoder:
             )
             _check_same_vocabulary(loaded_target, loaded_draft)
         head_path = Path(draft).expanduser() if uses_head else None
-        store = _datastore(cls_, method, datastore, head_path)
+        store = _datastore(cls_, method, datastore)
         drafter = cls_.build(BuildContext(loaded_target, loaded_draft, k, width, head_path, store))
         k = k or getattr(drafter, "k", cls_.default_k)
         adaptive = None

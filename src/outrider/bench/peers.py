@@ -40,7 +40,7 @@ def variant(method: str, k: int | str) -> str:
 def split_options(name: str) -> tuple[str, dict[str, int | str]]:
     """"draft_model@w=3@k=16" -> ("draft_model", {"w": 3, "k": 16}): a method and its options,
     k the draft length or tree size (may be "auto"), w the tree width (children per node),
-    datastore a datastore file or folder for suffix and eagle+suffix ("none": none), e.g.
+    datastore a datastore file or folder for suffix and eagle+suffix, e.g.
     "suffix@datastore=src/outrider/assets/eagle-smollm2"."""
     base, *parts = name.split("@")
     options: dict[str, int | str] = {}
@@ -48,7 +48,7 @@ def split_options(name: str) -> tuple[str, dict[str, int | str]]:
         key, sep, value = part.partition("=")
         if not sep or key not in ("k", "w", "datastore") or not value:
             raise ValueError(f"method variant {name!r} is invalid: write METHOD@k=K, METHOD@w=W and/or "
-                             "METHOD@datastore=PATH (or none), e.g. draft_model@w=3 (a path holds no '@')")
+                             "METHOD@datastore=PATH, e.g. draft_model@w=3 (a path holds no '@')")
         options[key] = int(value) if value.isdigit() and key != "datastore" else value
     if isinstance(options.get("w"), str):
         raise ValueError(f"method variant {name!r} is invalid: the tree width w must be an integer >= 1")
@@ -107,7 +107,7 @@ class OutriderMethod:
         self.decoder = SpeculativeDecoder.from_pretrained(
             target, draft=draft if uses_draft else None, method=name,
             k=k if drafts else None, width=options.get("w"), dtype=dtype, backend=backend, device=device,
-            datastore={None: None, "none": False}.get(options.get("datastore"), options.get("datastore")),
+            datastore=options.get("datastore"),
         )
         self.k = "auto" if self.decoder.adaptive is not None else self.decoder.k
         self.precision = f"outrider {dtype or 'as stored'}"

@@ -202,9 +202,3 @@ def load_datastore(path: str | Path, depth: int = DEPTH) -> Datastore:
     mtime = path.stat().st_mtime_ns if path.is_file() else 0
     return _load_cached(str(path), mtime, depth)
 
-
-def datastore_in(folder: str | Path | None) -> Datastore | None:
-    """The datastore a head folder holds, or None (a head trained before datastores were kept)."""
-    if folder is None or not (Path(folder) / DATASTORE_NAME).is_file():
-        return None
-    return load_datastore(folder)

@@ -44,7 +44,7 @@ class HeadWithSuffix:
 
     @classmethod
     def build(cls, ctx: BuildContext) -> HeadWithSuffix:
-        # Its own tree size and depth; the datastore is the decoder's (by default the head folder's).
+        # Its own tree size and depth; a datastore when the decoder was given one.
         suffix = SuffixDrafter.build(BuildContext(ctx.target, None, None, datastore=ctx.datastore))
         return cls(EagleDrafter.build(ctx), suffix)
 

@@ -2,8 +2,8 @@
 
 Self-distillation (train/selfdistill.py) has the target answer thousands of requests to train a
 head; those answers are also what the target tends to say, so `outrider train drafter` keeps them
-beside the head (`datastore.npy`, read by eagle+suffix), and `outrider train datastore` gathers the
-answers of several runs into one file (read by `--method suffix --datastore FILE`).
+beside the head (`datastore.npy`), and `outrider train datastore` gathers the answers of several
+runs into one file; `--method suffix --datastore FILE_OR_HEAD_DIR` drafts from either.
 Only answers go in, never prompts: the prompts are made by templates or by the target playing the
 user, and the request's own prompt is already in the request trie at decode time.
 """

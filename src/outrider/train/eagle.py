@@ -435,7 +435,7 @@ def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict
         "draft_vocab": int(d2t.shape[0]),
         "init": recipe.init,  # the head this run started from (None: a new head)
         "heldout_coverage": round(coverage, 4),
-        "datastore_tokens": stored,  # the training answers kept for eagle+suffix (datastore.npy)
+        "datastore_tokens": stored,  # the training answers kept as a datastore (datastore.npy)
         "parameters": sum(p.numel() for p in head.parameters()),
         "size_mb": round(size_mb, 2),
         "steps": result.progress.step,
@@ -469,8 +469,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"({r['data']['source']}), generated in {r['data']['generate_s']} s; {r['data']['heldout_sequences']} "
         "held-out sequences.",
         "",
-        *([f"Datastore: {r['datastore_tokens']} tokens of the target's training answers ({DATASTORE_NAME}, read "
-           "by eagle+suffix).", ""] if r.get("datastore_tokens") else []),
+        *([f"Datastore: {r['datastore_tokens']} tokens of the target's training answers ({DATASTORE_NAME}, for "
+           "`--method suffix --datastore` this folder).", ""] if r.get("datastore_tokens") else []),
         f"Training: {r['steps']} steps, {r['tokens_seen']} tokens, {r['train_minutes']} min "
         f"({r['wall_minutes']} min with data and evaluation).",
         "",
