@@ -113,6 +113,14 @@ def test_demo_answers_chat_requests_with_the_head_trained_for_its_target(tmp_pat
     assert "eagle-mine" in text and "eagle-other" not in text
     assert "> hello" in text and "Next:" in text and "outrider train drafter" in text
     assert all(r.same_as_autoregressive for r in rows)  # float32 greedy: exact
+    # A head folder holding the target's answers adds suffix with that datastore (exact too).
+    from outrider.drafters.datastore import DATASTORE_NAME, Datastore
+
+    Datastore.from_sequences([list(range(5, 40))]).save(heads[1] / DATASTORE_NAME)
+    rows = run_demo(str(target), max_new_tokens=6, dtype="float32", prompts=("hello",), out=io.StringIO(), show=False)
+    assert [r.method for r in rows] == ["autoregressive", "prompt_lookup", "suffix", "suffix+datastore", "eagle",
+                                        "eagle+suffix"]
+    assert all(r.same_as_autoregressive for r in rows)
     # Without a matching head there is no eagle row.
     monkeypatch.setattr(demo, "shipped_heads", lambda: heads[:1])
     rows = run_demo(str(target), max_new_tokens=4, dtype="float32", prompts=("hello",), out=io.StringIO(), show=False)

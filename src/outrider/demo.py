@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from outrider.decoder import SpeculativeDecoder
+from outrider.drafters.datastore import DATASTORE_NAME
 from outrider.render import legend, render_chunk, wants_colour
 from outrider.stats import SpecStats
 
@@ -37,7 +38,8 @@ DEMO_REQUESTS = (
 )
 WARM_UP_PROMPT = "x = 1\n"
 WARM_UP_REQUEST = "Say hello."
-METHODS = ("autoregressive", "draft_model", "prompt_lookup", "suffix")  # + eagle, eagle+suffix with a head
+# + suffix+datastore (a head folder holding one), eagle, eagle+suffix with a head
+METHODS = ("autoregressive", "draft_model", "prompt_lookup", "suffix")
 NEXT_STEPS = ("Next: `outrider bench --target DIR` measures any model on Spec-Bench; `outrider serve --target DIR` "
               "serves it over an OpenAI-compatible API; `outrider train drafter --target DIR --out HEAD` trains a "
               "head for your own model (README).")
@@ -116,16 +118,22 @@ def load_decoders(target: str | Path | None, draft: str | Path | None, k: int | 
     out = {"autoregressive": load_decoder(target, "autoregressive", draft, None, k, dtype)}
     head_dir = eagle_head(target, head, out["autoregressive"])
     methods = [m for m in METHODS[1:] if m != "draft_model" or target is None or draft is not None]
-    for method in methods + (["eagle", "eagle+suffix"] if head_dir is not None else []):
+    if head_dir is not None:
+        # The head's folder may hold the target's training answers: suffix with that datastore too.
+        stored = ["suffix+datastore"] if (head_dir / DATASTORE_NAME).is_file() else []
+        methods += stored + ["eagle", "eagle+suffix"]
+    for method in methods:
         out[method] = load_decoder(target, method, draft, head_dir, k, dtype)
     return out, head_dir
 
 
 def load_decoder(target: str | Path | None, method: str, draft: str | Path | None, head_dir: Path | None,
                  k: int | None, dtype: str | None) -> SpeculativeDecoder:
+    """method: a registered one, or "suffix+datastore" (suffix reading head_dir's datastore)."""
+    name, datastore = ("suffix", head_dir) if method == "suffix+datastore" else (method, None)
     return SpeculativeDecoder.from_pretrained(
-        target, draft=draft if method == "draft_model" else head_dir if method.startswith("eagle") else None,
-        method=method, k=k if method == "draft_model" else None, dtype=dtype,
+        target, draft=draft if name == "draft_model" else head_dir if name.startswith("eagle") else None,
+        method=name, k=k if name == "draft_model" else None, dtype=dtype, datastore=datastore,
     )
 
 
