@@ -235,8 +235,9 @@ class SuffixDrafter:
     datastore_weight: the datastore's path scores are scaled by this before they compete. Its
       counts come from other conversations, so they overstate the acceptance here: on held-out
       answers of SmolLM2 (never Spec-Bench) a datastore tree scored 1-3 kept 0.5-0.6 tokens and
-      one scored >= 3 kept 1.1, where the request trie's keep ~0.4-0.9 and ~4. 0.4 measured
-      faster than 1.0 there, in eagle+suffix and suffix alike.
+      one scored >= 3 kept 1.1 (about 0.4 of the score), where the tries' trees keep ~0.4-0.9 and
+      ~4. Scaled, its trees win a step only where they are likely, and k="auto" cuts them to the
+      nodes whose scaled chance pays for verifying them.
     datastore_min_match: the shortest match the datastore drafts from (a one-token match is a
       common token: a long scan for a weak guess).
     """
