@@ -99,6 +99,25 @@ def test_greedy_rows_equal_their_output_alone(target_dir, method, kw):
         assert sum(g.stats.accepted for g in got) > 0
 
 
+def test_rows_share_one_datastore_and_equal_their_output_alone(target_dir, tmp_path):
+    """suffix with a datastore: each row drafts from the same (read-only) suffix array and gives
+    the tokens it gives alone; the store holds the requests' own answers, so it drafts."""
+    from outrider.drafters.datastore import DATASTORE_NAME, Datastore
+
+    plain = SpeculativeDecoder.from_pretrained(target_dir, method="suffix", dtype="float32", backend="native")
+    Datastore.from_sequences([plain.generate(r).token_ids for r in REQUESTS]).save(tmp_path / DATASTORE_NAME)
+    alone = SpeculativeDecoder.from_pretrained(target_dir, method="suffix", dtype="float32", backend="native",
+                                               datastore=tmp_path)
+    want = [alone.generate(r) for r in REQUESTS]
+    dec = SpeculativeDecoder.from_pretrained(target_dir, method="suffix", dtype="float32", backend="native",
+                                             datastore=tmp_path)
+    batch = BatchDecoder(dec, max_batch=3, gate=False)
+    got = batch.generate(REQUESTS)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert len({id(d.datastore) for d in batch._drafters}) == 1 and batch._drafters[0].datastore is not None
+    assert sum(g.stats.accepted for g in got) > 0
+
+
 def count_calls(obj, name: str = "run_rows") -> list[int]:
     """The number of rows in each call of obj's rows method (a lockstep's, a head runner's), as it runs."""
     calls: list[int] = []
