@@ -191,3 +191,17 @@ def test_train_answers_fall_back_to_the_cue_or_the_window(tokenizer):
     assert train_answers({"train": rows}, tok, False, len(prompt) + 1) == [[12]]  # row 2's is empty: dropped
     starts = torch.tensor([len(prompt) + 1, len(prompt)])
     assert train_answers({"train": rows, "train_starts": starts}, tok, True, 4) == [[12], [13]]
+
+
+def test_a_token_budget_keeps_whole_first_answers(tmp_path, capsys):
+    from outrider.cli import main
+    from outrider.train.datastore import within_budget
+
+    answers = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]]
+    assert within_budget(answers, None) == answers
+    assert within_budget(answers, 5) == within_budget(answers, 8) == [[1, 2, 3], [4, 5]]  # [6..9] would cross it
+    assert within_budget(answers, 2) == []
+    assert main(["train", "datastore", "--target", str(tmp_path), "--runs", str(tmp_path),
+                 "--out", str(tmp_path / "d.npy"), "--max-tokens", "0"]) == 2
+    assert "--max-tokens 0 is invalid: use a token count >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "d.npy").exists()

@@ -39,6 +39,20 @@ def train_answers(data: dict[str, Any], tokenizer: Any, chat: bool, prompt_len: 
     return answers
 
 
+def within_budget(answers: list[list[int]], max_tokens: int | None) -> list[list[int]]:
+    """The first answers whose tokens add up to at most max_tokens (None: all): a file's size budget
+    (2 bytes a token). Whole answers only, so no draft ends where a cut answer would have."""
+    if max_tokens is None:
+        return answers
+    kept, total = [], 0
+    for answer in answers:
+        if total + len(answer) > max_tokens:
+            break
+        kept.append(answer)
+        total += len(answer)
+    return kept
+
+
 def write_datastore(path: Path, answers: list[list[int]]) -> int:
     """The answers as a datastore file at `path`; returns its token count."""
     store = Datastore.from_sequences(answers)
@@ -54,12 +68,16 @@ def build_parser(parser: Any) -> Any:
     parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                         help="the runs' rows are chat requests (default: when the target has a chat template)")
     parser.add_argument("--prompt-len", type=int, default=48, help="code runs: the prompt window the runs used")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="keep the runs' first answers up to this many tokens (2 bytes each; default: all)")
     return parser
 
 
 def run_from_args(args: Any) -> int:
     from transformers import AutoTokenizer
 
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens {args.max_tokens} is invalid: use a token count >= 1, or leave it out for all")
     paths = [Path(r) / "work" / "data.pt" for r in args.runs]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -70,6 +88,7 @@ def run_from_args(args: Any) -> int:
     answers: list[list[int]] = []
     for path in paths:
         answers += train_answers(torch.load(path), tokenizer, chat, args.prompt_len)
+    answers = within_budget(answers, args.max_tokens)
     out = Path(args.out)
     if out.is_dir():
         out = out / DATASTORE_NAME
