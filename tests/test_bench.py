@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -344,6 +345,16 @@ def test_bench_runs_a_self_drafting_head(model_dirs, tmp_path):
     report = run_bench(cfg)
     o = report["summary"]["overall"]["eagle"]
     assert o["match_rate"] == 1.0 and o["tau"] >= 1.0
+    # A second head in the same run: `eagle@head=DIR` drafts with DIR's head instead of --head's
+    # (one trained for another target is refused, naming it, so the variant does read DIR).
+    new_head(model.config, embed * 2, "other-target", torch.arange(embed.shape[0]), max_positions=256).save(
+        tmp_path / "other")
+    two = dataclasses.replace(cfg, out=str(tmp_path / "two"), methods=["eagle", f"eagle@head={tmp_path / 'head'}"])
+    assert run_bench(two)["summary"]["overall"][f"eagle@head={tmp_path / 'head'}"]["match_rate"] == 1.0
+    for variant, message in ((f"eagle@head={tmp_path / 'other'}", "for target 'other-target'"),
+                             (f"suffix@head={tmp_path / 'head'}", "'suffix' drafts with no head; head= is for")):
+        with pytest.raises(ValueError, match=message):
+            run_bench(dataclasses.replace(cfg, out=str(tmp_path / "bad"), methods=[variant]))
 
 
 def test_a_datastore_variant_is_its_own_row(model_dirs, tmp_path):

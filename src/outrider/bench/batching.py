@@ -77,7 +77,7 @@ def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> d
         name, options = split_options(m)  # e.g. eagle@w=2@k=6
         cls = drafter_class(name)
         # A head folder takes the draft's place.
-        path = head if getattr(cls, "uses_head", False) else draft if cls.uses_draft_model else None
+        path = options.get("head", head) if getattr(cls, "uses_head", False) else draft if cls.uses_draft_model else None
         decoders[m] = SpeculativeDecoder.from_pretrained(cfg.target, draft=path, method=name, k=options.get("k", cfg.k),
                                                          width=options.get("w"), **load)
     tok = decoders["autoregressive"].tokenizer

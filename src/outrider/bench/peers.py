@@ -37,19 +37,23 @@ def variant(method: str, k: int | str) -> str:
     return f"{method}@k={k}"
 
 
+PATH_OPTIONS = ("datastore", "head")  # method variant options whose value is a path, never a number
+
+
 def split_options(name: str) -> tuple[str, dict[str, int | str]]:
     """"draft_model@w=3@k=16" -> ("draft_model", {"w": 3, "k": 16}): a method and its options,
     k the draft length or tree size (may be "auto"), w the tree width (children per node),
     datastore a datastore file or folder for suffix and eagle+suffix, e.g.
-    "suffix@datastore=src/outrider/assets/eagle-smollm2"."""
+    "suffix@datastore=src/outrider/assets/eagle-smollm2", head a head folder for the methods that
+    draft with one (instead of --head: two heads in one run, e.g. "eagle@head=runs/new-head")."""
     base, *parts = name.split("@")
     options: dict[str, int | str] = {}
     for part in parts:
         key, sep, value = part.partition("=")
-        if not sep or key not in ("k", "w", "datastore") or not value:
-            raise ValueError(f"method variant {name!r} is invalid: write METHOD@k=K, METHOD@w=W and/or "
-                             "METHOD@datastore=PATH, e.g. draft_model@w=3 (a path holds no '@')")
-        options[key] = int(value) if value.isdigit() and key != "datastore" else value
+        if not sep or key not in ("k", "w", *PATH_OPTIONS) or not value:
+            raise ValueError(f"method variant {name!r} is invalid: write METHOD@k=K, METHOD@w=W, "
+                             "METHOD@datastore=PATH and/or METHOD@head=DIR, e.g. draft_model@w=3 (a path holds no '@')")
+        options[key] = int(value) if value.isdigit() and key not in PATH_OPTIONS else value
     if isinstance(options.get("w"), str):
         raise ValueError(f"method variant {name!r} is invalid: the tree width w must be an integer >= 1")
     return base, options
@@ -100,8 +104,12 @@ class OutriderMethod:
         label, (name, options) = name, split_options(name)
         k = options.get("k", k)
         uses_draft = REGISTRY[name].uses_draft_model
+        if "head" in options and not getattr(REGISTRY[name], "uses_head", False):
+            readers = sorted(n for n, c in REGISTRY.items() if getattr(c, "uses_head", False))
+            raise ValueError(f"method variant {label!r} is invalid: {name!r} drafts with no head; head= is for "
+                             f"{readers}")
         if getattr(REGISTRY[name], "uses_head", False):
-            uses_draft, draft = True, head  # the head folder takes the draft's place
+            uses_draft, draft = True, options.get("head", head)  # the head folder takes the draft's place
         drafts = REGISTRY[name].default_k > 0
         self.name = label
         self.decoder = SpeculativeDecoder.from_pretrained(
