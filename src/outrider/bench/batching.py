@@ -66,20 +66,16 @@ def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> d
         torch.set_num_threads(cfg.threads)
     load = dict(dtype=cfg.dtype, backend="native" if cfg.backend == "auto" else cfg.backend, device=cfg.device)
     decoders = {"autoregressive": SpeculativeDecoder.from_pretrained(cfg.target, method="autoregressive", **load)}
-    from outrider.bench.peers import split_options
+    from outrider.bench.peers import draft_path, split_options
     from outrider.bench.runner import model_dirs
     from outrider.demo import eagle_head
-    from outrider.drafters import drafter_class
 
     draft = model_dirs(cfg)[1]
     head = eagle_head(cfg.target, cfg.head, decoders["autoregressive"])  # given, else one shipped for the target
     for m in methods:
         name, options = split_options(m)  # e.g. eagle@w=2@k=6
-        cls = drafter_class(name)
-        # A head folder takes the draft's place.
-        path = options.get("head", head) if getattr(cls, "uses_head", False) else draft if cls.uses_draft_model else None
-        decoders[m] = SpeculativeDecoder.from_pretrained(cfg.target, draft=path, method=name, k=options.get("k", cfg.k),
-                                                         width=options.get("w"), **load)
+        decoders[m] = SpeculativeDecoder.from_pretrained(cfg.target, draft=draft_path(m, draft, head), method=name,
+                                                         k=options.get("k", cfg.k), width=options.get("w"), **load)
     tok = decoders["autoregressive"].tokenizer
     requests = [GenerationRequest(render_prompt(tok, q, 0, []), max_new_tokens=cfg.max_new_tokens) for q in questions]
     warm = [GenerationRequest(requests[0].prompt, max_new_tokens=8)]

@@ -96,6 +96,22 @@ class Method(Protocol):
     def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int) -> Outcome: ...
 
 
+def draft_path(method: str, draft: Any, head: Any) -> Any:
+    """What a method variant's decoder takes as draft=: for a method that drafts with a head, the
+    variant's @head= folder, else the run's `head`; for draft_model, `draft`; else None. head= on a
+    method that drafts with no head is refused, naming those that do."""
+    from outrider.drafters import drafter_class
+
+    name, options = split_options(method)
+    cls = drafter_class(name)  # an unknown method is named
+    if getattr(cls, "uses_head", False):
+        return options.get("head", head)
+    if "head" in options:
+        readers = sorted(n for n, c in REGISTRY.items() if getattr(c, "uses_head", False))
+        raise ValueError(f"method variant {method!r} is invalid: {name!r} drafts with no head; head= is for {readers}")
+    return draft if cls.uses_draft_model else None
+
+
 class OutriderMethod:
     def __init__(self, name: str, target: Any, draft: Any, k: int | None, dtype: str | None,
                  backend: str, device: str | None, head: Any = None) -> None:
@@ -103,17 +119,10 @@ class OutriderMethod:
 
         label, (name, options) = name, split_options(name)
         k = options.get("k", k)
-        uses_draft = REGISTRY[name].uses_draft_model
-        if "head" in options and not getattr(REGISTRY[name], "uses_head", False):
-            readers = sorted(n for n, c in REGISTRY.items() if getattr(c, "uses_head", False))
-            raise ValueError(f"method variant {label!r} is invalid: {name!r} drafts with no head; head= is for "
-                             f"{readers}")
-        if getattr(REGISTRY[name], "uses_head", False):
-            uses_draft, draft = True, options.get("head", head)  # the head folder takes the draft's place
         drafts = REGISTRY[name].default_k > 0
         self.name = label
         self.decoder = SpeculativeDecoder.from_pretrained(
-            target, draft=draft if uses_draft else None, method=name,
+            target, draft=draft_path(label, draft, head), method=name,
             k=k if drafts else None, width=options.get("w"), dtype=dtype, backend=backend, device=device,
             datastore=options.get("datastore"),
         )

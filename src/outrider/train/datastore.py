@@ -88,6 +88,8 @@ def run_from_args(args: Any) -> int:
     answers: list[list[int]] = []
     for path in paths:
         answers += train_answers(torch.load(path), tokenizer, chat, args.prompt_len)
+        if args.max_tokens is not None and sum(map(len, answers)) > args.max_tokens:
+            break  # the budget is full: later runs' answers would all be dropped, so none is read
     answers = within_budget(answers, args.max_tokens)
     out = Path(args.out)
     if out.is_dir():
