@@ -67,6 +67,11 @@ def test_train_drafter_end_to_end(tmp_path, tokenizer):
     assert main(["train", "datastore", "--target", str(tmp_path / "target"), "--runs", str(tmp_path / "head"),
                  "--out", str(tmp_path / "answers.npy")]) == 0
     assert sequences(Datastore.load(tmp_path / "answers.npy")) == answers
+    # --max-tokens keeps the first whole answers within the budget (here the first two).
+    budget = len(answers[0]) + len(answers[1])
+    assert main(["train", "datastore", "--target", str(tmp_path / "target"), "--runs", str(tmp_path / "head"),
+                 "--out", str(tmp_path / "first.npy"), "--max-tokens", str(budget)]) == 0
+    assert sequences(Datastore.load(tmp_path / "first.npy")) == answers[:2]
     dec = SpeculativeDecoder.from_pretrained(str(tmp_path / "target"), method="suffix", dtype="float32",
                                              datastore=str(tmp_path / "answers.npy"))
     assert dec.generate(prompt, max_new_tokens=16).token_ids == ref.generate(prompt, max_new_tokens=16).token_ids
