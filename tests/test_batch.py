@@ -428,6 +428,27 @@ def test_bench_batch_size_reports_each_batch_size(target_dir, tmp_path, capsys):
                  "--out", str(tmp_path / "c")]) == 2
 
 
+def test_bench_batch_size_reads_a_datastore_variant(target_dir, tmp_path):
+    """`suffix@datastore=FILE` in the batch sweep drafts from FILE (here the target's own answers
+    to the same questions), so it accepts more than plain `suffix`, with the same outputs."""
+    import json
+
+    from outrider.cli import main
+    from outrider.drafters.datastore import Datastore
+
+    common = ["--target", str(target_dir), "--max-new-tokens", "12", "--dtype", "float32", "--limit-per-category", "1"]
+    assert main(["bench", "--methods", "autoregressive", "--out", str(tmp_path / "ar"), *common]) == 0
+    answers = [json.loads(line)["output_ids"] for line in (tmp_path / "ar" / "results.jsonl").read_text().splitlines()]
+    Datastore.from_sequences(answers).save(tmp_path / "a.npy")
+    variant = f"suffix@datastore={tmp_path / 'a.npy'}"
+    assert main(["bench", "--batch-size", "1", "--methods", f"suffix,{variant}", "--out", str(tmp_path / "b"),
+                 *common]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "b" / "batch.json").read_text())["rows"]}
+    plain, stored = rows["suffix (no gate)"], rows[f"{variant} (no gate)"]
+    assert plain["same_as_batch1_autoregressive"] == stored["same_as_batch1_autoregressive"] == 1.0
+    assert stored["tau"] > plain["tau"]
+
+
 @pytest.mark.parametrize("table_s", [10.0, 0.0], ids=["table-says-dear", "measured-dear"])
 def test_the_gate_skips_a_draft_model_that_cannot_pay(model_dirs, table_s):
     """When a draft forward costs far more than a target step, draft_model rows skip drafting (but

@@ -75,7 +75,8 @@ def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> d
     for m in methods:
         name, options = split_options(m)  # e.g. eagle@w=2@k=6
         decoders[m] = SpeculativeDecoder.from_pretrained(cfg.target, draft=draft_path(m, draft, head), method=name,
-                                                         k=options.get("k", cfg.k), width=options.get("w"), **load)
+                                                         k=options.get("k", cfg.k), width=options.get("w"),
+                                                         datastore=options.get("datastore"), **load)
     tok = decoders["autoregressive"].tokenizer
     requests = [GenerationRequest(render_prompt(tok, q, 0, []), max_new_tokens=cfg.max_new_tokens) for q in questions]
     warm = [GenerationRequest(requests[0].prompt, max_new_tokens=8)]

@@ -482,9 +482,12 @@ class NativeLlama:
         every slot starts empty. The weights are shared; the cache costs `slots` times the memory."""
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise ValueError(f"slots={slots!r} is invalid: use an integer >= 1 (sequences held at once)")
-        shape = (slots, self.n_kv_heads, self.capacity, self.head_dim)
-        self._k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self._v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        shape = (len(self.layers), slots, self.n_kv_heads, self.capacity, self.head_dim)
+        # One tensor for all layers' keys (and one for values), used per layer through views: a
+        # tree step's keep_path then moves every layer's entries in one indexing op, not 2 per layer.
+        self._k_all = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._v_all = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self._k, self._v = list(self._k_all.unbind(0)), list(self._v_all.unbind(0))
         # What each cache position holds besides its keys and values, kept by the same rollback
         # and keep_path: its token id, and with capture_hidden its captured hidden states. A new
         # sequence that shares a prefix with the cached one then reuses it (reuse_prefix).
@@ -711,14 +714,18 @@ class NativeLlama:
         drop the rest. Their keys were rotated at depth positions start + i, which is where they
         land, so the cache then equals that of the path fed as a chain."""
         check_path(start, path, self._lengths[slot])
-        idx = torch.tensor(path, dtype=torch.long, device=self.device) + start
-        for k_all, v_all in zip(self._k, self._v):
-            k_cache, v_cache = k_all[slot], v_all[slot]
-            k_cache[:, start : start + len(path)] = k_cache[:, idx]  # advanced indexing copies first
-            v_cache[:, start : start + len(path)] = v_cache[:, idx]
-        self._ids[slot, start : start + len(path)] = self._ids[slot, idx]
-        if self._hid is not None:
-            self._hid[slot, :, start : start + len(path)] = self._hid[slot, :, idx]
+        # Tokens already where they belong (a path that begins with the tree's first nodes, as a
+        # best-first tree's often does) stay; only the rest moves (measured: ~0.8 ms per step for
+        # SmolLM2's 30 layers when every layer moved its own entries).
+        first = next((i for i, p in enumerate(path) if p != i), len(path))
+        if first < len(path):
+            idx = torch.tensor(path[first:], dtype=torch.long, device=self.device) + start
+            to = slice(start + first, start + len(path))
+            for cache in (self._k_all, self._v_all):  # (L, slots, Hkv, C, hd)
+                cache[:, slot, :, to] = cache[:, slot, :, idx]  # advanced indexing copies first
+            self._ids[slot, to] = self._ids[slot, idx]
+            if self._hid is not None:
+                self._hid[slot, :, to] = self._hid[slot, :, idx]
         self._lengths[slot] = start + len(path)
 
     def reset(self, slot: int | None = None) -> None:
