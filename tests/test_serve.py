@@ -255,6 +255,23 @@ def test_a_batching_server_answers_each_request_as_alone(serve_model, reference)
         srv.stop()
 
 
+def test_a_fresh_server_shows_its_counters_at_zero():
+    """Before any request every per-model counter and histogram is a series at 0 (so an idle
+    replica shows in a --replicas server's /metrics, and rate() works from the start)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from outrider.serve.metrics import ServeMetrics
+
+    text = ServeMetrics("m").render().decode()
+    samples = {s.name: s for family in text_string_to_metric_families(text) for s in family.samples}
+    for name in ("generation_tokens_total", "prompt_tokens_total", "prompt_tokens_cached_total",
+                 "spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
+                 "spec_decode_num_accepted_tokens_total", "time_to_first_token_seconds_count",
+                 "time_per_output_token_seconds_count", "e2e_request_latency_seconds_count"):
+        sample = samples[f"outrider:{name}"]
+        assert (sample.value, sample.labels) == (0.0, {"model_name": "m"}), name
+
+
 def test_metrics_add_up_to_the_responses(server):
     before = server.metrics()
     figures, usages = [], []

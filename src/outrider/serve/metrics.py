@@ -56,6 +56,12 @@ class ServeMetrics:
         self.waiting = Gauge("outrider:num_requests_waiting", "Requests queued for the engine.", m, registry=r)
         self.running.labels(model_name).set(0)
         self.waiting.labels(model_name).set(0)
+        # Every per-model series exists from the start, at 0 (Prometheus' advice for labelled
+        # metrics): a dashboard's rate() works before the first request, and with --replicas an
+        # idle replica still shows in /metrics rather than missing from it.
+        for family in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.prompt_tokens,
+                       self.prompt_tokens_cached, self.generation_tokens, self.ttft, self.tpot, self.e2e):
+            family.labels(model_name)
 
     def set_queue(self, running: int, waiting: int) -> None:
         self.running.labels(self.model_name).set(running)
