@@ -66,17 +66,14 @@ def run_batch_bench(cfg: Any, batch_sizes: list[int], questions: list[Any]) -> d
         torch.set_num_threads(cfg.threads)
     load = dict(dtype=cfg.dtype, backend="native" if cfg.backend == "auto" else cfg.backend, device=cfg.device)
     decoders = {"autoregressive": SpeculativeDecoder.from_pretrained(cfg.target, method="autoregressive", **load)}
-    from outrider.bench.peers import draft_path, split_options
+    from outrider.bench.peers import variant_decoder
     from outrider.bench.runner import model_dirs
     from outrider.demo import eagle_head
 
     draft = model_dirs(cfg)[1]
     head = eagle_head(cfg.target, cfg.head, decoders["autoregressive"])  # given, else one shipped for the target
-    for m in methods:
-        name, options = split_options(m)  # e.g. eagle@w=2@k=6
-        decoders[m] = SpeculativeDecoder.from_pretrained(cfg.target, draft=draft_path(m, draft, head), method=name,
-                                                         k=options.get("k", cfg.k), width=options.get("w"),
-                                                         datastore=options.get("datastore"), **load)
+    for m in methods:  # e.g. eagle@w=2@k=6
+        decoders[m] = variant_decoder(m, cfg.target, draft, head, cfg.k, **load)
     tok = decoders["autoregressive"].tokenizer
     requests = [GenerationRequest(render_prompt(tok, q, 0, []), max_new_tokens=cfg.max_new_tokens) for q in questions]
     warm = [GenerationRequest(requests[0].prompt, max_new_tokens=8)]

@@ -112,20 +112,25 @@ def draft_path(method: str, draft: Any, head: Any) -> Any:
     return draft if cls.uses_draft_model else None
 
 
+def variant_decoder(method: str, target: Any, draft: Any, head: Any, k: int | str | None, **load: Any) -> Any:
+    """The decoder of a method variant ("eagle@w=2@head=DIR", "suffix@datastore=FILE"): its k (else
+    the run's `k`; none for a method that drafts nothing), w, datastore and what it drafts with
+    (draft_path). The one reading of a variant's options, for the bench and the batch bench alike.
+    load: dtype, backend, device."""
+    from outrider.decoder import SpeculativeDecoder
+
+    name, options = split_options(method)
+    k = options.get("k", k) if REGISTRY[name].default_k > 0 else None
+    return SpeculativeDecoder.from_pretrained(target, draft=draft_path(method, draft, head), method=name, k=k,
+                                              width=options.get("w"), datastore=options.get("datastore"), **load)
+
+
 class OutriderMethod:
     def __init__(self, name: str, target: Any, draft: Any, k: int | None, dtype: str | None,
                  backend: str, device: str | None, head: Any = None) -> None:
-        from outrider.decoder import SpeculativeDecoder
-
-        label, (name, options) = name, split_options(name)
-        k = options.get("k", k)
-        drafts = REGISTRY[name].default_k > 0
-        self.name = label
-        self.decoder = SpeculativeDecoder.from_pretrained(
-            target, draft=draft_path(label, draft, head), method=name,
-            k=k if drafts else None, width=options.get("w"), dtype=dtype, backend=backend, device=device,
-            datastore=options.get("datastore"),
-        )
+        drafts = REGISTRY[split_options(name)[0]].default_k > 0
+        self.name = name
+        self.decoder = variant_decoder(name, target, draft, head, k, dtype=dtype, backend=backend, device=device)
         self.k = "auto" if self.decoder.adaptive is not None else self.decoder.k
         self.precision = f"outrider {dtype or 'as stored'}"
         # c and v(n), measured before any timed run: the bench's cost-model prediction uses them.
