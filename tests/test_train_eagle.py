@@ -148,22 +148,31 @@ def test_answer_starts_mark_where_each_row_answers(tokenizer):
 
 def test_heldout_scores_only_answer_tokens(tokenizer):
     """A head that always drafts token c (two draft tokens, zero output weights: ties pick the first)
-    agrees with the target exactly where the target prefers c to c2; with starts, only the answer
-    pairs count."""
+    agrees with the target exactly where the target's top token over the whole vocabulary is c, as
+    the decoder checks it: where the target prefers c to c2 but a token outside the draft vocabulary
+    to both, the head is wrong. With starts, only the answer pairs count."""
     from outrider.drafters.eagle import new_head
     from outrider.train.eagle import evaluate
     from outrider.train.loop import autocast
 
     target = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=4)
-    embed = target.get_input_embeddings().weight.detach()
+    embed = target.get_input_embeddings().weight.detach().clone()
     c, c2 = 5, 17
+    with torch.no_grad():  # every other token's logit 0: the target's top is c, c2 or (both < 0) token 0
+        out = target.get_output_embeddings().weight.detach().clone()
+        keep = out[[c, c2]].clone()
+        out.zero_()
+        out[[c, c2]] = keep
+        target.get_output_embeddings().weight = torch.nn.Parameter(out)
     head = new_head(target.config, embed, "t", torch.tensor([c, c2]), (0, 2, 4))
     with torch.no_grad():
         head.lm_head.weight.zero_()
     rows = torch.randint(0, len(tokenizer), (6, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), autocast(rows.device):
         logits = target(input_ids=rows).logits.float()
-    prefers_c = (logits[..., c] >= logits[..., c2]).float()  # (6, 12): position t predicts token t+1
+    prefers_c = (logits.argmax(-1) == c).float()  # (6, 12): position t predicts token t+1
+    reduced_only = (logits[..., c] >= logits[..., c2]).float()
+    assert (reduced_only[:, 7:11] > prefers_c[:, 7:11]).any()  # the case the full vocabulary decides
     # Pair j predicts token j+2 from the target's logits at j+1; answers from token 8 on: j+1 = 7..10.
     late = evaluate(head, target, embed, rows, 2, starts=torch.full((6,), 8))
     assert late["by_depth"][0] == late["chain"][0] == round(float(prefers_c[:, 7:11].mean()), 4)
