@@ -287,7 +287,7 @@ def evaluate(head: EagleHead, target: Any, embed: torch.Tensor, rows: torch.Tens
             _, hits = unrolled_losses(head, embed, b, hidden, logits[..., head.d2t], unroll)
             # The decoder checks a draft against the target's top token over the whole vocabulary:
             # where that token is outside the draft vocabulary no draft is right (counting those
-            # pairs, the report ran 0.04-0.05 above the bench's acceptance at depth 1).
+            # pairs flattered the reports: depth 1 0.905 -> 0.885 embedded, 0.577 -> 0.571 SmolLM2).
             drafted = head.d2t[logits[:, 1:, head.d2t].argmax(-1)] == logits[:, 1:].argmax(-1)
             hits = [h & drafted for h in hits]
         t, r = chain_counts(hits, score)
