@@ -263,8 +263,10 @@ def test_a_rerun_with_more_prompts_extends_the_data_and_keeps_the_head(tmp_path,
     from outrider.drafters.eagle import EagleHead
 
     recipe = tiny_recipe(tmp_path, tokenizer, 2, "def g{i}(x):\n    return x * {i}", "head", 8, 8)
-    recipe = replace(recipe, prompts=12, draft_vocab=16, minutes=0.02)
+    recipe = replace(recipe, prompts=12, draft_vocab=16, minutes=0.02, cache_on_disk=True)
     train_eagle(recipe)
+    store = tmp_path / "head" / "work" / "features"
+    assert json.loads((store / "meta.json").read_text())["done"] == 12  # --cache-on-disk: the features on disk
     data = torch.load(tmp_path / "head" / "work" / "data.pt")
     first_d2t = EagleHead.load(tmp_path / "head").d2t.clone()
     grown = train_eagle(replace(recipe, prompts=20, minutes=0.04))
@@ -278,6 +280,7 @@ def test_a_rerun_with_more_prompts_extends_the_data_and_keeps_the_head(tmp_path,
     new_prompts = {re.match(r"def g(\d+)", tokenizer.decode(r[r >= 0].tolist())).group(1) for r in more["train"][12:]}
     assert new_prompts == {str(i) for i in range(12, 20)}
     assert torch.equal(EagleHead.load(tmp_path / "head").d2t, first_d2t)
+    assert json.loads((store / "meta.json").read_text())["done"] == 20  # other rows: computed anew
 
 
 
@@ -368,3 +371,52 @@ def test_generation_stopped_midway_resumes_from_its_last_chunk(tmp_path, tokeniz
     assert torch.equal(done["train"][:8, : kept["train"].shape[1]], kept["train"])
     names = {re.match(r"def h(\d+)", tokenizer.decode(r[r >= 0].tolist())).group(1) for r in done["train"]}
     assert names == {str(i) for i in range(24)}  # every training prompt of the file, once
+
+
+def test_feature_cache_on_disk_equals_ram_and_resumes(tmp_path, monkeypatch):
+    """--cache-on-disk: the target's features in memory-mapped files give the same batches as the
+    RAM cache; a rerun (a stopped run resumed) computes only the rows not yet stored, and a store
+    of other rows is computed anew, not read."""
+    from outrider.train.eagle import Features
+
+    target = tiny_model("llama", vocab_size=64, num_hidden_layers=4)
+    rows = torch.randint(0, 64, (5, 9), generator=torch.Generator().manual_seed(0))
+    rows[1, 6:] = -1  # right padding, as the data has
+    d2t, layers, store = torch.tensor([3, 7, 11]), (0, 2, 4), tmp_path / "features"
+    ram = Features(target, rows, layers, d2t, cache_gb=1.0, batch=2)
+    disk = Features(target, rows, layers, d2t, cache_gb=1.0, batch=2, store=store)
+    index = torch.tensor([4, 1, 0])
+    for a, b in zip(ram(index), disk(index)):
+        assert torch.equal(a, b)
+
+    computed = []
+    real_states = Features._states
+    monkeypatch.setattr(Features, "_states", lambda self, b: computed.append(b.shape[0]) or real_states(self, b))
+    again = Features(target, rows, layers, d2t, cache_gb=1.0, batch=2, store=store)
+    assert computed == []  # every row was stored: nothing recomputed
+    assert torch.equal(again(index)[1], ram(index)[1])
+    meta = json.loads((store / "meta.json").read_text())
+    (store / "meta.json").write_text(json.dumps({**meta, "done": 2}))  # stopped after the first chunk
+    Features(target, rows, layers, d2t, cache_gb=1.0, batch=2, store=store)
+    assert computed == [2, 1]  # rows 2-3, then row 4
+    computed.clear()
+    other = rows.flip(0)
+    fresh = Features(target, other, layers, d2t, cache_gb=1.0, batch=2, store=store)
+    assert computed == [2, 2, 1]
+    assert torch.equal(fresh(index)[1], Features(target, other, layers, d2t, cache_gb=1.0, batch=2)(index)[1])
+
+
+def test_feature_cache_on_disk_refuses_a_disk_too_small(tmp_path, monkeypatch):
+    """A mapped write past a full disk kills the process (SIGBUS): the store checks the room first
+    and names what it needs and the fix."""
+    import collections
+    import shutil
+
+    from outrider.train.eagle import Features
+
+    target = tiny_model("llama", vocab_size=64, num_hidden_layers=4)
+    rows = torch.randint(0, 64, (5, 9), generator=torch.Generator().manual_seed(0))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ValueError, match=r"--cache-on-disk needs .* GB more .* leave out --cache-on-disk"):
+        Features(target, rows, (0, 2, 4), torch.tensor([3, 7]), cache_gb=1.0, store=tmp_path / "features")

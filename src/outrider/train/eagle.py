@@ -18,7 +18,9 @@ Runs are seeded, checkpointed (train/loop.py) and resumable; `--minutes` bounds 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -56,6 +58,9 @@ class EagleRecipe:
     chat: bool | None = None  # prompts as chat requests; None: when the target has a chat template
     dtype: str = "float32"  # the target's, for data and features: bfloat16 is ~2x faster on CPU
     cache_gb: float = 4.0  # RAM for the target's features, computed once (over it: per batch, online)
+    # The feature cache in files under OUT/work/features/ (memory-mapped; cache_gb is then a disk
+    # budget): a stopped run resumes without recomputing it, and it may exceed the RAM.
+    cache_on_disk: bool = False
     # Chat targets: the share of requests the target writes itself (Magpie). They are as varied as
     # its tuning data, where the offline templates are not; each costs a short generation.
     self_requests: float = 0.5
@@ -116,6 +121,50 @@ def target_pass(target: Any, batch: torch.Tensor, layers: tuple[int, ...]) -> tu
     return hidden, out.logits
 
 
+def feature_key(target: Any, rows: torch.Tensor, layers: tuple[int, ...]) -> str:
+    """What a stored feature cache was computed from: the target, its layers, the rows."""
+    h = hashlib.sha256(rows.cpu().numpy().tobytes())
+    h.update(f"{target.config.name_or_path}|{target.config.num_hidden_layers}|{list(layers)}|{tuple(rows.shape)}".encode())
+    return h.hexdigest()[:32]
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)  # atomic: a reader sees the old progress or the new, never half of it
+
+
+def open_feature_store(store: Path, key: str, L: int, S: int, T: int, D: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The disk feature cache: hidden (L, S, T, D) and final (S, T, D) bf16 tensors mapped from files
+    in `store`, and how many rows of them are already computed (0 for a new store, or one computed
+    from other rows, a target or layers: then it starts over)."""
+    store.mkdir(parents=True, exist_ok=True)
+    meta = store / "meta.json"
+    done = 0
+    if meta.is_file():
+        saved = json.loads(meta.read_text())
+        done = int(saved["done"]) if saved.get("key") == key else 0
+    if done == 0:
+        _write_json(meta, {"key": key, "done": 0})
+    files = (("hidden.bin", (L, S, T, D)), ("final.bin", (S, T, D)))
+    need = (L + 1) * S * T * D * 2 - sum((store / n).stat().st_blocks * 512 for n, _ in files if (store / n).is_file())
+    free = shutil.disk_usage(store).free
+    if need > free:  # a mapped write past a full disk would kill the run with SIGBUS, not an error
+        raise ValueError(f"--cache-on-disk needs {need / 1e9:.1f} GB more in {store}, and the disk has "
+                         f"{free / 1e9:.1f} GB free: free some, or leave out --cache-on-disk")
+    tensors = []
+    for name, shape in files:
+        numel = 1
+        for n in shape:
+            numel *= n
+        path = store / name
+        with open(path, "ab") as f:  # sized sparse: no disk is written until a row is
+            f.truncate(numel * 2)
+        tensors.append(torch.from_file(str(path), shared=True, size=numel, dtype=torch.bfloat16).view(shape))
+    return tensors[0], tensors[1], done
+
+
 class Features:
     """What one loss needs from the target for rows of data: hidden states of the head's layers and
     logits on the reduced vocabulary. Computed once into RAM when they fit `cache_gb` (the target is
@@ -124,21 +173,28 @@ class Features:
     away (final @ W[d2t].T), and a 49k-vocabulary row would be 10x the size."""
 
     def __init__(self, target: Any, rows: torch.Tensor, layers: tuple[int, ...], d2t: torch.Tensor,
-                 cache_gb: float, batch: int = 16) -> None:
+                 cache_gb: float, batch: int = 16, store: Path | None = None) -> None:
         self.target, self.rows, self.layers, self.d2t = target, rows, layers, d2t
         self.out_rows = target.get_output_embeddings().weight.detach()[d2t].float()  # (N, D_t)
         S, T = rows.shape
         self.cached = S * T * (len(layers) + 1) * target.config.hidden_size * 2 / 1e9 <= cache_gb
-        if self.cached:  # bf16: the precision the target serves in; half the RAM of float32
-            L, D = len(layers), target.config.hidden_size
+        if not self.cached:
+            return
+        L, D = len(layers), target.config.hidden_size
+        done, key = 0, feature_key(target, rows, layers) if store is not None else ""
+        if store is None:  # bf16: the precision the target serves in; half the RAM of float32
             self.hidden = torch.zeros(L, S, T, D, dtype=torch.bfloat16, device=rows.device)  # (L, S, T, D_t)
             self.final = torch.zeros(S, T, D, dtype=torch.bfloat16, device=rows.device)  # (S, T, D_t)
-            for i in range(0, S, batch):
-                chunk = rows[i : i + batch]
-                n = int((chunk >= 0).sum(1).max())  # the chunk's longest row: skip its padding columns
-                h, f = self._states(chunk[:, :n])
-                self.hidden[:, i : i + batch, :n] = h
-                self.final[i : i + batch, :n] = f
+        else:
+            self.hidden, self.final, done = open_feature_store(store, key, L, S, T, D)
+        for i in range(done, S, batch):
+            chunk = rows[i : i + batch]
+            n = int((chunk >= 0).sum(1).max())  # the chunk's longest row: skip its padding columns
+            h, f = self._states(chunk[:, :n])
+            self.hidden[:, i : i + batch, :n] = h.to(self.hidden.device)
+            self.final[i : i + batch, :n] = f.to(self.final.device)
+            if store is not None:  # the mapping is the file's page cache: a killed run keeps these rows
+                _write_json(store / "meta.json", {"key": key, "done": min(i + batch, S)})
 
     def _states(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -152,7 +208,9 @@ class Features:
         T = int((batch >= 0).sum(1).max())
         batch = batch[:, :T]
         if self.cached:
-            hidden, final = self.hidden[:, index, :T].float(), self.final[index, :T].float()
+            at = index.to(self.final.device)
+            hidden = self.hidden[:, at, :T].to(batch.device).float()
+            final = self.final[at, :T].to(batch.device).float()
         else:
             hidden, final = self._states(batch)
         return batch, hidden, final.float() @ self.out_rows.T
@@ -324,6 +382,9 @@ def build_parser(parser: Any) -> Any:
                         help="the target's dtype for data and features (bfloat16: ~2x faster on CPU)")
     parser.add_argument("--cache-gb", type=float, default=EagleRecipe.cache_gb,
                         help="RAM for the target's features, computed once (0: recompute per batch)")
+    parser.add_argument("--cache-on-disk", action="store_true",
+                        help="keep the feature cache in OUT/work/features/ (memory-mapped; --cache-gb is then disk): "
+                             "a stopped run resumes without recomputing it, and it may exceed the RAM")
     parser.add_argument("--self-requests", type=float, default=EagleRecipe.self_requests,
                         help="chat targets: share of training requests the target writes itself (0: templates only)")
     parser.add_argument("--long-requests", type=float, default=EagleRecipe.long_requests,
@@ -349,7 +410,7 @@ def run_from_args(args: Any) -> int:
     recipe = EagleRecipe(target=args.target, out=args.out, minutes=args.minutes, prompts=args.prompts,
                          prompts_file=args.prompts_file, gen_len=args.gen_len, draft_vocab=args.draft_vocab,
                          unroll=args.unroll, seed=args.seed, prompt_len=args.prompt_len, batch_size=args.batch_size,
-                         chat=args.chat, dtype=args.dtype, cache_gb=args.cache_gb,
+                         chat=args.chat, dtype=args.dtype, cache_gb=args.cache_gb, cache_on_disk=args.cache_on_disk,
                          self_requests=args.self_requests, gen_batch=args.gen_batch, init=args.init,
                          long_requests=args.long_requests, lr=args.lr)
     from outrider.models import resolve_device
@@ -410,7 +471,8 @@ def train_eagle(recipe: EagleRecipe, device: torch.device | None = None) -> dict
     coverage = float(torch.isin(held[held >= 0], d2t).float().mean())
     settings = head_settings(recipe, data)
     seq_len = settings.seq_len
-    features = Features(target, data["train"].to(device), layers, d2t.to(device), recipe.cache_gb)
+    store = run.work / "features" if recipe.cache_on_disk else None
+    features = Features(target, data["train"].to(device), layers, d2t.to(device), recipe.cache_gb, store=store)
     sampler = LengthGroupedSampler((data["train"] >= 0).sum(1), recipe.batch_size, recipe.seed)
     result: LoopResult = train(head, make_loss(features, embed.float(), recipe.unroll), sampler, settings,
                                Budget(tokens=None, minutes=recipe.minutes), run.work / "head.ckpt", device, "eagle")
