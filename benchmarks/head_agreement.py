@@ -28,7 +28,7 @@ def main() -> None:
     from outrider.bench.datasets import load_spec_bench, render_prompt
     from outrider.drafters.eagle import EagleHead
     from outrider.models import load_transformers_model, parse_dtype
-    from outrider.train.eagle import target_pass, unrolled_losses
+    from outrider.train.eagle import draft_hits, target_pass
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", required=True)
@@ -60,14 +60,10 @@ def main() -> None:
         seq = torch.tensor([ids + rec["output_ids"]])
         with torch.no_grad():
             hidden, logits = target_pass(target, seq, head.cfg.target_layers)
-            # hits: the head's top-1 is the target's on the reduced vocabulary; decoding needs the
-            # target's top-1 over all tokens, so a hit counts only where that one is in d2t.
-            _, (hits,) = unrolled_losses(head, embed, seq, hidden.float(), logits[..., head.d2t].float(), 1)
-            top = logits[0, 1:].float().argmax(-1)  # pair j: the target's next token after token j + 1
-            in_reduced = head.d2t[logits[0, 1:, head.d2t].float().argmax(-1)] == top
+            (hits,) = draft_hits(head, embed, seq, hidden.float(), logits.float(), 1)  # as decoding checks
         counts = agree[q.category]
         first = len(ids) - 1  # pairs from here on draft an answer token (pair j drafts token j + 2)
-        agreed = (hits[0] & in_reduced)[first : seq.shape[1] - 2]
+        agreed = hits[0][first : seq.shape[1] - 2]
         counts[0] += int(agreed.sum())
         counts[1] += int(agreed.shape[0])
         for at, ok in enumerate(agreed.tolist(), start=first + 2):  # the drafted token's position

@@ -280,7 +280,7 @@ def test_a_rerun_with_more_prompts_extends_the_data_and_keeps_the_head(tmp_path,
     new_prompts = {re.match(r"def g(\d+)", tokenizer.decode(r[r >= 0].tolist())).group(1) for r in more["train"][12:]}
     assert new_prompts == {str(i) for i in range(12, 20)}
     assert torch.equal(EagleHead.load(tmp_path / "head").d2t, first_d2t)
-    assert json.loads((store / "meta.json").read_text())["done"] == 20  # other rows: computed anew
+    assert json.loads((store / "meta.json").read_text())["done"] == 20  # the rerun's store covers its 20 rows
 
 
 

@@ -128,9 +128,9 @@ def variant_decoder(method: str, target: Any, draft: Any, head: Any, k: int | st
 class OutriderMethod:
     def __init__(self, name: str, target: Any, draft: Any, k: int | None, dtype: str | None,
                  backend: str, device: str | None, head: Any = None) -> None:
-        drafts = REGISTRY[split_options(name)[0]].default_k > 0
         self.name = name
         self.decoder = variant_decoder(name, target, draft, head, k, dtype=dtype, backend=backend, device=device)
+        drafts = REGISTRY[self.decoder.method].default_k > 0
         self.k = "auto" if self.decoder.adaptive is not None else self.decoder.k
         self.precision = f"outrider {dtype or 'as stored'}"
         # c and v(n), measured before any timed run: the bench's cost-model prediction uses them.

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -128,25 +129,15 @@ def feature_key(target: Any, rows: torch.Tensor, layers: tuple[int, ...]) -> str
     return h.hexdigest()[:32]
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)  # atomic: a reader sees the old progress or the new, never half of it
-
-
 def open_feature_store(store: Path, key: str, L: int, S: int, T: int, D: int
                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The disk feature cache: hidden (L, S, T, D) and final (S, T, D) bf16 tensors mapped from files
     in `store`, and how many rows of them are already computed (0 for a new store, or one computed
     from other rows, a target or layers: then it starts over)."""
     store.mkdir(parents=True, exist_ok=True)
-    meta = store / "meta.json"
-    done = 0
-    if meta.is_file():
-        saved = json.loads(meta.read_text())
-        done = int(saved["done"]) if saved.get("key") == key else 0
-    if done == 0:
-        _write_json(meta, {"key": key, "done": 0})
+    saved = json.loads((store / "meta.json").read_text()) if (store / "meta.json").is_file() else {}
+    done = int(saved["done"]) if saved.get("key") == key else 0
+    mark_stored(store, key, done)
     files = (("hidden.bin", (L, S, T, D)), ("final.bin", (S, T, D)))
     need = (L + 1) * S * T * D * 2 - sum((store / n).stat().st_blocks * 512 for n, _ in files if (store / n).is_file())
     free = shutil.disk_usage(store).free
@@ -155,14 +146,19 @@ def open_feature_store(store: Path, key: str, L: int, S: int, T: int, D: int
                          f"{free / 1e9:.1f} GB free: free some, or leave out --cache-on-disk")
     tensors = []
     for name, shape in files:
-        numel = 1
-        for n in shape:
-            numel *= n
-        path = store / name
-        with open(path, "ab") as f:  # sized sparse: no disk is written until a row is
-            f.truncate(numel * 2)
-        tensors.append(torch.from_file(str(path), shared=True, size=numel, dtype=torch.bfloat16).view(shape))
+        with open(store / name, "ab") as f:  # sized sparse: no disk is written until a row is
+            f.truncate(math.prod(shape) * 2)
+        tensors.append(torch.from_file(str(store / name), shared=True, size=math.prod(shape),
+                                       dtype=torch.bfloat16).view(shape))
     return tensors[0], tensors[1], done
+
+
+def mark_stored(store: Path, key: str, done: int) -> None:
+    """Record that the store's first `done` rows are computed (atomically: a reader sees the old
+    count or the new). The mapping is the files' page cache, so a killed run keeps those rows."""
+    from outrider.bench.runner import write_atomic
+
+    write_atomic(store / "meta.json", json.dumps({"key": key, "done": done}))
 
 
 class Features:
@@ -181,11 +177,12 @@ class Features:
         if not self.cached:
             return
         L, D = len(layers), target.config.hidden_size
-        done, key = 0, feature_key(target, rows, layers) if store is not None else ""
         if store is None:  # bf16: the precision the target serves in; half the RAM of float32
             self.hidden = torch.zeros(L, S, T, D, dtype=torch.bfloat16, device=rows.device)  # (L, S, T, D_t)
             self.final = torch.zeros(S, T, D, dtype=torch.bfloat16, device=rows.device)  # (S, T, D_t)
+            done = 0
         else:
+            key = feature_key(target, rows, layers)
             self.hidden, self.final, done = open_feature_store(store, key, L, S, T, D)
         for i in range(done, S, batch):
             chunk = rows[i : i + batch]
@@ -193,8 +190,8 @@ class Features:
             h, f = self._states(chunk[:, :n])
             self.hidden[:, i : i + batch, :n] = h.to(self.hidden.device)
             self.final[i : i + batch, :n] = f.to(self.final.device)
-            if store is not None:  # the mapping is the file's page cache: a killed run keeps these rows
-                _write_json(store / "meta.json", {"key": key, "done": min(i + batch, S)})
+            if store is not None:
+                mark_stored(store, key, min(i + batch, S))
 
     def _states(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -265,6 +262,19 @@ def unrolled_losses(head: EagleHead, embed: torch.Tensor, batch: torch.Tensor, h
         # Next step: pair j reads the head's own output at pair j-1 in place of the feature.
         x_feat = torch.cat([torch.zeros_like(out[:, :1]), out[:, :-1]], dim=1)
     return losses, hits
+
+
+def draft_hits(head: EagleHead, embed: torch.Tensor, batch: torch.Tensor, hidden: torch.Tensor,
+               logits: torch.Tensor, unroll: int) -> list[torch.Tensor]:
+    """Per unroll step (B, T-1) bool: the head's top-1 at pair j is the target's top-1 over the whole
+    vocabulary, as the decoder checks a draft. logits (B, T, V): the target's full logits. Where the
+    target's top token is outside the draft vocabulary no draft is right, though the head may match
+    its top token on the draft vocabulary (unrolled_losses' hits; counting those flattered the
+    reports: depth 1 0.905 -> 0.885 embedded, 0.577 -> 0.571 SmolLM2)."""
+    reduced = logits[..., head.d2t]
+    _, hits = unrolled_losses(head, embed, batch, hidden, reduced, unroll)
+    reachable = head.d2t[reduced[:, 1:].argmax(-1)] == logits[:, 1:].argmax(-1)
+    return [h & reachable for h in hits]
 
 
 def make_loss(features: Features, embed: torch.Tensor, unroll: int):
@@ -342,12 +352,7 @@ def evaluate(head: EagleHead, target: Any, embed: torch.Tensor, rows: torch.Tens
             score &= (torch.arange(P, device=b.device)[None, :] + 2) >= starts[i : i + batch, None].to(b.device)
         with autocast(b.device):
             hidden, logits = target_pass(target, b, head.cfg.target_layers)
-            _, hits = unrolled_losses(head, embed, b, hidden, logits[..., head.d2t], unroll)
-            # The decoder checks a draft against the target's top token over the whole vocabulary:
-            # where that token is outside the draft vocabulary no draft is right (counting those
-            # pairs flattered the reports: depth 1 0.905 -> 0.885 embedded, 0.577 -> 0.571 SmolLM2).
-            drafted = head.d2t[logits[:, 1:, head.d2t].argmax(-1)] == logits[:, 1:].argmax(-1)
-            hits = [h & drafted for h in hits]
+            hits = draft_hits(head, embed, b, hidden, logits, unroll)
         t, r = chain_counts(hits, score)
         w, c = stepped_counts(hits, score)
         for s in range(unroll):
