@@ -172,6 +172,49 @@ def test_a_batched_bf16_forward_gives_each_row_its_logits_alone_bitwise():
 
 
 @pytest.mark.parametrize("case", MODELS)
+def test_a_batch_step_of_mixed_rows_equals_each_row_alone_bitwise(case):
+    """A batch step runs each layer as one call for all sequences (kernels.decoder_layer_rows): a
+    prefill, one-token steps, a 6-token chain (more rows than an attention block) and a tree (mask
+    and positions) in one forward give each sequence bit for bit its logits and caches alone, and
+    the op-by-op batch path's."""
+    from outrider.models.base import RowForward
+    from outrider.tree import verify_mask, verify_positions
+
+    cls, overrides = MODELS[case]
+    hf = bf16_model(cls, **overrides)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (n,), generator=gen) for n in (9, 21, 4, 13, 1)]
+    parents = torch.tensor([-1, 0, 0, 1, 2, 3])
+    steps = [torch.randint(0, 128, (n,), generator=gen) for n in (1, 6, 7, 1, 17)]
+    trees = {2: parents}  # row 2 verifies [root] + a 6-node tree
+
+    def row(slot: int, i: int, start: int) -> RowForward:
+        if i in trees:
+            return RowForward(slot, steps[i], None, verify_mask(trees[i]), verify_positions(trees[i], start))
+        return RowForward(slot, steps[i])
+
+    alone = NativeLlama.from_hf(hf)
+    expected, caches = [], []
+    for i, p in enumerate(prompts):
+        alone.reset()
+        alone.forward(p, num_logits=0)
+        expected.append(alone.forward_rows([row(0, i, len(p))])[0])
+        caches.append(alone._k[-1][0, :, : alone.length].clone())
+    for fused in (True, False):
+        batched = NativeLlama.from_hf(hf)
+        batched._fused_layers = fused
+        batched.set_slots(len(prompts))
+        batched.forward_rows([RowForward(i, p, 0) for i, p in enumerate(prompts[:4])])
+        # Row 4 prefills its 1-token prompt and 17 more tokens in the same step as the others' steps.
+        got = batched.forward_rows([row(i, i, len(p)) for i, p in enumerate(prompts[:4])]
+                                   + [RowForward(4, torch.cat([prompts[4], steps[4]]))])
+        got[4] = got[4][1:]
+        for i in range(len(prompts)):
+            assert torch.equal(got[i], expected[i]), (fused, i)
+            assert torch.equal(batched._k[-1][i, :, : len(prompts[i]) + len(steps[i])], caches[i]), (fused, i)
+
+
+@pytest.mark.parametrize("case", MODELS)
 def test_a_fused_layer_is_the_op_by_op_layer_bitwise(case):
     """A sequence's step runs each layer as one kernel call (kernels.decoder_layer); it must be the
     op-by-op layer bit for bit: prefill, one-token steps, a tree (mask and positions), the caches."""

@@ -63,3 +63,41 @@ def test_a_tiny_temperature_is_nearly_greedy_not_nan(t):
     p = probs_from_logits(torch.tensor([1.0, 2.0, 0.5, 2.0]), SamplingParams(temperature=t, top_p=0.9))
     assert p.tolist() == [0.0, 0.5, 0.0, 0.5] or p.tolist() == [0.0, 1.0, 0.0, 0.0]
     assert p.dtype == torch.float32 and not p.isnan().any()
+
+
+def test_sample_draws_each_token_at_its_probability_and_never_a_zero_one():
+    """sample() draws by the inverse CDF (one uniform per row): frequencies match p (chi-square),
+    tokens of probability 0 never come, rows are drawn independently, and a seed repeats them."""
+    from scipy.stats import chisquare
+
+    from outrider.sampling import sample
+
+    p = torch.tensor([0.5, 0.0, 0.2, 0.0, 0.25, 0.05])
+    n = 20000
+    draws = sample(p.expand(n, -1), torch.Generator().manual_seed(0))
+    assert draws.shape == (n,) and draws.dtype == torch.long
+    counts = torch.bincount(draws, minlength=6).double()
+    assert counts[1] == 0 and counts[3] == 0
+    keep = p > 0
+    assert chisquare(counts[keep].numpy(), (p[keep].double() * n).numpy()).pvalue > 1e-3
+    rows = torch.stack([p, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0])])  # (2, V): row 1 is one-hot
+    got = sample(rows.expand(3, 2, 6), torch.Generator().manual_seed(1))
+    assert got.shape == (3, 2) and (got[:, 1] == 5).all()
+    again = sample(p.expand(n, -1), torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+def test_sample_consumes_one_uniform_per_row():
+    """A draw over a 49k vocabulary (SmolLM2's) takes one uniform from the generator, not one per
+    vocabulary entry as torch.multinomial's exponentials do (~1 ms a draw here, paid per sampled
+    token): the generator's state after a draw is its state after one float64 uniform."""
+    from outrider.sampling import sample
+
+    p = torch.randn(49152).softmax(-1)
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state().clone()
+    sample(p, g)
+    used = torch.Generator()
+    used.set_state(before)
+    torch.rand(1, generator=used, dtype=torch.float64)
+    assert torch.equal(used.get_state(), g.get_state())

@@ -84,7 +84,15 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token id per row of probs (..., V) -> (...,) long."""
+    """Draw one token id per row of probs (..., V) -> (...,) long, by the inverse CDF: one uniform
+    per row against the row's cumulative sums (float64, so a tail token's share of [0, 1) is its
+    probability to ~1e-16). torch.multinomial draws an exponential per vocabulary entry: 1.06 ms a
+    draw over SmolLM2's 49k tokens on this CPU against 0.06 ms, paid once per sampled token. A
+    token of probability 0 has an empty interval and is never drawn."""
     flat = probs.reshape(-1, probs.shape[-1])
-    out = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
+    cdf = flat.double().cumsum(-1)
+    u = torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float64, device=flat.device) * cdf[:, -1:]
+    out = torch.searchsorted(cdf, u, right=True)
+    # u < total unless rounding makes them equal (~1e-16): then the last token of any probability.
+    out = torch.minimum(out, torch.searchsorted(cdf, cdf[:, -1:].contiguous())).squeeze(-1)
     return out.reshape(probs.shape[:-1])

@@ -227,3 +227,20 @@ def decoder_layer(x: Tensor, attn_norm: Tensor, wqkv: KernelWeight, bqkv: Tensor
         x.contiguous(), attn_norm, wqkv.data, bqkv, wqkv.shape[0], wo.data, bo, wo.shape[0], mlp_norm,
         w_gate_up.data, b_gate_up, w_gate_up.shape[0], w_down.data, b_down, w_down.shape[0], k_cache, v_cache,
         cos, sin, start, heads, mask, eps)
+
+
+def decoder_layer_rows(x: Tensor, attn_norm: Tensor, wqkv: KernelWeight, bqkv: Tensor | None, wo: KernelWeight,
+                       bo: Tensor | None, mlp_norm: Tensor, w_gate_up: KernelWeight, b_gate_up: Tensor | None,
+                       w_down: KernelWeight, b_down: Tensor | None, k_all: Tensor, v_all: Tensor, cos: Tensor,
+                       sin: Tensor, slots: list[int], starts: list[int], ns: list[int],
+                       masks: list[Tensor | None], heads: int, eps: float) -> Tensor:
+    """decoder_layer for several sequences at once (a batch step): x (N, D) holds sequence r's
+    ns[r] new tokens after those of the sequences before it; its caches are slot slots[r] of k_all,
+    v_all (slots, kv_heads, C, hd), written at [starts[r], starts[r] + ns[r]), and its tokens see
+    masks[r] ((ns[r], starts[r] + ns[r]) bool) or are causal. Bit for bit one decoder_layer call
+    per sequence, in one call: the weights are read once and the attention of all rows runs in one
+    parallel loop."""
+    return torch.ops.outrider.decoder_layer_rows(
+        x.contiguous(), attn_norm, wqkv.data, bqkv, wqkv.shape[0], wo.data, bo, wo.shape[0], mlp_norm,
+        w_gate_up.data, b_gate_up, w_gate_up.shape[0], w_down.data, b_down, w_down.shape[0], k_all, v_all,
+        cos, sin, slots, starts, ns, [None if m is None else m.contiguous() for m in masks], heads, eps)

@@ -36,11 +36,13 @@ def target_requests(model: Any, tokenizer: Any, n: int, seed: int, eos: tuple[in
     top_p, trims the tail: top_p sorts the 49k vocabulary of every row, 0.43 s a step at batch 128
     on this CPU against 0.05 s."""
     from outrider.sampling import SamplingParams
+    from outrider.train.rowgen import continue_rows, native_engine
     from outrider.train.selfdistill import SeededSampler
 
     if not eos:
         raise ValueError("target_requests needs the target's EOS ids to know where a request ends")
-    opening = torch.tensor([request_opening(tokenizer)], dtype=torch.long)
+    opening = request_opening(tokenizer)
+    engine = native_engine(model, len(opening) + max_tokens)  # None: transformers' generate
     params = SamplingParams(temperature=temperature, top_k=top_k)
     seen: set[str] = set()
     out: list[str] = []
@@ -48,11 +50,16 @@ def target_requests(model: Any, tokenizer: Any, n: int, seed: int, eos: tuple[in
     for r in tqdm(rounds, desc="target-written requests", unit="batch", disable=len(rounds) < 4):
         if len(out) >= n:
             break
-        ids = opening.expand(batch, -1).to(model.device)
-        sampler = SeededSampler(params, seed * 1_000_003 + r)
-        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                             logits_processor=[sampler], eos_token_id=list(eos), pad_token_id=eos[0])
-        for row in new[:, ids.shape[1]:].tolist():
+        if engine is not None:
+            news = continue_rows(engine, [opening] * batch, max_tokens, params,
+                                 torch.Generator().manual_seed(seed * 1_000_003 + r), eos)
+        else:
+            ids = torch.tensor([opening], dtype=torch.long).expand(batch, -1).to(model.device)
+            sampler = SeededSampler(params, seed * 1_000_003 + r)
+            news = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                                  logits_processor=[sampler], eos_token_id=list(eos),
+                                  pad_token_id=eos[0])[:, ids.shape[1]:].tolist()
+        for row in news:
             ends = [i for i, t in enumerate(row) if t in eos]
             if not ends:
                 continue  # cut off: not a finished request

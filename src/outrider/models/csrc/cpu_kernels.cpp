@@ -208,12 +208,7 @@ static inline __m512 sum16(__m512* a) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x88), _mm512_shuffle_f32x4(a[0], a[1], 0xDD));
 }
 
-// attend without a mask: row i sees positions [0, start + i]. Rows go in blocks of up to kRows
-// sharing each key and value row, converted to float32 once per block of 16 keys, and their value
-// sums run as independent chains; per (row, key) the arithmetic is the masked loop's below, in the
-// same order (scores by 16-key blocks and sum16, softmax over 16-lane chunks of the visible keys,
-// value sums in increasing position), so a token's output is the same bits on either path and at
-// any n.
+// Rows of one head attend in blocks of up to kRows where no mask is given (causal_task below).
 constexpr int64_t kRows = 4;
 
 // Rows r < rn of a causal block: out[r] = inv[r] * sum over keys j < vis[r] of p[r][j] * v[j], chunks
@@ -284,74 +279,202 @@ static inline void value_sums_chunk(const uint16_t* vb, const float* p, int64_t 
     _mm256_mask_storeu_epi16(out + r * out_stride, cm, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[r], inv[r])));
 }
 
-static void attend_causal(const uint16_t* qp, const uint16_t* kp, const uint16_t* vp, uint16_t* op, int64_t n,
-                          int64_t heads, int64_t qheads, int64_t hd, int64_t C, int64_t start, int64_t group,
-                          float scale) {
-  const int64_t chunks = (hd + 15) / 16, end = start + n, blocks = (n + kRows - 1) / kRows;
-  const int64_t chunks32 = (hd + 31) / 32;
-  const __mmask16 last = tail16(hd - (chunks - 1) * 16);
-  const __mmask32 last32 = tail32(hd - (chunks32 - 1) * 32);
-  const int64_t grain = std::max<int64_t>(1, 8192 / (std::max<int64_t>(end, 1) * std::min<int64_t>(n, kRows)));
-  at::parallel_for(0, blocks * heads, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> score(kRows * (end + 16));
+// One sequence's part of an attention call: its query rows, its cache, where its output goes.
+struct AttendRow {
+  const uint16_t* q;  // (n, qheads, hd): the first `heads` heads of each row are the queries
+  const uint16_t* k;  // the sequence's caches (kv_heads, C, hd)
+  const uint16_t* v;
+  uint16_t* out;      // (n, heads * hd)
+  const bool* mask;   // (n, start + n) or nullptr: row i sees positions [0, start + i]
+  int64_t n, start;
+};
+
+// What every row of one attention call shares.
+struct AttendShape {
+  int64_t heads, qheads, hd, C, group, chunks, chunks32;
+  __mmask16 last;
+  __mmask32 last32;
+  float scale;
+};
+
+// Tasks of one row: (block of kRows rows, head) without a mask, (row, head) with one.
+inline int64_t attend_tasks(const AttendRow& r, const AttendShape& s) {
+  return r.mask ? r.n * s.heads : (r.n + kRows - 1) / kRows * s.heads;
+}
+
+// Task t of a row without a mask: rows [i0, i0 + rn) of one head share each key and value row,
+// converted to float32 once per block of 16 keys, and their value sums run as independent chains;
+// per (row, key) the arithmetic is the masked task's below, in the same order (scores by 16-key
+// blocks and sum16, softmax over 16-lane chunks of the visible keys, value sums in increasing
+// position), so a token's output is the same bits on either path and at any n. score: room for
+// kRows * (start + n + 16) floats.
+static void causal_task(const AttendRow& row, const AttendShape& s, int64_t t, float* score) {
+  const int64_t n = row.n, start = row.start, end = start + n, heads = s.heads, hd = s.hd;
+  const int64_t blocks = (n + kRows - 1) / kRows;
+  // Blocks alternate from both ends (0, last, 1, last - 1, ...): a causal block's work grows
+  // with its rows, and each thread's contiguous share of tasks then holds short and long ones.
+  const int64_t u = t / heads, h = t % heads, kvh = h / s.group;
+  const int64_t b = u % 2 ? blocks - 1 - u / 2 : u / 2;
+  const int64_t i0 = b * kRows, rn = std::min(kRows, n - i0);
+  const uint16_t* kb = row.k + kvh * s.C * hd;
+  const uint16_t* vb = row.v + kvh * s.C * hd;
+  const int64_t stride = end + 16;  // a row's scores, padded to whole 16-key blocks
+  int64_t vis[kRows];
+  __m512bh qb[kRows][8];
+  for (int64_t r = 0; r < rn; ++r) {
+    vis[r] = start + i0 + r + 1;
+    const uint16_t* qv = row.q + ((i0 + r) * s.qheads + h) * hd;
+    for (int64_t c = 0; c < s.chunks32; ++c)
+      qb[r][c] = load32bh(qv + c * 32, c == s.chunks32 - 1 ? s.last32 : __mmask32(0xFFFFFFFFu));
+  }
+  const int64_t maxend = vis[rn - 1];
+  for (int64_t j0 = 0; j0 < maxend; j0 += 16)
+    for (int64_t r = 0; r < rn; ++r) {
+      const int64_t lim = std::min<int64_t>(16, vis[r] - j0);  // the row's keys in this block
+      if (lim <= 0) continue;
+      const __m512 sums = scores16_any(qb[r], s.chunks32, kb + j0 * hd, hd, lim, 0xFFFFu, s.last32);
+      _mm512_storeu_ps(score + r * stride + j0, _mm512_mul_ps(sums, _mm512_set1_ps(s.scale)));
+    }
+  __m512 inv[kRows];
+  for (int64_t r = 0; r < rn; ++r) {
+    float* sc = score + r * stride;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < vis[r]; ++j) top = std::max(top, sc[j]);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t s0 = 0; s0 < vis[r]; s0 += 16) {
+      const __mmask16 msk = tail16(vis[r] - s0);
+      const __m512 e = _mm512_maskz_mov_ps(msk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(msk, sc + s0), _mm512_set1_ps(top))));
+      total = _mm512_add_ps(total, e);
+      _mm512_mask_storeu_ps(sc + s0, msk, e);
+    }
+    inv[r] = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+    std::fill(sc + vis[r], sc + maxend, 0.f);
+  }
+  for (int64_t r = rn; r < kRows; ++r) std::fill(score + r * stride, score + r * stride + maxend, 0.f);
+  // Value sums: keys in increasing position, each value row read once for the block's rows.
+  uint16_t* ob = row.out + i0 * heads * hd + h * hd;
+  // One row (a decode step) sums alone; a block's rows share each value row.
+  if (s.chunks == 4 && rn == 1) {
+    value_sums<4, 1>(vb, score, stride, vis, rn, hd, s.last, inv, ob, heads * hd);
+  } else if (s.chunks == 4) {
+    value_sums<4, kRows>(vb, score, stride, vis, rn, hd, s.last, inv, ob, heads * hd);
+  } else if (s.chunks == 8 && rn == 1) {
+    value_sums<8, 1>(vb, score, stride, vis, rn, hd, s.last, inv, ob, heads * hd);
+  } else if (s.chunks == 8) {
+    value_sums<8, kRows>(vb, score, stride, vis, rn, hd, s.last, inv, ob, heads * hd);
+  } else {
+    for (int64_t c = 0; c < s.chunks; ++c)
+      value_sums_chunk(vb + c * 16, score, stride, vis, rn, hd, c == s.chunks - 1 ? s.last : __mmask16(0xFFFF),
+                       inv, ob + c * 16, heads * hd);
+  }
+}
+
+// Task t of a row with a mask: one (row, head), its visible keys gathered in increasing position.
+// score, pos: room for start + n entries.
+static void masked_task(const AttendRow& row, const AttendShape& s, int64_t t, float* score, int32_t* pos) {
+  const int64_t end = row.start + row.n, heads = s.heads, hd = s.hd, chunks = s.chunks;
+  const int64_t i = t / heads, h = t % heads, kvh = h / s.group;
+  const bool* mp = row.mask;
+  const uint16_t* qv = row.q + (i * s.qheads + h) * hd;
+  const uint16_t* kb = row.k + kvh * s.C * hd;
+  const uint16_t* vb = row.v + kvh * s.C * hd;
+  __m512bh qb[8];
+  for (int64_t c = 0; c < s.chunks32; ++c)
+    qb[c] = load32bh(qv + c * 32, c == s.chunks32 - 1 ? s.last32 : __mmask32(0xFFFFFFFFu));
+  int64_t seen = 0;
+  float top = -INFINITY;
+  // Scores 16 keys at a time (scores16: one transposing sum for the 16 dot products), as
+  // causal_task does; keys the mask hides are left out of the block.
+  for (int64_t j0 = 0; j0 < end; j0 += 16) {
+    const int64_t jn = std::min<int64_t>(16, end - j0);
+    uint32_t vis = 0;
+    for (int64_t jj = 0; jj < jn; ++jj)
+      if (mp[i * end + j0 + jj]) vis |= 1u << jj;
+    if (!vis) continue;
+    const __m512 sums = scores16_any(qb, s.chunks32, kb + j0 * hd, hd, jn, vis, s.last32);
+    alignas(64) float sc[16];
+    _mm512_store_ps(sc, _mm512_mul_ps(sums, _mm512_set1_ps(s.scale)));
+    for (int64_t jj = 0; jj < jn; ++jj) {
+      if (!(vis >> jj & 1u)) continue;
+      score[seen] = sc[jj];
+      pos[seen++] = int32_t(j0 + jj);
+      top = std::max(top, sc[jj]);
+    }
+  }
+  __m512 o[16];
+  for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_setzero_ps();
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t s0 = 0; s0 < seen; s0 += 16) {
+    const __mmask16 msk = tail16(seen - s0);
+    const __m512 e = _mm512_maskz_mov_ps(msk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(msk, score + s0),
+                                                                 _mm512_set1_ps(top))));
+    total = _mm512_add_ps(total, e);
+    _mm512_mask_storeu_ps(score + s0, msk, e);
+  }
+  for (int64_t j = 0; j < seen; ++j) {
+    const __m512 p = _mm512_set1_ps(score[j]);
+    const uint16_t* vv = vb + int64_t(pos[j]) * hd;
+    for (int64_t c = 0; c < chunks; ++c)
+      o[c] = _mm512_fmadd_ps(p, load16(vv + c * 16, c == chunks - 1 ? s.last : __mmask16(0xFFFF)), o[c]);
+  }
+  const __m512 inv = _mm512_set1_ps(seen ? 1.f / _mm512_reduce_add_ps(total) : 0.f);
+  uint16_t* ov = row.out + i * heads * hd + h * hd;
+  for (int64_t c = 0; c < chunks; ++c)
+    _mm256_mask_storeu_epi16(ov + c * 16, c == chunks - 1 ? s.last : __mmask16(0xFFFF),
+                             (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[c], inv)));
+}
+
+// Every task of every row in one parallel loop (a batch's rows split across the threads together,
+// not one parallel region per row). A task's arithmetic does not depend on which thread runs it.
+static void attend_rows_run(const std::vector<AttendRow>& rows, const AttendShape& s) {
+  std::vector<int64_t> first(rows.size() + 1, 0);
+  int64_t max_end = 1, work = 0;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    first[r + 1] = first[r] + attend_tasks(rows[r], s);
+    max_end = std::max(max_end, rows[r].start + rows[r].n);
+    work += attend_tasks(rows[r], s) * (rows[r].start + rows[r].n) * (rows[r].mask ? 1 : std::min(rows[r].n, kRows));
+  }
+  const int64_t total = first.back();
+  if (total == 0) return;
+  // A decode step's 9-30 tasks over a short cache are ~1 us each: run them inline; split across
+  // threads only when the work (keys x rows) is large.
+  const int64_t grain = std::max<int64_t>(1, total * 8192 / std::max<int64_t>(work, 1));
+  at::parallel_for(0, total, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> score(kRows * (max_end + 16));
+    std::vector<int32_t> pos(max_end);
+    size_t r = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
     for (int64_t t = t0; t < t1; ++t) {
-      // Blocks alternate from both ends (0, last, 1, last - 1, ...): a causal block's work grows
-      // with its rows, and each thread's contiguous share of tasks then holds short and long ones.
-      const int64_t u = t / heads, h = t % heads, kvh = h / group;
-      const int64_t b = u % 2 ? blocks - 1 - u / 2 : u / 2;
-      const int64_t i0 = b * kRows, rn = std::min(kRows, n - i0);
-      const uint16_t* kb = kp + kvh * C * hd;
-      const uint16_t* vb = vp + kvh * C * hd;
-      const int64_t stride = end + 16;  // a row's scores, padded to whole 16-key blocks
-      int64_t vis[kRows];
-      __m512bh qb[kRows][8];
-      for (int64_t r = 0; r < rn; ++r) {
-        vis[r] = start + i0 + r + 1;
-        const uint16_t* qv = qp + ((i0 + r) * qheads + h) * hd;
-        for (int64_t c = 0; c < chunks32; ++c) qb[r][c] = load32bh(qv + c * 32, c == chunks32 - 1 ? last32 : __mmask32(0xFFFFFFFFu));
-      }
-      const int64_t maxend = vis[rn - 1];
-      for (int64_t j0 = 0; j0 < maxend; j0 += 16)
-        for (int64_t r = 0; r < rn; ++r) {
-          const int64_t lim = std::min<int64_t>(16, vis[r] - j0);  // the row's keys in this block
-          if (lim <= 0) continue;
-          const __m512 sums = scores16_any(qb[r], chunks32, kb + j0 * hd, hd, lim, 0xFFFFu, last32);
-          _mm512_storeu_ps(score.data() + r * stride + j0, _mm512_mul_ps(sums, _mm512_set1_ps(scale)));
-        }
-      __m512 inv[kRows];
-      for (int64_t r = 0; r < rn; ++r) {
-        float* sc = score.data() + r * stride;
-        float top = -INFINITY;
-        for (int64_t j = 0; j < vis[r]; ++j) top = std::max(top, sc[j]);
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t s0 = 0; s0 < vis[r]; s0 += 16) {
-          const __mmask16 msk = tail16(vis[r] - s0);
-          const __m512 e = _mm512_maskz_mov_ps(msk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(msk, sc + s0), _mm512_set1_ps(top))));
-          total = _mm512_add_ps(total, e);
-          _mm512_mask_storeu_ps(sc + s0, msk, e);
-        }
-        inv[r] = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
-        std::fill(sc + vis[r], sc + maxend, 0.f);
-      }
-      for (int64_t r = rn; r < kRows; ++r) std::fill(score.data() + r * stride, score.data() + r * stride + maxend, 0.f);
-      // Value sums: keys in increasing position, each value row read once for the block's rows.
-      uint16_t* ob = op + i0 * heads * hd + h * hd;
-      // One row (a decode step) sums alone; a block's rows share each value row.
-      if (chunks == 4 && rn == 1) {
-        value_sums<4, 1>(vb, score.data(), stride, vis, rn, hd, last, inv, ob, heads * hd);
-      } else if (chunks == 4) {
-        value_sums<4, kRows>(vb, score.data(), stride, vis, rn, hd, last, inv, ob, heads * hd);
-      } else if (chunks == 8 && rn == 1) {
-        value_sums<8, 1>(vb, score.data(), stride, vis, rn, hd, last, inv, ob, heads * hd);
-      } else if (chunks == 8) {
-        value_sums<8, kRows>(vb, score.data(), stride, vis, rn, hd, last, inv, ob, heads * hd);
-      } else {
-        for (int64_t c = 0; c < chunks; ++c)
-          value_sums_chunk(vb + c * 16, score.data(), stride, vis, rn, hd, c == chunks - 1 ? last : __mmask16(0xFFFF),
-                           inv, op + i0 * heads * hd + h * hd + c * 16, heads * hd);
-      }
+      while (t >= first[r + 1]) ++r;
+      if (rows[r].mask)
+        masked_task(rows[r], s, t - first[r], score.data(), pos.data());
+      else
+        causal_task(rows[r], s, t - first[r], score.data());
     }
   });
+}
+
+static AttendShape attend_shape(int64_t heads, int64_t qheads, int64_t hd, int64_t kv_heads, int64_t C) {
+  TORCH_CHECK(hd <= 256, "attend: head_dim must be at most 256; got ", hd);
+  AttendShape s;
+  s.heads = heads;
+  s.qheads = qheads;
+  s.hd = hd;
+  s.C = C;
+  s.group = heads / kv_heads;
+  s.chunks = (hd + 15) / 16;
+  s.chunks32 = (hd + 31) / 32;
+  // The last 16-lane (32-lane) chunk of a head is masked where hd is not a multiple of 16 (32).
+  s.last = tail16(hd - (s.chunks - 1) * 16);
+  s.last32 = tail32(hd - (s.chunks32 - 1) * 32);
+  s.scale = 1.f / std::sqrt(float(hd));
+  return s;
+}
+
+static const bool* checked_mask(const c10::optional<Tensor>& mask, int64_t n, int64_t end) {
+  if (!mask.has_value()) return nullptr;
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->dim() == 2 && mask->size(0) == n
+              && mask->size(1) == end, "attend: mask must be a contiguous (n, start + n) bool tensor");
+  return mask->data_ptr<bool>();
 }
 
 // Attention of n new tokens over one sequence's cache, for decode and verify steps: q (n, >= heads,
@@ -370,85 +493,13 @@ Tensor attend(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, int
   const int64_t kv_heads = k_cache.size(0), C = k_cache.size(1), end = start + n;
   TORCH_CHECK(qheads >= heads && heads % kv_heads == 0 && k_cache.size(2) == hd && v_cache.sizes() == k_cache.sizes()
               && end <= C, "attend: q (n, >= heads, hd) and the caches (kv_heads, C, hd) disagree");
-  const bool* mp = nullptr;
-  if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() && mask->dim() == 2 && mask->size(0) == n
-                && mask->size(1) == end, "attend: mask must be a contiguous (n, start + n) bool tensor");
-    mp = mask->data_ptr<bool>();
-  }
-  TORCH_CHECK(hd <= 256, "attend: head_dim must be at most 256; got ", hd);
+  const AttendShape s = attend_shape(heads, qheads, hd, kv_heads, C);
   Tensor out = at::empty({n, heads * hd}, q.options());
-  const uint16_t* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
-  const uint16_t* kp = reinterpret_cast<const uint16_t*>(k_cache.data_ptr());
-  const uint16_t* vp = reinterpret_cast<const uint16_t*>(v_cache.data_ptr());
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const int64_t group = heads / kv_heads, chunks = (hd + 15) / 16, chunks32 = (hd + 31) / 32;
-  // The last 16-lane (32-lane) chunk of a head is masked where hd is not a multiple of 16 (32).
-  const __mmask16 last = tail16(hd - (chunks - 1) * 16);
-  const __mmask32 last32 = tail32(hd - (chunks32 - 1) * 32);
-  const float scale = 1.f / std::sqrt(float(hd));
-  if (!mp) {
-    attend_causal(qp, kp, vp, op, n, heads, qheads, hd, C, start, group, scale);
-    return out;
-  }
-  // A decode step's 9-30 (row, head) tasks over a short cache are ~1 us each: run them inline;
-  // split across threads only when the cache is long.
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(end, 1));
-  at::parallel_for(0, n * heads, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> score(end);
-    std::vector<int32_t> pos(end);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = t / heads, h = t % heads, kvh = h / group;
-      const uint16_t* qv = qp + (i * qheads + h) * hd;
-      const uint16_t* kb = kp + kvh * C * hd;
-      const uint16_t* vb = vp + kvh * C * hd;
-      __m512bh qb[8];
-      for (int64_t c = 0; c < chunks32; ++c) qb[c] = load32bh(qv + c * 32, c == chunks32 - 1 ? last32 : __mmask32(0xFFFFFFFFu));
-      int64_t seen = 0;
-      float top = -INFINITY;
-      // Scores 16 keys at a time (scores16: one transposing sum for the 16 dot products), as
-      // attend_causal does; keys the mask hides are left out of the block.
-      const int64_t visible_end = end;
-      for (int64_t j0 = 0; j0 < visible_end; j0 += 16) {
-        const int64_t jn = std::min<int64_t>(16, visible_end - j0);
-        uint32_t vis = 0;
-        for (int64_t jj = 0; jj < jn; ++jj)
-          if (mp[i * end + j0 + jj]) vis |= 1u << jj;
-        if (!vis) continue;
-        const __m512 sums = scores16_any(qb, chunks32, kb + j0 * hd, hd, jn, vis, last32);
-        alignas(64) float sc[16];
-        _mm512_store_ps(sc, _mm512_mul_ps(sums, _mm512_set1_ps(scale)));
-        for (int64_t jj = 0; jj < jn; ++jj) {
-          if (!(vis >> jj & 1u)) continue;
-          score[seen] = sc[jj];
-          pos[seen++] = int32_t(j0 + jj);
-          top = std::max(top, sc[jj]);
-        }
-      }
-      __m512 o[16];
-      for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_setzero_ps();
-      __m512 total = _mm512_setzero_ps();
-      for (int64_t s0 = 0; s0 < seen; s0 += 16) {
-        const int64_t left = seen - s0;
-        const __mmask16 msk = tail16(left);
-        const __m512 e = _mm512_maskz_mov_ps(msk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(msk, score.data() + s0),
-                                                                     _mm512_set1_ps(top))));
-        total = _mm512_add_ps(total, e);
-        _mm512_mask_storeu_ps(score.data() + s0, msk, e);
-      }
-      for (int64_t s = 0; s < seen; ++s) {
-        const __m512 p = _mm512_set1_ps(score[s]);
-        const uint16_t* vv = vb + int64_t(pos[s]) * hd;
-        for (int64_t c = 0; c < chunks; ++c)
-          o[c] = _mm512_fmadd_ps(p, load16(vv + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF)), o[c]);
-      }
-      const __m512 inv = _mm512_set1_ps(seen ? 1.f / _mm512_reduce_add_ps(total) : 0.f);
-      uint16_t* ov = op + i * heads * hd + h * hd;
-      for (int64_t c = 0; c < chunks; ++c)
-        _mm256_mask_storeu_epi16(ov + c * 16, c == chunks - 1 ? last : __mmask16(0xFFFF),
-                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[c], inv)));
-    }
-  });
+  attend_rows_run({AttendRow{reinterpret_cast<const uint16_t*>(q.data_ptr()),
+                             reinterpret_cast<const uint16_t*>(k_cache.data_ptr()),
+                             reinterpret_cast<const uint16_t*>(v_cache.data_ptr()),
+                             reinterpret_cast<uint16_t*>(out.data_ptr()), checked_mask(mask, n, end), n, start}},
+                  s);
   return out;
 }
 
@@ -563,6 +614,29 @@ Tensor add_bf16(const Tensor& x, const Tensor& y) {
 // The native backend's layer (llama.py's _layers) as one op: the same kernels in the same order, so
 // its output is bit for bit the Python loop's, without ~15 dispatches and slices per layer (~1 ms of
 // a ~10 ms SmolLM2 step). Writes the rows' keys and values at [start, start + n) of the caches.
+// The layer's rows after attention: output projection, residual, MLP, residual.
+static Tensor layer_tail(const Tensor& x, const Tensor& y, const Tensor& wo, const c10::optional<Tensor>& bo, int64_t n_o,
+                         const Tensor& mlp_norm, const Tensor& wgu, const c10::optional<Tensor>& bgu, int64_t n_gu,
+                         const Tensor& wdown, const c10::optional<Tensor>& bdown, int64_t n_down, double eps) {
+  auto [sum, h] = add_rms_norm(x, linear(y, wo, bo, n_o), mlp_norm, eps);
+  const Tensor d = linear(silu_mul(linear(h, wgu, bgu, n_gu)), wdown, bdown, n_down);
+  return add_bf16(sum, d);
+}
+
+// Rows [row0, row0 + n) of qkv's keys and values written at [start, start + n) of one sequence's
+// caches kc, vc (kv_heads, C, hd).
+static void store_kv(const Tensor& qk, const Tensor& qkv, int64_t row0, int64_t n, uint16_t* kc, uint16_t* vc,
+                     int64_t C, int64_t start, int64_t heads, int64_t kv_heads, int64_t hd) {
+  const uint16_t* qkp = reinterpret_cast<const uint16_t*>(qk.data_ptr());
+  const uint16_t* qkvp = reinterpret_cast<const uint16_t*>(qkv.data_ptr());
+  const int64_t n_qkv = qkv.size(1);
+  for (int64_t i = row0; i < row0 + n; ++i)
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      std::memcpy(kc + (g * C + start + i - row0) * hd, qkp + (i * (heads + kv_heads) + heads + g) * hd, hd * 2);
+      std::memcpy(vc + (g * C + start + i - row0) * hd, qkvp + i * n_qkv + (heads + kv_heads + g) * hd, hd * 2);
+    }
+}
+
 Tensor decoder_layer(const Tensor& x, const Tensor& attn_norm, const Tensor& wqkv, const c10::optional<Tensor>& bqkv,
                      int64_t n_qkv, const Tensor& wo, const c10::optional<Tensor>& bo, int64_t n_o,
                      const Tensor& mlp_norm, const Tensor& wgu, const c10::optional<Tensor>& bgu, int64_t n_gu,
@@ -574,20 +648,58 @@ Tensor decoder_layer(const Tensor& x, const Tensor& attn_norm, const Tensor& wqk
               && n_qkv == (heads + 2 * kv_heads) * hd, "decoder_layer: the caches and q/k/v sizes disagree");
   const Tensor qkv = linear(rms_norm(x, attn_norm, eps), wqkv, bqkv, n_qkv);  // (n, (H + 2 Hkv) hd)
   const Tensor qk = rope(qkv, cos, sin, heads + kv_heads);  // (n, H + Hkv, hd)
-  const uint16_t* qkp = reinterpret_cast<const uint16_t*>(qk.data_ptr());
-  const uint16_t* qkvp = reinterpret_cast<const uint16_t*>(qkv.data_ptr());
-  uint16_t* kc = reinterpret_cast<uint16_t*>(k_cache.data_ptr());
-  uint16_t* vc = reinterpret_cast<uint16_t*>(v_cache.data_ptr());
-  const int64_t C = k_cache.size(1);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      std::memcpy(kc + (g * C + start + i) * hd, qkp + (i * (heads + kv_heads) + heads + g) * hd, hd * 2);
-      std::memcpy(vc + (g * C + start + i) * hd, qkvp + i * n_qkv + (heads + kv_heads + g) * hd, hd * 2);
-    }
+  store_kv(qk, qkv, 0, n, reinterpret_cast<uint16_t*>(k_cache.data_ptr()), reinterpret_cast<uint16_t*>(v_cache.data_ptr()),
+           k_cache.size(1), start, heads, kv_heads, hd);
   const Tensor y = attend(qk, k_cache, v_cache, start, heads, mask);
-  auto [sum, h] = add_rms_norm(x, linear(y, wo, bo, n_o), mlp_norm, eps);
-  const Tensor d = linear(silu_mul(linear(h, wgu, bgu, n_gu)), wdown, bdown, n_down);
-  return add_bf16(sum, d);
+  return layer_tail(x, y, wo, bo, n_o, mlp_norm, wgu, bgu, n_gu, wdown, bdown, n_down, eps);
+}
+
+// decoder_layer for several sequences' rows in one call (a batch step): x (N, D) holds each
+// sequence's n[r] new tokens one after another; sequence r's caches are slot slots[r] of k_all,
+// v_all (slots, kv_heads, C, hd), its tokens written at [starts[r], starts[r] + n[r]), its rows
+// attending as decoder_layer's would (masks[r] or causal). The matmuls read the weights once for
+// all rows and every (row, head) attention task runs in one parallel loop: the same bits as one
+// decoder_layer call per sequence, without a Python loop over the sequences in every layer.
+Tensor decoder_layer_rows(const Tensor& x, const Tensor& attn_norm, const Tensor& wqkv, const c10::optional<Tensor>& bqkv,
+                          int64_t n_qkv, const Tensor& wo, const c10::optional<Tensor>& bo, int64_t n_o,
+                          const Tensor& mlp_norm, const Tensor& wgu, const c10::optional<Tensor>& bgu, int64_t n_gu,
+                          const Tensor& wdown, const c10::optional<Tensor>& bdown, int64_t n_down, const Tensor& k_all,
+                          const Tensor& v_all, const Tensor& cos, const Tensor& sin, at::IntArrayRef slots,
+                          at::IntArrayRef starts, at::IntArrayRef ns, const c10::List<c10::optional<Tensor>>& masks,
+                          int64_t heads, double eps) {
+  check_bf16(k_all, "k_all", 4);
+  check_bf16(v_all, "v_all", 4);
+  const int64_t R = int64_t(slots.size()), N = x.size(0);
+  const int64_t kv_heads = k_all.size(1), C = k_all.size(2), hd = k_all.size(3);
+  TORCH_CHECK(int64_t(starts.size()) == R && int64_t(ns.size()) == R && int64_t(masks.size()) == R
+              && v_all.sizes() == k_all.sizes() && n_qkv == (heads + 2 * kv_heads) * hd,
+              "decoder_layer_rows: the rows, caches and q/k/v sizes disagree");
+  const Tensor qkv = linear(rms_norm(x, attn_norm, eps), wqkv, bqkv, n_qkv);
+  const Tensor qk = rope(qkv, cos, sin, heads + kv_heads);
+  const AttendShape s = attend_shape(heads, heads + kv_heads, hd, kv_heads, C);
+  Tensor y = at::empty({N, heads * hd}, x.options());
+  const int64_t slot_elems = kv_heads * C * hd;
+  uint16_t* kp = reinterpret_cast<uint16_t*>(k_all.data_ptr());
+  uint16_t* vp = reinterpret_cast<uint16_t*>(v_all.data_ptr());
+  std::vector<AttendRow> rows;
+  std::vector<c10::optional<Tensor>> kept(R);  // the masks, held while their pointers are used
+  int64_t row0 = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t slot = slots[r], start = starts[r], n = ns[r];
+    TORCH_CHECK(0 <= slot && slot < k_all.size(0) && n >= 1 && start >= 0 && start + n <= C && row0 + n <= N,
+                "decoder_layer_rows: row ", r, " (slot ", slot, ", start ", start, ", ", n, " tokens) does not fit");
+    uint16_t* kc = kp + slot * slot_elems;
+    uint16_t* vc = vp + slot * slot_elems;
+    store_kv(qk, qkv, row0, n, kc, vc, C, start, heads, kv_heads, hd);
+    kept[r] = masks.get(r);
+    rows.push_back(AttendRow{reinterpret_cast<const uint16_t*>(qk.data_ptr()) + row0 * (heads + kv_heads) * hd, kc, vc,
+                             reinterpret_cast<uint16_t*>(y.data_ptr()) + row0 * heads * hd,
+                             checked_mask(kept[r], n, start + n), n, start});
+    row0 += n;
+  }
+  TORCH_CHECK(row0 == N, "decoder_layer_rows: the rows hold ", row0, " tokens, x ", N);
+  attend_rows_run(rows, s);
+  return layer_tail(x, y, wo, bo, n_o, mlp_norm, wgu, bgu, n_gu, wdown, bdown, n_down, eps);
 }
 
 }  // namespace
@@ -602,6 +714,10 @@ TORCH_LIBRARY(outrider, m) {
         "int n_o, Tensor mlp_norm, Tensor wgu, Tensor? bgu, int n_gu, Tensor wdown, Tensor? bdown, int n_down, "
         "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, Tensor sin, int start, int heads, Tensor? mask, "
         "float eps) -> Tensor");
+  m.def("decoder_layer_rows(Tensor x, Tensor attn_norm, Tensor wqkv, Tensor? bqkv, int n_qkv, Tensor wo, Tensor? bo, "
+        "int n_o, Tensor mlp_norm, Tensor wgu, Tensor? bgu, int n_gu, Tensor wdown, Tensor? bdown, int n_down, "
+        "Tensor(a!) k_all, Tensor(b!) v_all, Tensor cos, Tensor sin, int[] slots, int[] starts, int[] ns, "
+        "Tensor?[] masks, int heads, float eps) -> Tensor");
   m.def("attend(Tensor q, Tensor k_cache, Tensor v_cache, int start, int heads, Tensor? mask) -> Tensor");
 }
 
@@ -612,5 +728,6 @@ TORCH_LIBRARY_IMPL(outrider, CPU, m) {
   m.impl("rope", &rope);
   m.impl("attend", &attend);
   m.impl("decoder_layer", &decoder_layer);
+  m.impl("decoder_layer_rows", &decoder_layer_rows);
   m.impl("linear", &linear);
 }
