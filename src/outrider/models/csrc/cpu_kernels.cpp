@@ -308,7 +308,7 @@ inline int64_t attend_tasks(const AttendRow& r, const AttendShape& s) {
 // blocks and sum16, softmax over 16-lane chunks of the visible keys, value sums in increasing
 // position), so a token's output is the same bits on either path and at any n. score: room for
 // kRows * (start + n + 16) floats.
-static void causal_task(const AttendRow& row, const AttendShape& s, int64_t t, float* score) {
+__attribute__((always_inline)) static inline void causal_task(const AttendRow& row, const AttendShape s, int64_t t, float* score) {
   const int64_t n = row.n, start = row.start, end = start + n, heads = s.heads, hd = s.hd;
   const int64_t blocks = (n + kRows - 1) / kRows;
   // Blocks alternate from both ends (0, last, 1, last - 1, ...): a causal block's work grows
@@ -371,7 +371,7 @@ static void causal_task(const AttendRow& row, const AttendShape& s, int64_t t, f
 
 // Task t of a row with a mask: one (row, head), its visible keys gathered in increasing position.
 // score, pos: room for start + n entries.
-static void masked_task(const AttendRow& row, const AttendShape& s, int64_t t, float* score, int32_t* pos) {
+__attribute__((always_inline)) static inline void masked_task(const AttendRow& row, const AttendShape s, int64_t t, float* score, int32_t* pos) {
   const int64_t end = row.start + row.n, heads = s.heads, hd = s.hd, chunks = s.chunks;
   const int64_t i = t / heads, h = t % heads, kvh = h / s.group;
   const bool* mp = row.mask;
