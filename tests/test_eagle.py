@@ -140,6 +140,44 @@ def test_runner_rows_fed_together_equal_each_fed_alone():
         assert (lg is None) == (want_lg is None) and (lg is None or torch.allclose(lg, want_lg, atol=1e-5))
 
 
+@pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
+def test_bf16_runner_rows_fed_together_are_each_row_alone_bitwise():
+    """Where outrider's kernels run, a batch's head pass is one kernel layer call for all rows
+    (EagleRunner._run_fused_rows): reads, chain pairs and a tree feed (mask, positions) of rows at
+    different cache positions give bit for bit each row's one-row pass, caches included."""
+    from outrider.drafters.eagle import EagleRunner
+
+    model = tiny_model("llama", seed=2)
+    embed = model.get_input_embeddings().weight.detach().to(torch.bfloat16)
+    head = new_head(model.config, embed, "tiny", torch.arange(50), seed=3, max_positions=64).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    D, V = head.cfg.hidden_size, embed.shape[0]
+    bf = torch.bfloat16
+    firsts = [PairFeed(s, 0, torch.randint(0, V, (n,), generator=g), torch.randn(3, n, embed.shape[1], generator=g).to(bf),
+                       fuse=True, logits=s == 1) for s, n in enumerate((5, 2, 7))]
+    mask = torch.ones(3, 10, dtype=torch.bool)  # three siblings after 7 pairs: each sees the cache and itself
+    mask[:, 7:] = torch.eye(3, dtype=torch.bool)
+    seconds = [PairFeed(0, 5, torch.randint(0, V, (1,), generator=g), torch.randn(1, D, generator=g).to(bf), logits=True),
+               PairFeed(1, 2, torch.randint(0, V, (3,), generator=g),
+                        torch.randn(3, 3, embed.shape[1], generator=g).to(bf), fuse=True, logits=True),
+               PairFeed(2, 7, torch.randint(0, V, (3,), generator=g), torch.randn(3, D, generator=g).to(bf), mask=mask,
+                        positions=torch.tensor([7, 7, 7]), logits=True)]
+    alone = []
+    for a, b in zip(firsts, seconds):
+        r = EagleRunner(head, embed)
+        first = r.run_rows([replace(a, slot=0)])[0]
+        alone.append((first, r.run_rows([replace(b, slot=0)])[0], r.k_cache[0].clone()))
+    together = EagleRunner(head, embed, slots=3)
+    assert together._fused
+    got_firsts = together.run_rows(firsts)
+    got = together.run_rows(seconds)
+    for i, ((out, lg), (first, (want_out, want_lg), cache)) in enumerate(zip(got, alone)):
+        assert torch.equal(got_firsts[i][0], first[0]), i
+        assert (got_firsts[i][1] is None) == (first[1] is None)
+        assert torch.equal(out, want_out) and torch.equal(lg, want_lg), i
+        assert torch.equal(together.k_cache[i], cache), i
+
+
 def test_bf16_drafting_weights_stay_the_layer_training_runs():
     """In bf16 on a CPU a drafting pass multiplies by weights laid out for speed: outrider's kernel
     layout where its kernels run, else int8 copies for passes over few pairs (a chain depth, a

@@ -252,6 +252,38 @@ class EagleRunner:
             logits = kernel_lib.linear(kernel_lib.rms_norm(out[-1:], norm, cfg.rms_norm_eps), w_lm, None)[0].float()
         return out, logits
 
+    def _run_fused_rows(self, feeds: list[PairFeed], sizes: list[int]) -> list[tuple[Tensor, Tensor | None]]:
+        """run_rows for several rows with outrider's kernels (a batch's head pass): the head's layer
+        once for all rows (kernels.decoder_layer_rows), each row's outputs bit for bit what
+        _run_fused gives it alone."""
+        from outrider.models import kernels as kernel_lib
+
+        cfg = self.head.cfg
+        w_inp, w_qkv, w_o, w_gu, w_down, w_lm, w_fuse = self._w
+        attn_norm, mlp_norm, norm = self._norms
+        feats = [f.states.to(self.dtype) for f in feeds]
+        for i, f in enumerate(feeds):
+            if f.fuse:
+                feats[i] = kernel_lib.linear(torch.cat(list(feats[i].unbind(0)), -1), w_fuse, None)
+        tokens = torch.cat([f.tokens for f in feeds]).to(self.device)
+        x = kernel_lib.linear(torch.cat([torch.cat(feats), F.embedding(tokens, self.embed)], -1), w_inp, None)
+        ropes = [self._rope_rows(f, T) for f, T in zip(feeds, sizes)]
+        cos, sin = torch.cat([c for c, _ in ropes]), torch.cat([s for _, s in ropes])
+        out = kernel_lib.decoder_layer_rows(
+            x, attn_norm, w_qkv, None, w_o, None, mlp_norm, w_gu, None, w_down, None, self.k_cache, self.v_cache,
+            cos.contiguous(), sin.contiguous(), [f.slot for f in feeds], [f.start for f in feeds], sizes,
+            [f.mask for f in feeds], cfg.num_heads, cfg.rms_norm_eps)
+        outs = list(out.split(sizes))
+        for f, o in zip(feeds, outs):
+            self.outs[f.slot, f.start : f.start + o.shape[0]] = o
+        logits: list[Tensor | None] = [None] * len(feeds)
+        want = [i for i, f in enumerate(feeds) if f.logits]
+        if want:  # the output layer once for all rows that asked
+            last = kernel_lib.rms_norm(torch.stack([outs[i][-1] for i in want]), norm, cfg.rms_norm_eps)
+            for i, lg in zip(want, kernel_lib.linear(last, w_lm, None).float().unbind(0)):
+                logits[i] = lg
+        return list(zip(outs, logits))
+
     @torch.inference_mode()
     def run_rows(self, feeds: list[PairFeed]) -> list[tuple[Tensor, Tensor | None]]:
         """Each feed's head outputs (T, D) and, when it asks, its last pair's logits (N,) float32."""
@@ -261,8 +293,8 @@ class EagleRunner:
         for f, T in zip(feeds, sizes):
             if f.start + T > cap:
                 raise ValueError(f"the EAGLE head holds {cap} positions; the sequence needs {f.start + T}")
-        if self._fused and len(feeds) == 1:
-            return [self._run_fused(feeds[0])]
+        if self._fused:
+            return [self._run_fused(feeds[0])] if len(feeds) == 1 else self._run_fused_rows(feeds, sizes)
         weights, lin = self._weights(sum(sizes))
         w_inp, w_qkv, w_o, w_gu, w_down = weights[:5]
         feats = [f.states for f in feeds]
