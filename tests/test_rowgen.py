@@ -84,7 +84,10 @@ def test_self_distill_writes_bf16_rows_on_the_engine_not_generate(monkeypatch):
 
     monkeypatch.setattr(model, "generate", refuse)
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    probe = torch.tensor([[1, 2, 3, 4, 5]])
+    before = model(probe).logits
     rows = self_distill(model, prompts, 6, batch=2, seed=0)  # batch 0 greedy, batch 1 sampled
+    assert torch.equal(model(probe).logits, before)  # training then reads the module's own features
     assert rows.shape == (3, 10)
     order = sorted(range(3), key=lambda i: len(prompts[i]))  # self_distill batches by prompt length
     first = order[0]

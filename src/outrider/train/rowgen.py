@@ -12,7 +12,6 @@ continuation, not the left-padded batch's approximation of it.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -20,13 +19,13 @@ import torch
 from outrider.models.base import RowForward
 from outrider.sampling import SamplingParams, probs_from_logits, sample
 
-_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # HF module -> its NativeLlama
-
 
 def native_engine(model: Any, capacity: int) -> Any | None:
-    """The native engine running this transformers model (built once per model, rebuilt for a
-    larger capacity), or None where outrider's CPU kernels would not run it (another dtype or
-    device, a model type the native backend lacks): generate is then the faster way."""
+    """A native engine running this transformers model with room for `capacity` tokens per row,
+    or None where outrider's CPU kernels would not run it (another dtype or device, a model type
+    the native backend lacks): generate is then the faster way. Built per call (~1 s) and dropped
+    by the caller when its rows are written: its packed weights and a batch's caches (~1.4 GB for
+    SmolLM2 at 64 rows of 768) are not held through training."""
     from outrider.models import kernels
     from outrider.models.llama import NativeLlama, unsupported_reason
 
@@ -38,13 +37,8 @@ def native_engine(model: Any, capacity: int) -> Any | None:
         return None
     if unsupported_reason(model.config, capacity) is not None:
         return None
-    engine = _ENGINES.get(model)
-    if engine is None or engine.capacity < capacity:
-        engine = NativeLlama.from_hf(model, capacity=capacity)
-        if not engine.kernels:
-            return None
-        _ENGINES[model] = engine
-    return engine
+    engine = NativeLlama.from_hf(model, capacity=capacity)
+    return engine if engine.kernels else None
 
 
 @torch.inference_mode()
