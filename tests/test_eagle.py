@@ -143,7 +143,7 @@ def test_runner_rows_fed_together_equal_each_fed_alone():
 @pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
 def test_bf16_runner_rows_fed_together_are_each_row_alone_bitwise():
     """Where outrider's kernels run, a batch's head pass is one kernel layer call for all rows
-    (EagleRunner._run_fused_rows): reads, chain pairs and a tree feed (mask, positions) of rows at
+    (EagleRunner._run_fused): reads, chain pairs and a tree feed (mask, positions) of rows at
     different cache positions give bit for bit each row's one-row pass, caches included."""
     from outrider.drafters.eagle import EagleRunner
 

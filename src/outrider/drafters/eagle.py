@@ -200,9 +200,9 @@ class EagleRunner:
             self._w = [kernel_lib.pack_linear(w) for w in weights]
             self._linear = lambda x, w: kernel_lib.linear(x, w, None)
             self._w_few, self._linear_few = self._w, self._linear
-            # A pass of one row's pairs (every drafting pass, and a prompt's read) runs the head's
-            # layer as one kernel call (kernels.decoder_layer), as the target's layers do: the ~20 small ops
-            # between the matmuls cost as much as the matmuls at one pair.
+            # A pass (every drafting pass, a prompt's read, a batch's rows together) runs the head's
+            # layer as one kernel call (kernels.decoder_layer_rows), as the target's layers do: the
+            # ~20 small ops between the matmuls cost as much as the matmuls at one pair.
             self._fused = True
             self._norms = [p.detach().contiguous() for p in (head.attn_norm, head.mlp_norm, head.norm)]
             return
@@ -228,34 +228,10 @@ class EagleRunner:
             return self._cos[f.start : f.start + T], self._sin[f.start : f.start + T]
         return self._cos[f.positions], self._sin[f.positions]
 
-    def _run_fused(self, f: PairFeed) -> tuple[Tensor, Tensor | None]:
-        """run_rows for one row, with outrider's kernels: the same layer, its attention and norms
-        computed by the kernels (models/kernels.py)."""
-        from outrider.models import kernels as kernel_lib
-
-        cfg = self.head.cfg
-        w_inp, w_qkv, w_o, w_gu, w_down, w_lm, w_fuse = self._w
-        attn_norm, mlp_norm, norm = self._norms
-        T = int(f.tokens.shape[0])
-        feats = f.states.to(self.dtype)
-        if f.fuse:
-            feats = kernel_lib.linear(torch.cat(list(feats.unbind(0)), -1), w_fuse, None)
-        x = kernel_lib.linear(torch.cat([feats, F.embedding(f.tokens.to(self.device), self.embed)], -1), w_inp, None)
-        cos, sin = self._rope_rows(f, T)
-        out = kernel_lib.decoder_layer(
-            x, attn_norm, w_qkv, None, w_o, None, mlp_norm, w_gu, None, w_down, None, self.k_cache[f.slot],
-            self.v_cache[f.slot], cos.contiguous(), sin.contiguous(), f.start, cfg.num_heads,
-            None if f.mask is None else f.mask.contiguous(), cfg.rms_norm_eps)
-        self.outs[f.slot, f.start : f.start + T] = out
-        logits = None
-        if f.logits:
-            logits = kernel_lib.linear(kernel_lib.rms_norm(out[-1:], norm, cfg.rms_norm_eps), w_lm, None)[0].float()
-        return out, logits
-
-    def _run_fused_rows(self, feeds: list[PairFeed], sizes: list[int]) -> list[tuple[Tensor, Tensor | None]]:
-        """run_rows for several rows with outrider's kernels (a batch's head pass): the head's layer
-        once for all rows (kernels.decoder_layer_rows), each row's outputs bit for bit what
-        _run_fused gives it alone."""
+    def _run_fused(self, feeds: list[PairFeed], sizes: list[int]) -> list[tuple[Tensor, Tensor | None]]:
+        """run_rows with outrider's kernels: the head's layer, its attention and norms computed by
+        the kernels (models/kernels.py), in one call for all rows (kernels.decoder_layer_rows), so
+        a row's outputs in a batch's pass are bit for bit its outputs alone."""
         from outrider.models import kernels as kernel_lib
 
         cfg = self.head.cfg
@@ -265,15 +241,17 @@ class EagleRunner:
         for i, f in enumerate(feeds):
             if f.fuse:
                 feats[i] = kernel_lib.linear(torch.cat(list(feats[i].unbind(0)), -1), w_fuse, None)
-        tokens = torch.cat([f.tokens for f in feeds]).to(self.device)
-        x = kernel_lib.linear(torch.cat([torch.cat(feats), F.embedding(tokens, self.embed)], -1), w_inp, None)
+        one = len(feeds) == 1  # a single row's pass (every drafting step alone) skips the joins
+        tokens = feeds[0].tokens if one else torch.cat([f.tokens for f in feeds])
+        x = kernel_lib.linear(torch.cat([feats[0] if one else torch.cat(feats),
+                                         F.embedding(tokens.to(self.device), self.embed)], -1), w_inp, None)
         ropes = [self._rope_rows(f, T) for f, T in zip(feeds, sizes)]
-        cos, sin = torch.cat([c for c, _ in ropes]), torch.cat([s for _, s in ropes])
+        cos, sin = ropes[0] if one else (torch.cat([c for c, _ in ropes]), torch.cat([s for _, s in ropes]))
         out = kernel_lib.decoder_layer_rows(
             x, attn_norm, w_qkv, None, w_o, None, mlp_norm, w_gu, None, w_down, None, self.k_cache, self.v_cache,
             cos.contiguous(), sin.contiguous(), [f.slot for f in feeds], [f.start for f in feeds], sizes,
             [f.mask for f in feeds], cfg.num_heads, cfg.rms_norm_eps)
-        outs = list(out.split(sizes))
+        outs = [out] if one else list(out.split(sizes))
         for f, o in zip(feeds, outs):
             self.outs[f.slot, f.start : f.start + o.shape[0]] = o
         logits: list[Tensor | None] = [None] * len(feeds)
@@ -294,7 +272,7 @@ class EagleRunner:
             if f.start + T > cap:
                 raise ValueError(f"the EAGLE head holds {cap} positions; the sequence needs {f.start + T}")
         if self._fused:
-            return [self._run_fused(feeds[0])] if len(feeds) == 1 else self._run_fused_rows(feeds, sizes)
+            return self._run_fused(feeds, sizes)
         weights, lin = self._weights(sum(sizes))
         w_inp, w_qkv, w_o, w_gu, w_down = weights[:5]
         feats = [f.states for f in feeds]
