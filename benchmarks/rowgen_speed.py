@@ -18,13 +18,8 @@ from transformers import AutoTokenizer
 from outrider.models import eos_ids_of, load_transformers_model
 from outrider.sampling import SamplingParams
 from outrider.train.instructions import make_instructions
-from outrider.train.rowgen import continue_rows, native_engine
-from outrider.train.selfdistill import _generate, chat_prompt_ids
-
-
-def answered(rows: list[list[int]], eos: tuple[int, ...]) -> int:
-    """New tokens up to and with each row's first EOS."""
-    return sum(next((i + 1 for i, t in enumerate(r) if t in eos), len(r)) for r in rows)
+from outrider.train.rowgen import continue_rows, generate_rows, native_engine
+from outrider.train.selfdistill import chat_prompt_ids
 
 
 def main() -> None:
@@ -48,9 +43,9 @@ def main() -> None:
         native = continue_rows(engine, prompts, args.gen_len, params, torch.Generator().manual_seed(1), eos)
         t_native = time.perf_counter() - t0
         t0 = time.perf_counter()
-        hf = _generate(model, prompts, args.gen_len, params, 1, eos, eos[0])
+        hf = generate_rows(model, prompts, args.gen_len, params, 1, eos)
         t_hf = time.perf_counter() - t0
-        a, b = answered(native, eos) / t_native, answered(hf, eos) / t_hf
+        a, b = sum(map(len, native)) / t_native, sum(map(len, hf)) / t_hf  # rows end at their EOS
         print(f"T={params.temperature}: native engine {a:.0f} tokens/s, generate {b:.0f} tokens/s: {a / b:.2f}x")
 
 

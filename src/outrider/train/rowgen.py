@@ -20,6 +20,59 @@ from outrider.models.base import RowForward
 from outrider.sampling import SamplingParams, probs_from_logits, sample
 
 
+class RowWriter:
+    """Continues batches of prompts with one model (self-distillation answers, the target's own
+    requests): on the native engine where outrider's kernels run it, else by transformers'
+    generate. Either way a row is its new tokens, ended after its first EOS (kept) or at max_new,
+    and a batch's sampled draws follow `seed`."""
+
+    def __init__(self, model: Any, capacity: int) -> None:
+        self.model = model
+        self.engine = native_engine(model, capacity)  # tokens per row: the longest prompt + max_new
+
+    def __call__(self, prompts: list[list[int]], max_new: int, params: SamplingParams, seed: int,
+                 eos: tuple[int, ...] = ()) -> list[list[int]]:
+        if self.engine is not None:
+            return continue_rows(self.engine, prompts, max_new, params, torch.Generator().manual_seed(seed), eos)
+        return generate_rows(self.model, prompts, max_new, params, seed, eos)
+
+
+class SeededSampler:
+    """A logits processor for transformers' generate that samples itself, seeded: it turns each
+    row's scores (B, V) into a one-hot choice drawn by the inverse CDF, so greedy decoding
+    (do_sample=False) emits it. generate's own sampling draws with torch.multinomial, whose
+    exponential draws over a 49k vocabulary took 126 ms of a 320 ms batch-64 step on this CPU;
+    one uniform per row costs nothing. Temperature, top-k and top-p go through the one sampling
+    function (outrider.sampling)."""
+
+    def __init__(self, params: SamplingParams, seed: int) -> None:
+        self.params = params
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cdf = probs_from_logits(scores, self.params).cumsum(-1)  # (B, V)
+        u = torch.rand(cdf.shape[0], 1, generator=self.generator).to(cdf.device) * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
+        return torch.full_like(scores, float("-inf")).scatter(-1, pick, 0.0)
+
+
+def generate_rows(model: Any, prompts: list[list[int]], max_new: int, params: SamplingParams, seed: int,
+                  eos: tuple[int, ...] = ()) -> list[list[int]]:
+    """RowWriter's batch by transformers' generate: the rows left-padded, sampled rows drawn by
+    SeededSampler; without `eos` every row gets max_new tokens."""
+    fill = eos[0] if eos else 0
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[fill] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long, device=model.device)
+    kw = {} if params.greedy else dict(logits_processor=[SeededSampler(params, seed)])
+    stop = dict(eos_token_id=list(eos)) if eos else dict(min_new_tokens=max_new, eos_token_id=None)
+    # A static cache measured 1.1-1.2x faster than the dynamic one at batch 64-128 on this CPU.
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, pad_token_id=fill, do_sample=False,
+                         cache_implementation="static", **stop, **kw)
+    return [next((new[: j + 1] for j, t in enumerate(new) if t in eos), new[:max_new])
+            for new in out[:, width:].tolist()]
+
+
 def native_engine(model: Any, capacity: int) -> Any | None:
     """A native engine running this transformers model with room for `capacity` tokens per row,
     or None where outrider's CPU kernels would not run it (another dtype or device, a model type

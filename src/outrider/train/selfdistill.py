@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from outrider.models import eos_ids_of
-from outrider.sampling import SamplingParams, probs_from_logits
+from outrider.sampling import SamplingParams
 from outrider.train.config import TrainSettings
+from outrider.train.rowgen import RowWriter, SeededSampler  # noqa: F401 (SeededSampler: its old home)
 
 
 PAD = -1  # row padding; never a token id
@@ -85,25 +86,6 @@ def prompt_windows(tokenizer: Any, recipe: Any, heldout: bool, n: int, seed: int
     return [stream[s : s + recipe.prompt_len].astype(np.int64).tolist() for s in starts]
 
 
-class SeededSampler:
-    """A logits processor for transformers' generate that samples itself, seeded: it turns each
-    row's scores (B, V) into a one-hot choice drawn by the inverse CDF, so greedy decoding
-    (do_sample=False) emits it. generate's own sampling draws with torch.multinomial, whose
-    exponential draws over a 49k vocabulary took 126 ms of a 320 ms batch-64 step on this CPU;
-    one uniform per row costs nothing. Temperature, top-k and top-p go through the one sampling
-    function (outrider.sampling)."""
-
-    def __init__(self, params: SamplingParams, seed: int) -> None:
-        self.params = params
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        cdf = probs_from_logits(scores, self.params).cumsum(-1)  # (B, V)
-        u = torch.rand(cdf.shape[0], 1, generator=self.generator).to(cdf.device) * cdf[:, -1:]
-        pick = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
-        return torch.full_like(scores, float("-inf")).scatter(-1, pick, 0.0)
-
-
 def chat_requests(tokenizer: Any, recipe: Any, heldout: bool, n: int, seed: int, target: Any = None) -> list[list[int]]:
     """n chat prompts of at most recipe.prompt_len tokens: a `self_requests` share written by the
     target itself (train/selfrequests.py; when a target is given), a `long_requests` share carrying
@@ -139,44 +121,17 @@ def self_distill(model: Any, prompts: list[list[int]], gen_len: int, batch: int,
     """The target's continuations: (S, T) long, right-padded with PAD. Even batches are greedy, odd
     ones sampled at temperature 0.8 (the head should also see text off the greedy path). With `eos`
     an answer ends at its first EOS (kept); without, every row gets gen_len new tokens."""
-    from outrider.train.rowgen import continue_rows, native_engine
-
     rows: list[list[int]] = []
     torch.manual_seed(seed)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
-    fill = eos[0] if eos else 0
-    engine = native_engine(model, max((len(p) for p in prompts), default=0) + gen_len)
+    write = RowWriter(model, max((len(p) for p in prompts), default=0) + gen_len)
     starts = range(0, len(order), batch)
     for b, i in enumerate(tqdm(starts, desc="self-distilling", unit="batch", disable=len(starts) < 4)):
         group = [prompts[j] for j in order[i : i + batch]]
         params = SamplingParams(temperature=0.0 if b % 2 == 0 else 0.8)
-        if engine is not None:
-            news = continue_rows(engine, group, gen_len, params, torch.Generator().manual_seed(seed + b), eos)
-        else:
-            news = _generate(model, group, gen_len, params, seed + b, eos, fill)
-        for p, new in zip(group, news):
-            for cut, t in enumerate(new):
-                if t in eos:
-                    new = new[: cut + 1]
-                    break
-            rows.append(p + new[:gen_len])
+        rows += [p + new for p, new in zip(group, write(group, gen_len, params, seed + b, eos))]
     T = max(len(r) for r in rows)
     return torch.tensor([r + [PAD] * (T - len(r)) for r in rows], dtype=torch.long)
-
-
-def _generate(model: Any, group: list[list[int]], gen_len: int, params: SamplingParams, seed: int,
-              eos: tuple[int, ...], fill: int) -> list[list[int]]:
-    """self_distill's batch by transformers' generate (models the native engine does not run):
-    the rows left-padded, sampled rows drawn by SeededSampler."""
-    width = max(len(p) for p in group)
-    ids = torch.tensor([[fill] * (width - len(p)) + p for p in group], dtype=torch.long, device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], dtype=torch.long, device=model.device)
-    kw = {} if params.greedy else dict(logits_processor=[SeededSampler(params, seed)])
-    stop = dict(eos_token_id=list(eos)) if eos else dict(min_new_tokens=gen_len, eos_token_id=None)
-    # A static cache measured 1.1-1.2x faster than the dynamic one at batch 64-128 on this CPU.
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=gen_len, pad_token_id=fill, do_sample=False,
-                         cache_implementation="static", **stop, **kw)
-    return out[:, width:].tolist()
 
 
 def answer_starts(prompts: list[list[int]]) -> torch.Tensor:

@@ -36,13 +36,12 @@ def target_requests(model: Any, tokenizer: Any, n: int, seed: int, eos: tuple[in
     top_p, trims the tail: top_p sorts the 49k vocabulary of every row, 0.43 s a step at batch 128
     on this CPU against 0.05 s."""
     from outrider.sampling import SamplingParams
-    from outrider.train.rowgen import continue_rows, native_engine
-    from outrider.train.selfdistill import SeededSampler
+    from outrider.train.rowgen import RowWriter
 
     if not eos:
         raise ValueError("target_requests needs the target's EOS ids to know where a request ends")
     opening = request_opening(tokenizer)
-    engine = native_engine(model, len(opening) + max_tokens)  # None: transformers' generate
+    write = RowWriter(model, len(opening) + max_tokens)
     params = SamplingParams(temperature=temperature, top_k=top_k)
     seen: set[str] = set()
     out: list[str] = []
@@ -50,15 +49,7 @@ def target_requests(model: Any, tokenizer: Any, n: int, seed: int, eos: tuple[in
     for r in tqdm(rounds, desc="target-written requests", unit="batch", disable=len(rounds) < 4):
         if len(out) >= n:
             break
-        if engine is not None:
-            news = continue_rows(engine, [opening] * batch, max_tokens, params,
-                                 torch.Generator().manual_seed(seed * 1_000_003 + r), eos)
-        else:
-            ids = torch.tensor([opening], dtype=torch.long).expand(batch, -1).to(model.device)
-            sampler = SeededSampler(params, seed * 1_000_003 + r)
-            news = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
-                                  logits_processor=[sampler], eos_token_id=list(eos),
-                                  pad_token_id=eos[0])[:, ids.shape[1]:].tolist()
+        news = write([opening] * batch, max_tokens, params, seed * 1_000_003 + r, eos)
         for row in news:
             ends = [i for i, t in enumerate(row) if t in eos]
             if not ends:

@@ -430,9 +430,10 @@ static void attend_rows_run(const std::vector<AttendRow>& rows, const AttendShap
   std::vector<int64_t> first(rows.size() + 1, 0);
   int64_t max_end = 1, work = 0;
   for (size_t r = 0; r < rows.size(); ++r) {
-    first[r + 1] = first[r] + attend_tasks(rows[r], s);
-    max_end = std::max(max_end, rows[r].start + rows[r].n);
-    work += attend_tasks(rows[r], s) * (rows[r].start + rows[r].n) * (rows[r].mask ? 1 : std::min(rows[r].n, kRows));
+    const int64_t tasks = attend_tasks(rows[r], s), end = rows[r].start + rows[r].n;
+    first[r + 1] = first[r] + tasks;
+    max_end = std::max(max_end, end);
+    work += tasks * end * (rows[r].mask ? 1 : std::min(rows[r].n, kRows));
   }
   const int64_t total = first.back();
   if (total == 0) return;
@@ -681,8 +682,7 @@ Tensor decoder_layer_rows(const Tensor& x, const Tensor& attn_norm, const Tensor
   const int64_t slot_elems = kv_heads * C * hd;
   uint16_t* kp = reinterpret_cast<uint16_t*>(k_all.data_ptr());
   uint16_t* vp = reinterpret_cast<uint16_t*>(v_all.data_ptr());
-  std::vector<AttendRow> rows;
-  std::vector<c10::optional<Tensor>> kept(R);  // the masks, held while their pointers are used
+  std::vector<AttendRow> rows;  // the masks' data stays held by `masks` for the call
   int64_t row0 = 0;
   for (int64_t r = 0; r < R; ++r) {
     const int64_t slot = slots[r], start = starts[r], n = ns[r];
@@ -691,10 +691,9 @@ Tensor decoder_layer_rows(const Tensor& x, const Tensor& attn_norm, const Tensor
     uint16_t* kc = kp + slot * slot_elems;
     uint16_t* vc = vp + slot * slot_elems;
     store_kv(qk, qkv, row0, n, kc, vc, C, start, heads, kv_heads, hd);
-    kept[r] = masks.get(r);
     rows.push_back(AttendRow{reinterpret_cast<const uint16_t*>(qk.data_ptr()) + row0 * (heads + kv_heads) * hd, kc, vc,
                              reinterpret_cast<uint16_t*>(y.data_ptr()) + row0 * heads * hd,
-                             checked_mask(kept[r], n, start + n), n, start});
+                             checked_mask(masks.get(r), n, start + n), n, start});
     row0 += n;
   }
   TORCH_CHECK(row0 == N, "decoder_layer_rows: the rows hold ", row0, " tokens, x ", N);
