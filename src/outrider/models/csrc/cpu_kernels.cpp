@@ -208,33 +208,11 @@ static inline __m512 sum16(__m512* a) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x88), _mm512_shuffle_f32x4(a[0], a[1], 0xDD));
 }
 
-// Rows of one head attend in blocks of up to kRows where no mask is given (causal_task below).
-constexpr int64_t kRows = 4;
-
-// Rows r < rn of a causal block: out[r] = inv[r] * sum over keys j < vis[r] of p[r][j] * v[j], chunks
-// 16-lane chunks per row held in registers.
-template <int CH, int ROWS>
-static inline void value_sums(const uint16_t* vb, const float* p, int64_t stride, const int64_t* vis, int64_t rn,
-                              int64_t hd, __mmask16 last, const __m512* inv, uint16_t* out, int64_t out_stride) {
-  // p[r][j] is 0 past row r's keys (and for rows past rn): adding 0 * v leaves a sum's bits as they are.
-  __m512 o[ROWS][CH];
-  for (int r = 0; r < ROWS; ++r)
-    for (int c = 0; c < CH; ++c) o[r][c] = _mm512_setzero_ps();
-  const int64_t maxend = vis[rn - 1];
-  for (int64_t j = 0; j < maxend; ++j) {
-    __m512 v[CH];
-    for (int c = 0; c < CH; ++c) v[c] = load16(vb + j * hd + c * 16, c == CH - 1 ? last : __mmask16(0xFFFF));
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512 pr = _mm512_set1_ps(p[r * stride + j]);
-      for (int c = 0; c < CH; ++c) o[r][c] = _mm512_fmadd_ps(pr, v[c], o[r][c]);
-    }
-  }
-  for (int64_t r = 0; r < rn; ++r)
-    for (int c = 0; c < CH; ++c)
-      _mm256_mask_storeu_epi16(out + r * out_stride + c * 16, c == CH - 1 ? last : __mmask16(0xFFFF),
-                               (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[r][c], inv[r])));
-}
-
+// An attention task is up to kMaxQ queries, (row, head) pairs that read the same kv head: each key
+// and value row it loads serves all of them, and their value sums run as independent chains (one
+// query alone waits on its own fmadd latency). Per query the arithmetic is fixed (see group_task),
+// so how queries are grouped into tasks never changes a bit.
+constexpr int kMaxQ = 6;
 // The dot products of one query (CH 32-wide bf16 chunks) with 16 keys (rows of kb, hd apart), keys
 // past `n` left out: per key, vdpbf16ps over the chunks in order, then sum16. Both attention paths
 // score with it, so a (row, key) score is the same bits on either path.
@@ -265,18 +243,50 @@ static inline __m512 scores16_any(const __m512bh* q, int64_t chunks, const uint1
   }
 }
 
-// value_sums for one 16-lane chunk (head sizes other than 64 and 128).
-static inline void value_sums_chunk(const uint16_t* vb, const float* p, int64_t stride, const int64_t* vis, int64_t rn,
-                                    int64_t hd, __mmask16 cm, const __m512* inv, uint16_t* out, int64_t out_stride) {
-  __m512 o[kRows];
-  for (int r = 0; r < kRows; ++r) o[r] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < vis[rn - 1]; ++j) {
-    const __m512 v = load16(vb + j * hd, cm);
-    for (int64_t r = 0; r < rn; ++r)
-      if (j < vis[r]) o[r] = _mm512_fmadd_ps(_mm512_set1_ps(p[r * stride + j]), v, o[r]);
+// Value sums of Q queries over the keys [0, common) they all see, in increasing position: o[q] +=
+// p[q][j] * v[j], each value row converted to float32 once for all Q; the sums are left in obuf
+// (Q x CH 16-lane vectors) for each query's own remaining keys.
+template <int CH, int Q>
+static inline void value_common(const uint16_t* vb, int64_t hd, const float* const* p, int64_t common,
+                                __mmask16 last, float* obuf) {
+  __m512 o[Q][CH];
+  for (int q = 0; q < Q; ++q)
+    for (int c = 0; c < CH; ++c) o[q][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < common; ++j) {
+    __m512 v[CH];
+    for (int c = 0; c < CH; ++c) v[c] = load16(vb + j * hd + c * 16, c == CH - 1 ? last : __mmask16(0xFFFF));
+    for (int q = 0; q < Q; ++q) {
+      const __m512 pq = _mm512_set1_ps(p[q][j]);
+      for (int c = 0; c < CH; ++c) o[q][c] = _mm512_fmadd_ps(pq, v[c], o[q][c]);
+    }
   }
-  for (int64_t r = 0; r < rn; ++r)
-    _mm256_mask_storeu_epi16(out + r * out_stride, cm, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[r], inv[r])));
+  for (int q = 0; q < Q; ++q)
+    for (int c = 0; c < CH; ++c) _mm512_storeu_ps(obuf + (q * CH + c) * 16, o[q][c]);
+}
+
+// value_common one 16-lane chunk at a time (head sizes other than 64 and 128): chunk c of query q
+// at obuf[(q * chunks + c) * 16].
+template <int Q>
+static inline void value_common_chunks(const uint16_t* vb, int64_t hd, int64_t chunks, const float* const* p,
+                                       int64_t common, __mmask16 last, float* obuf) {
+  for (int64_t c = 0; c < chunks; ++c) {
+    const __mmask16 cm = c == chunks - 1 ? last : __mmask16(0xFFFF);
+    __m512 o[Q];
+    for (int q = 0; q < Q; ++q) o[q] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < common; ++j) {
+      const __m512 v = load16(vb + j * hd + c * 16, cm);
+      for (int q = 0; q < Q; ++q) o[q] = _mm512_fmadd_ps(_mm512_set1_ps(p[q][j]), v, o[q]);
+    }
+    for (int q = 0; q < Q; ++q) _mm512_storeu_ps(obuf + (q * chunks + c) * 16, o[q]);
+  }
+}
+
+template <int Q>
+static inline void value_common_any(const uint16_t* vb, int64_t hd, int64_t chunks, const float* const* p,
+                                    int64_t common, __mmask16 last, float* obuf) {
+  if (chunks == 4) return value_common<4, Q>(vb, hd, p, common, last, obuf);
+  if (chunks == 8 && Q <= 3) return value_common<8, (Q <= 3 ? Q : 1)>(vb, hd, p, common, last, obuf);
+  value_common_chunks<Q>(vb, hd, chunks, p, common, last, obuf);
 }
 
 // One sequence's part of an attention call: its query rows, its cache, where its output goes.
@@ -289,139 +299,127 @@ struct AttendRow {
   int64_t n, start;
 };
 
-// What every row of one attention call shares.
+// What every row of one attention call shares. A task holds rb rows x hc heads of one kv head's
+// group (hparts tasks cover a group).
 struct AttendShape {
-  int64_t heads, qheads, hd, C, group, chunks, chunks32;
+  int64_t heads, qheads, hd, C, group, kv_heads, chunks, chunks32, hc, hparts, rb;
   __mmask16 last;
   __mmask32 last32;
   float scale;
 };
 
-// Tasks of one row: (block of kRows rows, head) without a mask, (row, head) with one.
 inline int64_t attend_tasks(const AttendRow& r, const AttendShape& s) {
-  return r.mask ? r.n * s.heads : (r.n + kRows - 1) / kRows * s.heads;
+  return (r.n + s.rb - 1) / s.rb * s.kv_heads * s.hparts;
 }
 
-// Task t of a row without a mask: rows [i0, i0 + rn) of one head share each key and value row,
-// converted to float32 once per block of 16 keys, and their value sums run as independent chains;
-// per (row, key) the arithmetic is the masked task's below, in the same order (scores by 16-key
-// blocks and sum16, softmax over 16-lane chunks of the visible keys, value sums in increasing
-// position), so a token's output is the same bits on either path and at any n. score: room for
-// kRows * (start + n + 16) floats.
-__attribute__((always_inline)) static inline void causal_task(const AttendRow& row, const AttendShape s, int64_t t, float* score) {
-  const int64_t n = row.n, start = row.start, end = start + n, heads = s.heads, hd = s.hd;
-  const int64_t blocks = (n + kRows - 1) / kRows;
-  // Blocks alternate from both ends (0, last, 1, last - 1, ...): a causal block's work grows
+// Room one thread needs for a task's queries.
+struct TaskBuffers {
+  std::vector<float> score;  // kMaxQ x stride: a query's visible keys' scores, in increasing position
+  std::vector<int32_t> pos;  // kMaxQ x stride: those keys' positions
+  std::vector<float> obuf;   // kMaxQ x chunks x 16: value sums
+  int64_t stride;
+  TaskBuffers(int64_t max_end, int64_t chunks)
+      : score(kMaxQ * (max_end + 16)), pos(kMaxQ * (max_end + 16)), obuf(kMaxQ * chunks * 16), stride(max_end + 16) {}
+};
+
+// Task t of a row. Per query (row i, head h) the arithmetic is fixed, whatever the task holds and
+// whether the row has a mask: its visible keys (positions <= start + i, or where mask[i] is set)
+// are scored 16 positions at a time by scores16 and kept in increasing position; softmax over
+// them in 16-lane chunks of that order; value sums fmadd them in that order, then one multiply by
+// 1 / total. A token's output is therefore the same bits in a one-token step, a causal verify, a
+// tree verify (where its ancestors, after keep_path, are the keys its path has) and a prefill.
+__attribute__((always_inline)) static inline void group_task(const AttendRow& row, const AttendShape& s, int64_t t,
+                                                             TaskBuffers& b) {
+  const int64_t n = row.n, start = row.start, end = start + n, hd = s.hd, stride = b.stride;
+  const int64_t per = s.kv_heads * s.hparts, blocks = (n + s.rb - 1) / s.rb;
+  // Row blocks alternate from both ends (0, last, 1, last - 1, ...): a causal block's work grows
   // with its rows, and each thread's contiguous share of tasks then holds short and long ones.
-  const int64_t u = t / heads, h = t % heads, kvh = h / s.group;
-  const int64_t b = u % 2 ? blocks - 1 - u / 2 : u / 2;
-  const int64_t i0 = b * kRows, rn = std::min(kRows, n - i0);
+  const int64_t u = t / per, rem = t % per;
+  const int64_t blk = u % 2 ? blocks - 1 - u / 2 : u / 2;
+  const int64_t kvh = rem / s.hparts, h0 = kvh * s.group + rem % s.hparts * s.hc;
+  const int64_t h1 = std::min(h0 + s.hc, (kvh + 1) * s.group);
+  const int64_t i0 = blk * s.rb, i1 = std::min(i0 + s.rb, n);
   const uint16_t* kb = row.k + kvh * s.C * hd;
   const uint16_t* vb = row.v + kvh * s.C * hd;
-  const int64_t stride = end + 16;  // a row's scores, padded to whole 16-key blocks
-  int64_t vis[kRows];
-  __m512bh qb[kRows][8];
-  for (int64_t r = 0; r < rn; ++r) {
-    vis[r] = start + i0 + r + 1;
-    const uint16_t* qv = row.q + ((i0 + r) * s.qheads + h) * hd;
-    for (int64_t c = 0; c < s.chunks32; ++c)
-      qb[r][c] = load32bh(qv + c * 32, c == s.chunks32 - 1 ? s.last32 : __mmask32(0xFFFFFFFFu));
-  }
-  const int64_t maxend = vis[rn - 1];
-  for (int64_t j0 = 0; j0 < maxend; j0 += 16)
-    for (int64_t r = 0; r < rn; ++r) {
-      const int64_t lim = std::min<int64_t>(16, vis[r] - j0);  // the row's keys in this block
-      if (lim <= 0) continue;
-      const __m512 sums = scores16_any(qb[r], s.chunks32, kb + j0 * hd, hd, lim, 0xFFFFu, s.last32);
-      _mm512_storeu_ps(score + r * stride + j0, _mm512_mul_ps(sums, _mm512_set1_ps(s.scale)));
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int nq = 0;
+  int64_t common = end, seen[kMaxQ];
+  const float* p[kMaxQ];
+  uint16_t* out[kMaxQ];
+  __m512 inv[kMaxQ];
+  for (int64_t i = i0; i < i1; ++i)
+    for (int64_t h = h0; h < h1; ++h, ++nq) {
+      const bool* mrow = row.mask ? row.mask + i * end : nullptr;
+      const int64_t kend = row.mask ? end : start + i + 1;  // keys that may be visible: [0, kend)
+      float* sc = b.score.data() + nq * stride;
+      int32_t* ps = b.pos.data() + nq * stride;
+      out[nq] = row.out + i * s.heads * hd + h * hd;
+      p[nq] = sc;
+      __m512bh qb[8];
+      const uint16_t* qv = row.q + (i * s.qheads + h) * hd;
+      for (int64_t c = 0; c < s.chunks32; ++c)
+        qb[c] = load32bh(qv + c * 32, c == s.chunks32 - 1 ? s.last32 : __mmask32(0xFFFFFFFFu));
+      int64_t m = 0, lead = -1;  // lead: the first key this query does not see
+      for (int64_t j0 = 0; j0 < kend; j0 += 16) {
+        const int64_t jn = std::min<int64_t>(16, kend - j0);
+        const __mmask16 all = tail16(jn);
+        __mmask16 vis = all;
+        if (mrow) vis = _mm_mask_cmpneq_epi8_mask(all, _mm_maskz_loadu_epi8(all, mrow + j0), _mm_setzero_si128());
+        if (vis != all && lead < 0) lead = j0 + __builtin_ctz(~uint32_t(vis));
+        if (!vis) continue;
+        const __m512 sums = _mm512_mul_ps(scores16_any(qb, s.chunks32, kb + j0 * hd, hd, jn, vis, s.last32),
+                                          _mm512_set1_ps(s.scale));
+        const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(int32_t(j0)), iota);
+        if (vis == all) {  // every key of the block: stored as it is (lanes past jn are overwritten later)
+          _mm512_storeu_ps(sc + m, sums);
+          _mm512_storeu_si512(ps + m, at);
+        } else {
+          _mm512_storeu_ps(sc + m, _mm512_maskz_compress_ps(vis, sums));
+          _mm512_storeu_si512(ps + m, _mm512_maskz_compress_epi32(vis, at));
+        }
+        m += __builtin_popcount(vis);
+      }
+      common = std::min(common, lead < 0 ? kend : lead);  // keys below `lead` sit at their own index
+      seen[nq] = m;
+      // Softmax over the visible keys: the largest score, then exp and the total in 16-lane chunks.
+      __m512 top16 = _mm512_set1_ps(-INFINITY);
+      for (int64_t s0 = 0; s0 < m; s0 += 16)
+        top16 = _mm512_max_ps(top16, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail16(m - s0), sc + s0));
+      const float top = _mm512_reduce_max_ps(top16);
+      __m512 total = _mm512_setzero_ps();
+      for (int64_t s0 = 0; s0 < m; s0 += 16) {
+        const __mmask16 msk = tail16(m - s0);
+        const __m512 e = _mm512_maskz_mov_ps(msk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(msk, sc + s0), _mm512_set1_ps(top))));
+        total = _mm512_add_ps(total, e);
+        _mm512_mask_storeu_ps(sc + s0, msk, e);
+      }
+      inv[nq] = _mm512_set1_ps(m ? 1.f / _mm512_reduce_add_ps(total) : 0.f);
     }
-  __m512 inv[kRows];
-  for (int64_t r = 0; r < rn; ++r) {
-    float* sc = score + r * stride;
-    float top = -INFINITY;
-    for (int64_t j = 0; j < vis[r]; ++j) top = std::max(top, sc[j]);
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t s0 = 0; s0 < vis[r]; s0 += 16) {
-      const __mmask16 msk = tail16(vis[r] - s0);
-      const __m512 e = _mm512_maskz_mov_ps(msk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(msk, sc + s0), _mm512_set1_ps(top))));
-      total = _mm512_add_ps(total, e);
-      _mm512_mask_storeu_ps(sc + s0, msk, e);
-    }
-    inv[r] = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
-    std::fill(sc + vis[r], sc + maxend, 0.f);
+  // Value sums: the keys every query sees together, then each query's own remaining ones.
+  float* obuf = b.obuf.data();
+  switch (nq) {
+    case 1: value_common_any<1>(vb, hd, s.chunks, p, common, s.last, obuf); break;
+    case 2: value_common_any<2>(vb, hd, s.chunks, p, common, s.last, obuf); break;
+    case 3: value_common_any<3>(vb, hd, s.chunks, p, common, s.last, obuf); break;
+    case 4: value_common_any<4>(vb, hd, s.chunks, p, common, s.last, obuf); break;
+    case 5: value_common_any<5>(vb, hd, s.chunks, p, common, s.last, obuf); break;
+    default: value_common_any<6>(vb, hd, s.chunks, p, common, s.last, obuf); break;
   }
-  for (int64_t r = rn; r < kRows; ++r) std::fill(score + r * stride, score + r * stride + maxend, 0.f);
-  // Value sums: keys in increasing position, each value row read once for the block's rows.
-  uint16_t* ob = row.out + i0 * heads * hd + h * hd;
-  // One row (a decode step) sums alone; a block's rows share each value row.
-  if (s.chunks == 4 && rn == 1) {
-    value_sums<4, 1>(vb, score, stride, vis, rn, hd, s.last, inv, ob, heads * hd);
-  } else if (s.chunks == 4) {
-    value_sums<4, kRows>(vb, score, stride, vis, rn, hd, s.last, inv, ob, heads * hd);
-  } else if (s.chunks == 8 && rn == 1) {
-    value_sums<8, 1>(vb, score, stride, vis, rn, hd, s.last, inv, ob, heads * hd);
-  } else if (s.chunks == 8) {
-    value_sums<8, kRows>(vb, score, stride, vis, rn, hd, s.last, inv, ob, heads * hd);
-  } else {
+  for (int q = 0; q < nq; ++q) {
+    __m512 o[16];
+    for (int64_t c = 0; c < s.chunks; ++c) o[c] = _mm512_loadu_ps(obuf + (q * s.chunks + c) * 16);
+    const float* sc = p[q];
+    const int32_t* ps = b.pos.data() + q * stride;
+    for (int64_t k = common; k < seen[q]; ++k) {
+      const __m512 pk = _mm512_set1_ps(sc[k]);
+      const uint16_t* vv = vb + int64_t(ps[k]) * hd;
+      for (int64_t c = 0; c < s.chunks; ++c)
+        o[c] = _mm512_fmadd_ps(pk, load16(vv + c * 16, c == s.chunks - 1 ? s.last : __mmask16(0xFFFF)), o[c]);
+    }
     for (int64_t c = 0; c < s.chunks; ++c)
-      value_sums_chunk(vb + c * 16, score, stride, vis, rn, hd, c == s.chunks - 1 ? s.last : __mmask16(0xFFFF),
-                       inv, ob + c * 16, heads * hd);
+      _mm256_mask_storeu_epi16(out[q] + c * 16, c == s.chunks - 1 ? s.last : __mmask16(0xFFFF),
+                               (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[c], inv[q])));
   }
-}
-
-// Task t of a row with a mask: one (row, head), its visible keys gathered in increasing position.
-// score, pos: room for start + n entries.
-__attribute__((always_inline)) static inline void masked_task(const AttendRow& row, const AttendShape s, int64_t t, float* score, int32_t* pos) {
-  const int64_t end = row.start + row.n, heads = s.heads, hd = s.hd, chunks = s.chunks;
-  const int64_t i = t / heads, h = t % heads, kvh = h / s.group;
-  const bool* mp = row.mask;
-  const uint16_t* qv = row.q + (i * s.qheads + h) * hd;
-  const uint16_t* kb = row.k + kvh * s.C * hd;
-  const uint16_t* vb = row.v + kvh * s.C * hd;
-  __m512bh qb[8];
-  for (int64_t c = 0; c < s.chunks32; ++c)
-    qb[c] = load32bh(qv + c * 32, c == s.chunks32 - 1 ? s.last32 : __mmask32(0xFFFFFFFFu));
-  int64_t seen = 0;
-  float top = -INFINITY;
-  // Scores 16 keys at a time (scores16: one transposing sum for the 16 dot products), as
-  // causal_task does; keys the mask hides are left out of the block.
-  for (int64_t j0 = 0; j0 < end; j0 += 16) {
-    const int64_t jn = std::min<int64_t>(16, end - j0);
-    uint32_t vis = 0;
-    for (int64_t jj = 0; jj < jn; ++jj)
-      if (mp[i * end + j0 + jj]) vis |= 1u << jj;
-    if (!vis) continue;
-    const __m512 sums = scores16_any(qb, s.chunks32, kb + j0 * hd, hd, jn, vis, s.last32);
-    alignas(64) float sc[16];
-    _mm512_store_ps(sc, _mm512_mul_ps(sums, _mm512_set1_ps(s.scale)));
-    for (int64_t jj = 0; jj < jn; ++jj) {
-      if (!(vis >> jj & 1u)) continue;
-      score[seen] = sc[jj];
-      pos[seen++] = int32_t(j0 + jj);
-      top = std::max(top, sc[jj]);
-    }
-  }
-  __m512 o[16];
-  for (int64_t c = 0; c < chunks; ++c) o[c] = _mm512_setzero_ps();
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t s0 = 0; s0 < seen; s0 += 16) {
-    const __mmask16 msk = tail16(seen - s0);
-    const __m512 e = _mm512_maskz_mov_ps(msk, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(msk, score + s0),
-                                                                 _mm512_set1_ps(top))));
-    total = _mm512_add_ps(total, e);
-    _mm512_mask_storeu_ps(score + s0, msk, e);
-  }
-  for (int64_t j = 0; j < seen; ++j) {
-    const __m512 p = _mm512_set1_ps(score[j]);
-    const uint16_t* vv = vb + int64_t(pos[j]) * hd;
-    for (int64_t c = 0; c < chunks; ++c)
-      o[c] = _mm512_fmadd_ps(p, load16(vv + c * 16, c == chunks - 1 ? s.last : __mmask16(0xFFFF)), o[c]);
-  }
-  const __m512 inv = _mm512_set1_ps(seen ? 1.f / _mm512_reduce_add_ps(total) : 0.f);
-  uint16_t* ov = row.out + i * heads * hd + h * hd;
-  for (int64_t c = 0; c < chunks; ++c)
-    _mm256_mask_storeu_epi16(ov + c * 16, c == chunks - 1 ? s.last : __mmask16(0xFFFF),
-                             (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(o[c], inv)));
 }
 
 // Every task of every row in one parallel loop (a batch's rows split across the threads together,
@@ -433,23 +431,19 @@ static void attend_rows_run(const std::vector<AttendRow>& rows, const AttendShap
     const int64_t tasks = attend_tasks(rows[r], s), end = rows[r].start + rows[r].n;
     first[r + 1] = first[r] + tasks;
     max_end = std::max(max_end, end);
-    work += tasks * end * (rows[r].mask ? 1 : std::min(rows[r].n, kRows));
+    work += tasks * end * std::min(rows[r].n, s.rb) * s.hc;
   }
   const int64_t total = first.back();
   if (total == 0) return;
-  // A decode step's 9-30 tasks over a short cache are ~1 us each: run them inline; split across
-  // threads only when the work (keys x rows) is large.
+  // A decode step's few tasks over a short cache are ~1 us each: run them inline; split across
+  // threads only when the work (keys x queries) is large.
   const int64_t grain = std::max<int64_t>(1, total * 8192 / std::max<int64_t>(work, 1));
   at::parallel_for(0, total, grain, [&](int64_t t0, int64_t t1) {
-    std::vector<float> score(kRows * (max_end + 16));
-    std::vector<int32_t> pos(max_end);
+    TaskBuffers b(max_end, s.chunks);
     size_t r = std::upper_bound(first.begin(), first.end(), t0) - first.begin() - 1;
     for (int64_t t = t0; t < t1; ++t) {
       while (t >= first[r + 1]) ++r;
-      if (rows[r].mask)
-        masked_task(rows[r], s, t - first[r], score.data(), pos.data());
-      else
-        causal_task(rows[r], s, t - first[r], score.data());
+      group_task(rows[r], s, t - first[r], b);
     }
   });
 }
@@ -461,9 +455,15 @@ static AttendShape attend_shape(int64_t heads, int64_t qheads, int64_t hd, int64
   s.qheads = qheads;
   s.hd = hd;
   s.C = C;
+  s.kv_heads = kv_heads;
   s.group = heads / kv_heads;
   s.chunks = (hd + 15) / 16;
   s.chunks32 = (hd + 31) / 32;
+  // Queries per task: as many as the value sums' accumulators fit in registers (32 zmm).
+  const int64_t qmax = s.chunks == 8 ? 3 : kMaxQ;
+  s.hc = std::min(s.group, qmax);
+  s.hparts = (s.group + s.hc - 1) / s.hc;
+  s.rb = std::max<int64_t>(1, qmax / s.hc);
   // The last 16-lane (32-lane) chunk of a head is masked where hd is not a multiple of 16 (32).
   s.last = tail16(hd - (s.chunks - 1) * 16);
   s.last32 = tail32(hd - (s.chunks32 - 1) * 32);
