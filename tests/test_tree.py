@@ -15,7 +15,7 @@ from conftest import FakeModel, loaded
 from outrider import SpeculativeDecoder
 from outrider.drafters import DraftModel, PromptLookup
 from outrider.sampling import SamplingParams, probs_from_logits
-from outrider.tree import ancestor_mask, check_parents, depths, path_to, verify_mask, verify_positions
+from outrider.tree import ancestor_mask, check_parents, depths, merge_trees, path_to, verify_mask, verify_positions
 from outrider.verify import verify_tree_greedy, verify_tree_speculative
 from test_loop_fake import greedy_reference
 from test_verify import logits_preferring
@@ -230,3 +230,18 @@ def test_tree_drafters_sample_losslessly_through_the_decoder(drafter):
     # Power at the same sample size: the draft's own law is rejected.
     other = sample_exact(exact_distribution(FakeModel(vocab_size=6, seed=1, scale=1.0), params), seed=0)
     assert chi_square_p_value(other, target_dist, N) < P_REJECT
+
+
+def test_merge_trees_is_the_union_of_their_paths():
+    # A: the chain 7 8 9; B: 7 8 5 (shares 7 8), 4 (a new first token), 4 -> 6.
+    tokens, parents = merge_trees([7, 8, 9], [-1, 0, 1], [7, 8, 5, 4, 6], [-1, 0, 1, -1, 3])
+    assert tokens[:3] == [7, 8, 9] and parents[:3] == [-1, 0, 1]  # A unchanged, first
+    assert tokens[3:] == [5, 4, 6] and parents[3:] == [1, -1, 4]
+    check_parents(torch.tensor(parents))
+
+    def paths(toks, pars):
+        return {tuple(toks[j] for j in path_to(pars, i)) for i in range(len(toks))}
+
+    assert paths(tokens, parents) == paths([7, 8, 9], [-1, 0, 1]) | paths([7, 8, 5, 4, 6], [-1, 0, 1, -1, 3])
+    assert merge_trees([], [], [3, 4], [-1, 0]) == ([3, 4], [-1, 0])
+    assert merge_trees([3, 4], [-1, 0], [3], [-1]) == ([3, 4], [-1, 0])  # nothing new

@@ -787,7 +787,7 @@ def _tried(draft: Draft, path: list[int]) -> list[tuple[float, bool, int]] | Non
     for i, p in enumerate(draft.parents.tolist()):
         rank = siblings.get(p, 0)
         siblings[p] = rank + 1
-        if p in tried_parents:
+        if p in tried_parents and conf[i] is not None:  # None: a node from a drafter that reports none
             out.append((conf[i], i in on_path, rank))
     return out
 

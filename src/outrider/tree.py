@@ -69,3 +69,24 @@ def path_to(parents: list[int], node: int) -> list[int]:
         path.append(node)
         node = parents[node]
     return path[::-1]
+
+
+def merge_trees(tokens_a: list[int], parents_a: list[int], tokens_b: list[int],
+                parents_b: list[int]) -> tuple[list[int], list[int]]:
+    """The union of two draft trees under one root, as a trie: A's nodes first and unchanged (node
+    i of A is node i of the result), then each node of B whose path A does not already hold, in B's
+    order (topological, so the result is too). A node of B that repeats a sibling's token is the
+    same node: verification could never take both."""
+    tokens, parents = list(tokens_a), list(parents_a)
+    child = {}
+    for i, (t, p) in enumerate(zip(tokens, parents)):
+        child.setdefault((p, t), i)
+    where = []  # where[j]: B's node j in the result
+    for t, p in zip(tokens_b, parents_b):
+        key = (where[p] if p >= 0 else -1, t)
+        if key not in child:
+            child[key] = len(tokens)
+            tokens.append(t)
+            parents.append(key[0])
+        where.append(child[key])
+    return tokens, parents

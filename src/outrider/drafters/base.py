@@ -58,8 +58,9 @@ class Draft:
     # width V. None for deterministic drafters (q is one-hot) and under greedy decoding.
     probs: torch.Tensor | None = None
     # The drafter's probability of each token it drafted (q(x) sampled, max q greedy), for
-    # drafters that set stops_on_confidence; adaptive k calibrates acceptance against it.
-    confidences: list[float] | None = None
+    # drafters that set stops_on_confidence; adaptive k calibrates acceptance against it. None for
+    # a node another drafter added (eagle+suffix's merged trees).
+    confidences: list[float | None] | None = None
     parents: torch.Tensor | None = None  # (d,) long, topological (parents[i] < i); None: a chain
     forwards: int = 0  # draft-model forwards this proposal took (the d of the cost model; 0: model-free)
 

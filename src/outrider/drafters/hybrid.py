@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from typing import Callable, ClassVar
 
+import torch
 from torch import Tensor
 
 from outrider.drafters.base import BuildContext, Draft, DraftStep, register
 from outrider.drafters.eagle import EagleDrafter
 from outrider.drafters.suffix import SuffixDrafter
+from outrider.tree import merge_trees
 
 
 @register("eagle+suffix")
@@ -34,10 +36,12 @@ class HeadWithSuffix:
     default_k: ClassVar[int] = EagleDrafter.default_k
     batches: ClassVar[bool] = True  # the heads propose together (propose_rows), the tries per row
 
-    def __init__(self, head: EagleDrafter, suffix: SuffixDrafter, min_value: float = 1.0) -> None:
+    def __init__(self, head: EagleDrafter, suffix: SuffixDrafter, min_value: float = 1.0, merge: bool = True) -> None:
         if not min_value > 0:
             raise ValueError(f"min_value={min_value} is invalid: it is an expected number of accepted tokens, use > 0")
         self.head, self.suffix, self.min_value = head, suffix, min_value
+        # Greedy steps the head drafts also verify the tries' tree, as more branches of one tree.
+        self.merge = merge
         self.hidden_layers = head.hidden_layers
         self.k = head.k
         self.chose_suffix = 0  # steps drafted by the suffix tries (the rest: the head)
@@ -65,9 +69,16 @@ class HeadWithSuffix:
         scored = [d.suffix.propose_scored(st) for d, st in zip(drafters, steps)]
         wants = [value < d.min_value for d, (_, value) in zip(drafters, scored)]
         heads = EagleDrafter.propose_rows([d.head for d in drafters], steps, wants)
-        for d, want in zip(drafters, wants):
+        out = []
+        for d, st, head, (tree, _), want in zip(drafters, steps, heads, scored, wants):
             d.chose_suffix += not want
-        return [head if want else tree for head, (tree, _), want in zip(heads, scored, wants)]
+            if not want:
+                out.append(tree)
+            elif d.merge and st.sampling.greedy and tree.size:
+                out.append(_merged(head, tree))
+            else:
+                out.append(head)
+        return out
 
     def propose(self, step: DraftStep) -> Draft:
         return self.propose_rows([self], [step])[0]
@@ -81,3 +92,20 @@ class HeadWithSuffix:
 
     def probe(self) -> None:
         self.head.probe()
+
+
+def _merged(head: Draft, tree: Draft) -> Draft:
+    """The head's draft with the tries' tree as more branches (greedy: both are deterministic).
+    The tries' nodes cost no forward, only their rows in the verify forward; they come after the
+    head's, whose confidences they leave as they are (None for the tries' own: adaptive k
+    calibrates the head's acceptance, not theirs)."""
+    n = head.size
+    chain = list(range(-1, n - 1))
+    tokens, parents = merge_trees(head.tokens.tolist(), head.parents.tolist() if head.parents is not None else chain,
+                                  tree.tokens.tolist(), tree.parents.tolist() if tree.parents is not None else
+                                  list(range(-1, tree.size - 1)))
+    if len(tokens) == n:
+        return head
+    both = torch.tensor([tokens, parents], dtype=torch.long).to(head.tokens.device)
+    conf = head.confidences + [None] * (len(tokens) - n) if head.confidences is not None else None
+    return Draft(both[0], None, conf, parents=both[1], forwards=head.forwards)
