@@ -71,9 +71,15 @@ def sdpa(q, kc, vc, start, heads, mask):
     return y[0].transpose(0, 1).reshape(n, -1)
 
 
-@pytest.mark.parametrize("hd", [8, 16, 64])
-def test_attend_matches_sdpa_and_is_row_invariant(hd):
-    heads, kv, start, n, cap = 4, 2, 9, 6, 32
+# (query heads, kv heads, head size): an attention task holds up to 6 queries of one kv head (rows x
+# the group's heads): groups of 1, 2, 3 and 7 heads (7: two tasks per group), 64-wide heads (4
+# chunks), 128 (8 chunks, 3 queries a task) and sizes that are not a multiple of 16 or 32.
+ATTEND_SHAPES = [(4, 2, 8), (4, 2, 16), (4, 2, 64), (9, 3, 64), (6, 6, 40), (14, 2, 128), (2, 1, 200)]
+
+
+@pytest.mark.parametrize("heads, kv, hd", ATTEND_SHAPES)
+def test_attend_matches_sdpa_and_is_row_invariant(heads, kv, hd):
+    start, n, cap = 21, 6, 40
     q = rand(n, heads + kv, hd, seed=6)
     kc, vc = rand(kv, cap, hd, seed=7), rand(kv, cap, hd, seed=8)
     got = kernels.attend(q, kc, vc, start, heads, None)
@@ -81,12 +87,23 @@ def test_attend_matches_sdpa_and_is_row_invariant(hd):
     # Token i alone (a one-token step at position start + i) gets bit for bit what it got among n.
     for i in range(n):
         assert torch.equal(kernels.attend(q[i : i + 1], kc, vc, start + i, heads, None), got[i : i + 1]), i
-    # A tree mask: token i sees the cache and a chosen subset of the new tokens.
+    # A tree mask: token i sees the cache and a chosen subset of the new tokens; rows 3 and 5 also
+    # miss a cache key (the keys all rows of a task see end there).
     mask = torch.ones(n, start + n, dtype=torch.bool)
     mask[:, start:] = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 0, 1, 0, 0, 0],
                                     [1, 1, 0, 1, 0, 0], [1, 0, 1, 0, 1, 0], [1, 1, 0, 1, 0, 1]], dtype=torch.bool)
+    mask[[3, 5], 17] = False
     got = kernels.attend(q, kc, vc, start, heads, mask)
     assert torch.allclose(got.float(), sdpa(q, kc, vc, start, heads, mask), atol=2e-2, rtol=2e-2)
+    # A tree node gets what the same token gets as a one-token step once its path is the cache:
+    # node 5 (path 0 -> 1 -> 3 -> 5) with the cache [0, start) + nodes 0, 1, 3 in place, causal.
+    path = [0, 1, 3]
+    kp, vp = kc.clone(), vc.clone()
+    kp[:, start : start + 3], vp[:, start : start + 3] = kc[:, start + torch.tensor(path)], vc[:, start + torch.tensor(path)]
+    kp[:, start + 3], vp[:, start + 3] = kc[:, start + 5], vc[:, start + 5]
+    alone = torch.ones(1, start + 4, dtype=torch.bool)
+    alone[0, 17] = False
+    assert torch.equal(kernels.attend(q[5:6], kp, vp, start + 3, heads, alone), got[5:6])
 
 
 def bf16_model(cls=LlamaConfig, **overrides) -> torch.nn.Module:
