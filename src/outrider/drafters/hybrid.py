@@ -5,12 +5,15 @@ states, wherever the text goes; suffix tries predict text that repeats what came
 prompt being summarised or quoted, a list that repeats its shape, earlier outputs), and there
 they draft long and exactly, for no forward at all. Each step the suffix tries propose a tree
 (~30 µs, no forward); when its expected accepted length (the sum of its path scores) reaches
-`min_value`, that tree is the draft, else the head drafts. On the suffix's steps the head only
-keeps the target's new hidden states; it reads them all, in one pass, the next time it drafts, so
-its cache stays whole and a step it does not draft costs it nothing.
+`min_value`, that tree is the draft, else the head drafts, and under greedy decoding the tries'
+tree rides along as more branches of the head's (tree.merge_trees: no forward, only its rows in
+the verify forward). On the suffix's steps the head only keeps the target's new hidden states; it
+reads them all, in one pass, the next time it drafts, so its cache stays whole and a step it does
+not draft costs it nothing.
 
-Lossless: a step's draft is wholly one drafter's (suffix trees are deterministic, probs None; the
-head's samples carry q), and the choice reads only the committed tokens, never a random draw.
+Lossless: under sampling a step's draft is wholly one drafter's (suffix trees are deterministic,
+probs None; the head's samples carry q); a merged tree is greedy only, where both are
+deterministic. The choice reads only the committed tokens, never a random draw.
 """
 
 from __future__ import annotations
