@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 from test_e2e_hf import hf_greedy as greedy
 from outrider import SpeculativeDecoder
+from outrider.adaptive import AdaptiveK
 from outrider.drafters.eagle import EagleDrafter, new_head
 from outrider.drafters.heads import target_embedding
 from outrider.drafters.hybrid import HeadWithSuffix
@@ -19,14 +20,14 @@ from outrider.sampling import SamplingParams
 PROMPT = [5, 17, 3, 42, 8, 5, 17, 3, 42, 8, 5, 17]  # repeats: the suffix tries match it
 
 
-def hybrid_decoder(model, backend="auto", k=4, draft_vocab=None, width=1):
+def hybrid_decoder(model, backend="auto", k=4, draft_vocab=None, width=1, adaptive=None):
     target = load_model(model, backend=backend)
     embed = target_embedding(target.model)
     V = embed.shape[0]
     d2t = torch.arange(V) if draft_vocab is None else torch.arange(draft_vocab)
     head = new_head(model.config, embed, "tiny", d2t, max_positions=256).to(embed.dtype)
     drafter = HeadWithSuffix(EagleDrafter(head, embed, V, k=k, width=width), SuffixDrafter(k=8, max_depth=24))
-    return SpeculativeDecoder(target, drafter, k=k)
+    return SpeculativeDecoder(target, drafter, k=k, adaptive=adaptive)
 
 
 @pytest.mark.parametrize("backend", ["native", "hf"])
@@ -105,3 +106,37 @@ def test_from_pretrained_reads_the_eagle_head(tmp_path):
     dec = SpeculativeDecoder.from_pretrained(model, draft=tmp_path / "head", method="eagle+suffix", k=3)
     assert isinstance(dec.drafter, HeadWithSuffix)
     assert dec.generate(PROMPT, max_new_tokens=12).token_ids == greedy(model, PROMPT, 12)
+
+
+def test_greedy_head_steps_also_verify_the_tries_tree(monkeypatch):
+    """Where the head drafts under greedy decoding, the tries' tree rides along as more branches:
+    the head's nodes first (their confidences kept), the tries' after (None); the output is the
+    target's greedy output either way, and a sampled step never mixes the two."""
+    model = tiny_model("llama")
+    seen = []
+    propose_rows = HeadWithSuffix.propose_rows.__func__
+
+    def recorded(cls, drafters, steps):
+        out = propose_rows(cls, drafters, steps)
+        seen.extend(out)
+        return out
+
+    monkeypatch.setattr(HeadWithSuffix, "propose_rows", classmethod(recorded))
+
+    def merged_drafts(merge: bool, **sampling):
+        dec = hybrid_decoder(model, "native", k=4, adaptive=AdaptiveK(k_max=4))  # the head reports confidences
+        dec.drafter.merge = merge
+        dec.drafter.min_value = 10.0  # the head drafts every step; the tries' trees ride along
+        seen.clear()
+        ids = [dec.generate(p, max_new_tokens=40, **sampling).token_ids for p in (PROMPT, [7, 8, 9, 10, 7, 8])]
+        return ids, [d for d in seen if d.confidences is not None and None in d.confidences]
+
+    ids, merged = merged_drafts(True)
+    assert ids == [greedy(model, p, 40) for p in (PROMPT, [7, 8, 9, 10, 7, 8])]
+    assert merged, "no step verified the head's and the tries' drafts together"
+    for d in merged:
+        first = d.confidences.index(None)
+        assert all(c is not None for c in d.confidences[:first]) and all(c is None for c in d.confidences[first:])
+        assert d.parents[:first].tolist() == list(range(-1, first - 1))  # the head's chain, unchanged, first
+    assert merged_drafts(False)[1] == []
+    assert merged_drafts(True, temperature=1.0, seed=0)[1] == []
