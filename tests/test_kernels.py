@@ -96,7 +96,8 @@ def test_attend_matches_sdpa_and_is_row_invariant(heads, kv, hd):
     got = kernels.attend(q, kc, vc, start, heads, mask)
     assert torch.allclose(got.float(), sdpa(q, kc, vc, start, heads, mask), atol=2e-2, rtol=2e-2)
     # A tree node gets what the same token gets as a one-token step once its path is the cache:
-    # node 5 (path 0 -> 1 -> 3 -> 5) with the cache [0, start) + nodes 0, 1, 3 in place, causal.
+    # node 5 (path 0 -> 1 -> 3 -> 5) with the cache [0, start) + nodes 0, 1, 3 in place, key 17
+    # hidden as in its tree row.
     path = [0, 1, 3]
     kp, vp = kc.clone(), vc.clone()
     kp[:, start : start + 3], vp[:, start : start + 3] = kc[:, start + torch.tensor(path)], vc[:, start + torch.tensor(path)]

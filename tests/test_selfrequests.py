@@ -10,7 +10,8 @@ from scipy.stats import chisquare
 
 from outrider.sampling import SamplingParams, probs_from_logits
 from outrider.train.eagle import EagleRecipe
-from outrider.train.selfdistill import SeededSampler, chat_requests
+from outrider.train.rowgen import SeededSampler
+from outrider.train.selfdistill import chat_requests
 from outrider.train.selfrequests import request_opening, target_requests
 from test_train_eagle import tiny_tokenizer_with_template
 

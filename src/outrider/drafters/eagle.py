@@ -148,6 +148,12 @@ class EagleHead(nn.Module):
                          dtype, device)
 
 
+def _rows(parts: list[Tensor]) -> Tensor:
+    """The rows' tensors one after another; a single row's as it is (a drafting pass alone copies
+    nothing)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 @dataclass
 class PairFeed:
     """One row's pairs for the head's layer (EagleRunner.run_rows): pair j is (its feature, the
@@ -241,17 +247,15 @@ class EagleRunner:
         for i, f in enumerate(feeds):
             if f.fuse:
                 feats[i] = kernel_lib.linear(torch.cat(list(feats[i].unbind(0)), -1), w_fuse, None)
-        one = len(feeds) == 1  # a single row's pass (every drafting step alone) skips the joins
-        tokens = feeds[0].tokens if one else torch.cat([f.tokens for f in feeds])
-        x = kernel_lib.linear(torch.cat([feats[0] if one else torch.cat(feats),
-                                         F.embedding(tokens.to(self.device), self.embed)], -1), w_inp, None)
+        tokens = _rows([f.tokens for f in feeds])
+        x = kernel_lib.linear(torch.cat([_rows(feats), F.embedding(tokens.to(self.device), self.embed)], -1), w_inp, None)
         ropes = [self._rope_rows(f, T) for f, T in zip(feeds, sizes)]
-        cos, sin = ropes[0] if one else (torch.cat([c for c, _ in ropes]), torch.cat([s for _, s in ropes]))
+        cos, sin = _rows([c for c, _ in ropes]), _rows([s for _, s in ropes])
         out = kernel_lib.decoder_layer_rows(
             x, attn_norm, w_qkv, None, w_o, None, mlp_norm, w_gu, None, w_down, None, self.k_cache, self.v_cache,
             cos.contiguous(), sin.contiguous(), [f.slot for f in feeds], [f.start for f in feeds], sizes,
             [f.mask for f in feeds], cfg.num_heads, cfg.rms_norm_eps)
-        outs = [out] if one else list(out.split(sizes))
+        outs = out.split(sizes)
         for f, o in zip(feeds, outs):
             self.outs[f.slot, f.start : f.start + o.shape[0]] = o
         logits: list[Tensor | None] = [None] * len(feeds)

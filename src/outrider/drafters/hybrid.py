@@ -103,12 +103,14 @@ def _merged(head: Draft, tree: Draft) -> Draft:
     head's, whose confidences they leave as they are (None for the tries' own: adaptive k
     calibrates the head's acceptance, not theirs)."""
     n = head.size
-    chain = list(range(-1, n - 1))
-    tokens, parents = merge_trees(head.tokens.tolist(), head.parents.tolist() if head.parents is not None else chain,
-                                  tree.tokens.tolist(), tree.parents.tolist() if tree.parents is not None else
-                                  list(range(-1, tree.size - 1)))
+    tokens, parents = merge_trees(head.tokens.tolist(), _parents(head), tree.tokens.tolist(), _parents(tree))
     if len(tokens) == n:
         return head
     both = torch.tensor([tokens, parents], dtype=torch.long).to(head.tokens.device)
     conf = head.confidences + [None] * (len(tokens) - n) if head.confidences is not None else None
     return Draft(both[0], None, conf, parents=both[1], forwards=head.forwards)
+
+
+def _parents(draft: Draft) -> list[int]:
+    """A draft's parents as a list (a chain's are [-1, 0, 1, ...])."""
+    return draft.parents.tolist() if draft.parents is not None else list(range(-1, draft.size - 1))

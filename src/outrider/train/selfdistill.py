@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from outrider.models import eos_ids_of
 from outrider.sampling import SamplingParams
 from outrider.train.config import TrainSettings
-from outrider.train.rowgen import RowWriter, SeededSampler  # noqa: F401 (SeededSampler: its old home)
+from outrider.train.rowgen import RowWriter
 
 
 PAD = -1  # row padding; never a token id

@@ -50,11 +50,10 @@ def target_requests(model: Any, tokenizer: Any, n: int, seed: int, eos: tuple[in
         if len(out) >= n:
             break
         news = write([opening] * batch, max_tokens, params, seed * 1_000_003 + r, eos)
-        for row in news:
-            ends = [i for i, t in enumerate(row) if t in eos]
-            if not ends:
+        for row in news:  # a row ends after its first EOS, or at max_tokens
+            if not row or row[-1] not in eos:
                 continue  # cut off: not a finished request
-            text = tokenizer.decode(row[: ends[0]], skip_special_tokens=True).strip()
+            text = tokenizer.decode(row[:-1], skip_special_tokens=True).strip()
             if len(text.split()) >= 3 and text not in seen:
                 seen.add(text)
                 out.append(text)

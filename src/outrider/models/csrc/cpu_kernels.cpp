@@ -213,9 +213,9 @@ static inline __m512 sum16(__m512* a) {
 // query alone waits on its own fmadd latency). Per query the arithmetic is fixed (see group_task),
 // so how queries are grouped into tasks never changes a bit.
 constexpr int kMaxQ = 6;
+
 // The dot products of one query (CH 32-wide bf16 chunks) with 16 keys (rows of kb, hd apart), keys
-// past `n` left out: per key, vdpbf16ps over the chunks in order, then sum16. Both attention paths
-// score with it, so a (row, key) score is the same bits on either path.
+// past `n` or outside `vis` left out: per key, vdpbf16ps over the chunks in order, then sum16.
 template <int CH>
 static inline __m512 scores16(const __m512bh* q, const uint16_t* kb, int64_t hd, int64_t n, uint32_t vis,
                               __mmask32 last) {
@@ -285,7 +285,9 @@ template <int Q>
 static inline void value_common_any(const uint16_t* vb, int64_t hd, int64_t chunks, const float* const* p,
                                     int64_t common, __mmask16 last, float* obuf) {
   if (chunks == 4) return value_common<4, Q>(vb, hd, p, common, last, obuf);
-  if (chunks == 8 && Q <= 3) return value_common<8, (Q <= 3 ? Q : 1)>(vb, hd, p, common, last, obuf);
+  if constexpr (Q <= 3) {  // 8 chunks: 3 queries' accumulators fill the registers (attend_shape)
+    if (chunks == 8) return value_common<8, Q>(vb, hd, p, common, last, obuf);
+  }
   value_common_chunks<Q>(vb, hd, chunks, p, common, last, obuf);
 }
 
