@@ -1,0 +1,95 @@
+"""One drafter setting against another, measured in one run: two decoders of the same method (each
+remembers only its own outputs, e.g. in a suffix drafter's global trie), the drafter's attributes
+set per arm, alternating which goes first per request, on first turns of Spec-Bench (2 per
+category) or the bench's built-in code set, greedy. Prints tokens/s and tau of each arm, their
+ratio, and how many outputs are equal (greedy: all of them should be).
+
+    .venv/bin/python benchmarks/drafter_ab.py --target models/SmolLM2-135M-Instruct \
+        --head src/outrider/assets/eagle-smollm2 --method eagle --a siblings=0 --b siblings=2 \
+        [--dataset ../shared/data/spec_bench/question.jsonl]
+
+An attribute of a drafter inside the drafter is named by its path: eagle+suffix's head is `head`
+(--a head.siblings=0), its merging of the tries' tree `merge` (--a merge=0 --b merge=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from outrider import SpeculativeDecoder
+from outrider.bench.datasets import builtin_code, load_spec_bench, render_prompt, select
+
+
+def parse_settings(text: str) -> dict[str, int | float]:
+    """"head.siblings=0,merge=1" -> {"head.siblings": 0, "merge": 1} (numbers; 0/1 for booleans)."""
+    out: dict[str, int | float] = {}
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise SystemExit(f"setting {part!r} is invalid: write ATTRIBUTE=NUMBER, e.g. siblings=0")
+        out[key] = float(value) if "." in value else int(value)
+    return out
+
+
+def apply(drafter: Any, settings: dict[str, int | float]) -> None:
+    """Set each (dotted) attribute, refusing one the drafter does not have (a typo would measure nothing)."""
+    for path, value in settings.items():
+        *parents, name = path.split(".")
+        obj = drafter
+        for p in parents:
+            obj = getattr(obj, p)
+        if not hasattr(obj, name):
+            raise SystemExit(f"{type(obj).__name__} has no attribute {name!r} ({path})")
+        current = getattr(obj, name)
+        setattr(obj, name, bool(value) if isinstance(current, bool) else type(current)(value))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--head", default=None, help="a head folder, for the methods that draft with one")
+    ap.add_argument("--method", default="eagle+suffix")
+    ap.add_argument("--a", default="", help="arm A's drafter settings, e.g. siblings=0")
+    ap.add_argument("--b", default="", help="arm B's drafter settings")
+    ap.add_argument("--dataset", default=None, help="Spec-Bench question.jsonl (default: the built-in code set)")
+    ap.add_argument("--limit-per-category", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    arms = {"A": parse_settings(args.a), "B": parse_settings(args.b)}
+    decoders = {}
+    for arm, settings in arms.items():
+        dec = SpeculativeDecoder.from_pretrained(args.target, draft=args.head, method=args.method, k="auto",
+                                                 dtype="bfloat16")
+        apply(dec.drafter, settings)
+        decoders[arm] = dec
+    questions = builtin_code() if args.dataset is None else select(load_spec_bench(args.dataset),
+                                                                   limit_per_category=args.limit_per_category)
+    prompts = [render_prompt(decoders["A"].tokenizer, q, 0, []) for q in questions]
+    for dec in decoders.values():  # warm-up
+        dec.generate(prompts[0], max_new_tokens=16)
+    tokens, steps, seconds = dict.fromkeys(arms, 0), dict.fromkeys(arms, 0), dict.fromkeys(arms, 0.0)
+    outputs: dict[str, list[list[int]]] = {arm: [] for arm in arms}
+    for i, ids in enumerate(prompts):
+        for arm in ("A", "B") if i % 2 == 0 else ("B", "A"):
+            t = time.perf_counter()
+            res = decoders[arm].generate(ids, max_new_tokens=args.max_new_tokens)
+            seconds[arm] += time.perf_counter() - t
+            tokens[arm] += len(res.token_ids)
+            steps[arm] += res.stats.steps
+            outputs[arm].append(res.token_ids)
+    for arm, settings in arms.items():
+        print(f"{arm} {args.method} {settings or 'as built'}: {tokens[arm] / seconds[arm]:.1f} tokens/s, "
+              f"tau {tokens[arm] / steps[arm]:.2f}")
+    ratio = (tokens["B"] / seconds["B"]) / (tokens["A"] / seconds["A"])
+    same = sum(a == b for a, b in zip(outputs["A"], outputs["B"]))
+    print(f"B / A: {ratio:.3f}x; equal outputs {same}/{len(prompts)}")
+
+
+if __name__ == "__main__":
+    main()
