@@ -5,11 +5,11 @@ category) or the bench's built-in code set, greedy. Prints tokens/s and tau of e
 ratio, and how many outputs are equal (greedy: all of them should be).
 
     .venv/bin/python benchmarks/drafter_ab.py --target models/SmolLM2-135M-Instruct \
-        --head src/outrider/assets/eagle-smollm2 --method eagle --a siblings=0 --b siblings=2 \
+        --head src/outrider/assets/eagle-smollm2 --method eagle+suffix --a merge=0 --b merge=1 \
         [--dataset ../shared/data/spec_bench/question.jsonl]
 
-An attribute of a drafter inside the drafter is named by its path: eagle+suffix's head is `head`
-(--a head.siblings=0), its merging of the tries' tree `merge` (--a merge=0 --b merge=1).
+An attribute of a drafter inside the drafter is named by its path: eagle+suffix's tries are
+`suffix` (--a suffix.datastore_weight=0.4), its head `head`; its own threshold `min_value`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from outrider.bench.datasets import builtin_code, load_spec_bench, render_prompt
 
 
 def parse_settings(text: str) -> dict[str, int | float]:
-    """"head.siblings=0,merge=1" -> {"head.siblings": 0, "merge": 1} (numbers; 0/1 for booleans)."""
+    """"suffix.datastore_weight=0.5,merge=1" -> {"suffix.datastore_weight": 0.5, "merge": 1} (numbers;
+    0/1 for booleans)."""
     out: dict[str, int | float] = {}
     for part in filter(None, text.split(",")):
         key, sep, value = part.partition("=")
         if not sep:
-            raise SystemExit(f"setting {part!r} is invalid: write ATTRIBUTE=NUMBER, e.g. siblings=0")
+            raise SystemExit(f"setting {part!r} is invalid: write ATTRIBUTE=NUMBER, e.g. min_value=2.0")
         out[key] = float(value) if "." in value else int(value)
     return out
 
@@ -53,7 +54,7 @@ def main() -> None:
     ap.add_argument("--target", required=True)
     ap.add_argument("--head", default=None, help="a head folder, for the methods that draft with one")
     ap.add_argument("--method", default="eagle+suffix")
-    ap.add_argument("--a", default="", help="arm A's drafter settings, e.g. siblings=0")
+    ap.add_argument("--a", default="", help="arm A's drafter settings, e.g. merge=0")
     ap.add_argument("--b", default="", help="arm B's drafter settings")
     ap.add_argument("--dataset", default=None, help="Spec-Bench question.jsonl (default: the built-in code set)")
     ap.add_argument("--limit-per-category", type=int, default=2)
