@@ -32,10 +32,13 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from outrider.models.hugepages import huge_copy
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 # Output columns per packed group of `linear` (a multiple of 16): 32 splits SmolLM2's 576-wide
@@ -207,7 +210,8 @@ def pack_linear(weight: Tensor) -> KernelWeight:
     if K % 2:
         raise ValueError(f"pack_linear needs an even number of inputs, got {K}")
     w = F.pad(weight.detach().to(torch.bfloat16), (0, 0, 0, -N % LINEAR_GROUP))  # (Np, K)
-    return KernelWeight(w.view(-1, LINEAR_GROUP // 16, 16, K // 2, 2).permute(0, 3, 1, 2, 4).contiguous(), weight.shape)
+    # On huge pages: every decode step streams all the packed weights (models/hugepages.py).
+    return KernelWeight(huge_copy(w.view(-1, LINEAR_GROUP // 16, 16, K // 2, 2).permute(0, 3, 1, 2, 4)), weight.shape)
 
 
 def linear(x: Tensor, w: KernelWeight, bias: Tensor | None) -> Tensor:
@@ -223,10 +227,28 @@ def decoder_layer(x: Tensor, attn_norm: Tensor, wqkv: KernelWeight, bqkv: Tensor
     """One Llama decoder layer over the n new tokens x (n, D) of one sequence,
     in one call: llama.py's _layers with these kernels, bit for bit; the tokens' keys and values
     are written at [start, start + n) of k_cache, v_cache (kv_heads, C, hd)."""
-    return torch.ops.outrider.decoder_layer(
-        x.contiguous(), attn_norm, wqkv.data, bqkv, wqkv.shape[0], wo.data, bo, wo.shape[0], mlp_norm,
-        w_gate_up.data, b_gate_up, w_gate_up.shape[0], w_down.data, b_down, w_down.shape[0], k_cache, v_cache,
-        cos, sin, start, heads, mask, eps)
+    args = layer_args(attn_norm, wqkv, bqkv, wo, bo, mlp_norm, w_gate_up, b_gate_up, w_down, b_down)
+    return torch.ops.outrider.decoder_layer(x.contiguous(), *args, k_cache, v_cache, cos, sin, start, heads, mask, eps)
+
+
+def layer_args(attn_norm: Tensor, wqkv: KernelWeight, bqkv: Tensor | None, wo: KernelWeight, bo: Tensor | None,
+               mlp_norm: Tensor, w_gate_up: KernelWeight, b_gate_up: Tensor | None, w_down: KernelWeight,
+               b_down: Tensor | None) -> tuple:
+    """A layer's weights as decoder_layer's op takes them (after x, before the caches): a model
+    unpacks them once, then calls `decoder_layer_op()(x, *args, k_cache, v_cache, cos, sin, start,
+    heads, mask, eps)` per layer (x contiguous), without decoder_layer's per-call unpacking."""
+    return (attn_norm, wqkv.data, bqkv, wqkv.shape[0], wo.data, bo, wo.shape[0], mlp_norm, w_gate_up.data,
+            b_gate_up, w_gate_up.shape[0], w_down.data, b_down, w_down.shape[0])
+
+
+def decoder_layer_op() -> Callable[..., Tensor]:
+    return torch.ops.outrider.decoder_layer
+
+
+def decoder_layer_rows_op() -> Callable[..., Tensor]:
+    """decoder_layer_rows' op: `op(x, *layer_args(...), k_all, v_all, cos, sin, slots, starts, ns,
+    masks, heads, eps)`, x and each mask contiguous."""
+    return torch.ops.outrider.decoder_layer_rows
 
 
 def decoder_layer_rows(x: Tensor, attn_norm: Tensor, wqkv: KernelWeight, bqkv: Tensor | None, wo: KernelWeight,
