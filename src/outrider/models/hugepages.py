@@ -4,10 +4,11 @@ A CPU decode step reads every weight once (SmolLM2-135M: 270 MB in bf16). On 4 K
 ~66,000 pages a step, far more than the TLB holds, so the stream pays page walks; on 2 MiB pages
 it is ~130. Linux backs a region with huge pages when it is asked to (madvise MADV_HUGEPAGE, with
 transparent huge pages set to "madvise" or "always") before the pages are first written: so the
-tensor is allocated empty, advised, then filled. Measured on this project's 2-core machine: the
-30 layers' packed matmuls plus the output layer of SmolLM2 at 1 row 10.74 -> 10.51 ms, at 4 rows
-10.95 -> 10.24 ms (interleaved, one run). Where the OS refuses (another OS, THP off), the tensor is
-an ordinary one: nothing but the speed depends on it.
+tensor is allocated empty, advised, then filled. Measured on this project's 2-core machine
+(benchmarks/hugepages_speed.py, SmolLM2 loaded twice, alternating; two runs): a forward of 1 token
+after 300 1.091x / 1.063x faster, of 4 tokens 1.102x / 1.030x, plain greedy decoding of the code
+prompts 1.082x / 1.061x. Where the OS refuses (another OS, THP off), the tensor is an ordinary
+one: nothing but the speed depends on it.
 
 A model's matrices are mostly smaller than a huge page (SmolLM2's: 0.7-3.5 MB each), so
 huge_copy places them one after another in shared chunks of CHUNK bytes (a chunk lives while any
