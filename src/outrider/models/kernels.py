@@ -262,7 +262,7 @@ def decoder_layer_rows(x: Tensor, attn_norm: Tensor, wqkv: KernelWeight, bqkv: T
     masks[r] ((ns[r], starts[r] + ns[r]) bool) or are causal. Bit for bit one decoder_layer call
     per sequence, in one call: the weights are read once and the attention of all rows runs in one
     parallel loop."""
+    args = layer_args(attn_norm, wqkv, bqkv, wo, bo, mlp_norm, w_gate_up, b_gate_up, w_down, b_down)
     return torch.ops.outrider.decoder_layer_rows(
-        x.contiguous(), attn_norm, wqkv.data, bqkv, wqkv.shape[0], wo.data, bo, wo.shape[0], mlp_norm,
-        w_gate_up.data, b_gate_up, w_gate_up.shape[0], w_down.data, b_down, w_down.shape[0], k_all, v_all,
-        cos, sin, slots, starts, ns, [None if m is None else m.contiguous() for m in masks], heads, eps)
+        x.contiguous(), *args, k_all, v_all, cos, sin, slots, starts, ns,
+        [None if m is None else m.contiguous() for m in masks], heads, eps)
