@@ -46,7 +46,11 @@ def apply(drafter: Any, settings: dict[str, int | float]) -> None:
         if not hasattr(obj, name):
             raise SystemExit(f"{type(obj).__name__} has no attribute {name!r} ({path})")
         current = getattr(obj, name)
-        setattr(obj, name, bool(value) if isinstance(current, bool) else type(current)(value))
+        if isinstance(current, bool):
+            value = bool(value)
+        elif isinstance(current, (int, float)):
+            value = type(current)(value)
+        setattr(obj, name, value)
 
 
 def main() -> None:
