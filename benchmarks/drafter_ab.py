@@ -53,6 +53,27 @@ def apply(drafter: Any, settings: dict[str, int | float]) -> None:
         setattr(obj, name, value)
 
 
+def alternate(decoders: dict[str, Any], prompts: list[list[int]], max_new_tokens: int
+              ) -> tuple[dict[str, float], dict[str, float], dict[str, list[Any]]]:
+    """Each prompt through every decoder, greedy, the order reversed on every other prompt (the
+    machine's drift hits each alike). Returns per decoder tokens/s and tau over all prompts, and
+    its results in prompt order."""
+    arms = list(decoders)
+    tokens, steps, seconds = dict.fromkeys(arms, 0), dict.fromkeys(arms, 0), dict.fromkeys(arms, 0.0)
+    results: dict[str, list[Any]] = {arm: [] for arm in arms}
+    for i, ids in enumerate(prompts):
+        for arm in arms if i % 2 == 0 else arms[::-1]:
+            t = time.perf_counter()
+            res = decoders[arm].generate(ids, max_new_tokens=max_new_tokens)
+            seconds[arm] += time.perf_counter() - t
+            tokens[arm] += len(res.token_ids)
+            steps[arm] += res.stats.steps
+            results[arm].append(res)
+    rate = {arm: tokens[arm] / seconds[arm] for arm in arms}
+    tau = {arm: tokens[arm] / steps[arm] for arm in arms}
+    return rate, tau, results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", required=True)
@@ -78,21 +99,11 @@ def main() -> None:
     prompts = [render_prompt(decoders["A"].tokenizer, q, 0, []) for q in questions]
     for dec in decoders.values():  # warm-up
         dec.generate(prompts[0], max_new_tokens=16)
-    tokens, steps, seconds = dict.fromkeys(arms, 0), dict.fromkeys(arms, 0), dict.fromkeys(arms, 0.0)
-    outputs: dict[str, list[list[int]]] = {arm: [] for arm in arms}
-    for i, ids in enumerate(prompts):
-        for arm in ("A", "B") if i % 2 == 0 else ("B", "A"):
-            t = time.perf_counter()
-            res = decoders[arm].generate(ids, max_new_tokens=args.max_new_tokens)
-            seconds[arm] += time.perf_counter() - t
-            tokens[arm] += len(res.token_ids)
-            steps[arm] += res.stats.steps
-            outputs[arm].append(res.token_ids)
+    rate, tau, results = alternate(decoders, prompts, args.max_new_tokens)
     for arm, settings in arms.items():
-        print(f"{arm} {args.method} {settings or 'as built'}: {tokens[arm] / seconds[arm]:.1f} tokens/s, "
-              f"tau {tokens[arm] / steps[arm]:.2f}")
-    ratio = (tokens["B"] / seconds["B"]) / (tokens["A"] / seconds["A"])
-    same = sum(a == b for a, b in zip(outputs["A"], outputs["B"]))
+        print(f"{arm} {args.method} {settings or 'as built'}: {rate[arm]:.1f} tokens/s, tau {tau[arm]:.2f}")
+    ratio = rate["B"] / rate["A"]
+    same = sum(a.token_ids == b.token_ids for a, b in zip(results["A"], results["B"]))
     print(f"B / A: {ratio:.3f}x; equal outputs {same}/{len(prompts)}")
 
 

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from drafter_ab import alternate  # benchmarks/: this script's folder
 from outrider import SpeculativeDecoder
 from outrider.bench.datasets import builtin_code, render_prompt
 from outrider.models import hugepages
@@ -55,14 +56,7 @@ def main() -> None:
         a, b = (statistics.median(times[(arm, n)]) * 1e3 for arm in ("4k", "2m"))
         print(f"forward of {n} token(s) after {ctx}: 4 KiB pages {a:.2f} ms, 2 MiB pages {b:.2f} ms ({a / b:.3f}x)")
     prompts = [render_prompt(decoders["4k"].tokenizer, q, 0, []) for q in builtin_code()]
-    tokens, seconds = dict.fromkeys(decoders, 0), dict.fromkeys(decoders, 0.0)
-    for i, ids in enumerate(prompts):
-        for arm in ("4k", "2m") if i % 2 == 0 else ("2m", "4k"):
-            t = time.perf_counter()
-            res = decoders[arm].generate(ids, max_new_tokens=args.max_new_tokens)
-            seconds[arm] += time.perf_counter() - t
-            tokens[arm] += len(res.token_ids)
-    rate = {arm: tokens[arm] / seconds[arm] for arm in decoders}
+    rate, _, _ = alternate(decoders, prompts, args.max_new_tokens)
     print(f"plain greedy decoding, {len(prompts)} code prompts: 4 KiB pages {rate['4k']:.1f} tokens/s, "
           f"2 MiB pages {rate['2m']:.1f} tokens/s ({rate['2m'] / rate['4k']:.3f}x)")
 

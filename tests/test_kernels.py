@@ -234,7 +234,7 @@ def test_a_batch_step_of_mixed_rows_equals_each_row_alone_bitwise(case):
 
 @pytest.mark.parametrize("case", MODELS)
 def test_a_fused_layer_is_the_op_by_op_layer_bitwise(case):
-    """A sequence's step runs each layer as one kernel call (kernels.decoder_layer); it must be the
+    """A sequence's step runs each layer as one kernel call (kernels.decoder_layer_op); it must be the
     op-by-op layer bit for bit: prefill, one-token steps, a tree (mask and positions), the caches."""
     from outrider.tree import verify_mask, verify_positions
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
 import sys
 import threading
 
@@ -56,10 +57,7 @@ def huge_empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: 
     to be backed by huge pages (fill it before reading: the advice acts on the first write). Off
     the CPU, below MIN_BYTES, or where the OS offers no huge pages: torch.empty."""
     shape = tuple(shape)
-    numel = 1
-    for s in shape:
-        numel *= s
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     madvise = _madvise()
     if torch.device(device).type != "cpu" or nbytes < MIN_BYTES or madvise is None:
         return torch.empty(shape, dtype=dtype, device=device)

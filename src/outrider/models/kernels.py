@@ -220,28 +220,20 @@ def linear(x: Tensor, w: KernelWeight, bias: Tensor | None) -> Tensor:
     return torch.ops.outrider.linear(x.contiguous(), w.data, bias, w.shape[0])
 
 
-def decoder_layer(x: Tensor, attn_norm: Tensor, wqkv: KernelWeight, bqkv: Tensor | None, wo: KernelWeight,
-                  bo: Tensor | None, mlp_norm: Tensor, w_gate_up: KernelWeight, b_gate_up: Tensor | None,
-                  w_down: KernelWeight, b_down: Tensor | None, k_cache: Tensor, v_cache: Tensor, cos: Tensor,
-                  sin: Tensor, start: int, heads: int, mask: Tensor | None, eps: float) -> Tensor:
-    """One Llama decoder layer over the n new tokens x (n, D) of one sequence,
-    in one call: llama.py's _layers with these kernels, bit for bit; the tokens' keys and values
-    are written at [start, start + n) of k_cache, v_cache (kv_heads, C, hd)."""
-    args = layer_args(attn_norm, wqkv, bqkv, wo, bo, mlp_norm, w_gate_up, b_gate_up, w_down, b_down)
-    return torch.ops.outrider.decoder_layer(x.contiguous(), *args, k_cache, v_cache, cos, sin, start, heads, mask, eps)
-
-
 def layer_args(attn_norm: Tensor, wqkv: KernelWeight, bqkv: Tensor | None, wo: KernelWeight, bo: Tensor | None,
                mlp_norm: Tensor, w_gate_up: KernelWeight, b_gate_up: Tensor | None, w_down: KernelWeight,
                b_down: Tensor | None) -> tuple:
-    """A layer's weights as decoder_layer's op takes them (after x, before the caches): a model
-    unpacks them once, then calls `decoder_layer_op()(x, *args, k_cache, v_cache, cos, sin, start,
-    heads, mask, eps)` per layer (x contiguous), without decoder_layer's per-call unpacking."""
+    """A layer's weights as the decoder-layer ops take them (after x, before the caches): a model
+    unpacks them once and passes them to decoder_layer_op / decoder_layer_rows_op per layer call."""
     return (attn_norm, wqkv.data, bqkv, wqkv.shape[0], wo.data, bo, wo.shape[0], mlp_norm, w_gate_up.data,
             b_gate_up, w_gate_up.shape[0], w_down.data, b_down, w_down.shape[0])
 
 
 def decoder_layer_op() -> Callable[..., Tensor]:
+    """One Llama decoder layer over the n new tokens x (n, D) of one sequence, in one call:
+    `op(x, *layer_args(...), k_cache, v_cache, cos, sin, start, heads, mask, eps)`, x contiguous;
+    llama.py's _layers with these kernels, bit for bit; the tokens' keys and values are written at
+    [start, start + n) of k_cache, v_cache (kv_heads, C, hd)."""
     return torch.ops.outrider.decoder_layer
 
 
@@ -256,10 +248,10 @@ def decoder_layer_rows(x: Tensor, attn_norm: Tensor, wqkv: KernelWeight, bqkv: T
                        w_down: KernelWeight, b_down: Tensor | None, k_all: Tensor, v_all: Tensor, cos: Tensor,
                        sin: Tensor, slots: list[int], starts: list[int], ns: list[int],
                        masks: list[Tensor | None], heads: int, eps: float) -> Tensor:
-    """decoder_layer for several sequences at once (a batch step): x (N, D) holds sequence r's
+    """decoder_layer_op for several sequences at once (a batch step): x (N, D) holds sequence r's
     ns[r] new tokens after those of the sequences before it; its caches are slot slots[r] of k_all,
     v_all (slots, kv_heads, C, hd), written at [starts[r], starts[r] + ns[r]), and its tokens see
-    masks[r] ((ns[r], starts[r] + ns[r]) bool) or are causal. Bit for bit one decoder_layer call
+    masks[r] ((ns[r], starts[r] + ns[r]) bool) or are causal. Bit for bit one decoder_layer_op call
     per sequence, in one call: the weights are read once and the attention of all rows runs in one
     parallel loop."""
     args = layer_args(attn_norm, wqkv, bqkv, wo, bo, mlp_norm, w_gate_up, b_gate_up, w_down, b_down)

@@ -674,6 +674,7 @@ class NativeLlama:
         another; each row writes its keys and values at [start, start + n) of its slot."""
         N = x.shape[0]
         H, Hkv, hd, eps, linear = self.n_heads, self.n_kv_heads, self.head_dim, self.eps, self._linear
+        hi = len(self.layers) if hi is None else hi
         if len(plans) == 1 and self._fused_layers:
             # One sequence's prefill, decode, verify or tree step: each layer is one call of outrider's kernels
             # (the same ops as below, bit for bit, without their per-op dispatches), its weights
@@ -683,7 +684,7 @@ class NativeLlama:
             mask = None if plan.mask is None else plan.mask.contiguous()
             op, args, kv = kernel_lib.decoder_layer_op(), self._layer_args, self._slot_kv[plan.slot]
             x = x.contiguous()
-            for i in range(lo, len(self.layers) if hi is None else hi):
+            for i in range(lo, hi):
                 x = op(x, *args[i], *kv[i], cos, sin, plan.start, H, mask, eps)
             return x
         if self._fused_layers:
@@ -695,7 +696,7 @@ class NativeLlama:
             masks = [None if p.mask is None else p.mask.contiguous() for p in plans]
             op, args = kernel_lib.decoder_layer_rows_op(), self._layer_args
             x = x.contiguous()
-            for i in range(lo, len(self.layers) if hi is None else hi):
+            for i in range(lo, hi):
                 x = op(x, *args[i], self._k[i], self._v[i], cos, sin, slots, starts, ns, masks, H, eps)
             return x
         ops = self._ops
